@@ -1,0 +1,305 @@
+"""`ProductKeyMemory`: the product-key memory layer of Lample et al. 2019 ("Large Memory Layers
+with Product Keys", §3), with the options of the paper's code (XLM), of product-key-memory and of
+"Memory Layers at Scale" (the swilu gate).
+
+    x ─ query network ─ norm ─► q (heads, k_dim) ─ product top-k over num_keys² slots ─► scores, slots
+      ─ softmax/relu ─► weights ─ weighted sum of value rows (all heads, one table) ─► (gate) ─► (proj)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pkmem import ops
+from pkmem.ops.dispatch import check_backend
+
+QUERY_NORMS = ("batchnorm", "layernorm", "none")
+SCORES = ("softmax", "relu", "none")
+GATES = (None, "swilu")
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}")
+
+
+def _cast(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``x`` in the linear layer's dtype, unless autocast decides the dtype."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(linear.weight.dtype)
+
+
+def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """BatchNorm over the rows of ``x`` (T, C) whose ``mask`` is True (all rows if None).
+
+    In training the statistics (and the running averages) use the real rows only, so padding does
+    not shift them; in eval the running statistics are used. Computed in float32.
+    """
+    if mask is None or (not bn.training and bn.track_running_stats):
+        with torch.autocast(x.device.type, enabled=False):
+            return bn(x.to(bn.weight.dtype if bn.affine else torch.float32))
+    x = x.float()
+    m = mask.reshape(-1, 1).to(x.dtype)
+    n = m.sum()
+    mean = (x * m).sum(0) / n.clamp(min=1)
+    var = ((x - mean) ** 2 * m).sum(0) / n.clamp(min=1)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            unbiased = var * (n / (n - 1).clamp(min=1))
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    out = (x - mean) * torch.rsqrt(var + bn.eps)
+    return out * bn.weight + bn.bias if bn.affine else out
+
+
+class QueryNetwork(nn.Module):
+    """Linear layers ``dim -> *hidden -> out`` with ReLU between them and, with ``batchnorm``, a
+    BatchNorm after each linear layer (as XLM's ``QueryMLP``)."""
+
+    def __init__(self, dim: int, out: int, hidden: Sequence[int] = (), bias: bool = True, batchnorm=False):
+        super().__init__()
+        sizes = [dim, *hidden, out]
+        self.linears = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(sizes, sizes[1:]))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in sizes[1:]) if batchnorm else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        for i, linear in enumerate(self.linears):
+            x = linear(_cast(x, linear))
+            if self.norms is not None:
+                x = masked_batch_norm(self.norms[i], x, mask)
+            if i < len(self.linears) - 1:
+                x = F.relu(x)
+        return x
+
+
+class ProductKeyMemory(nn.Module):
+    """A product-key memory layer: ``(..., dim) -> (..., dim)``.
+
+    Args:
+        dim: input and output size.
+        heads: number of memory heads; each has its own query and sub-keys, all read one value
+            table and their outputs are summed (paper §3.3).
+        num_keys: sub-keys per half; the memory has ``num_keys**2`` slots.
+        topk: slots read per head (the per-half and the final top-k).
+        k_dim: query size per head (each half ``k_dim // 2``).
+        v_dim: value size (default ``dim``); if different, an output projection maps it to ``dim``.
+        query_hidden: hidden sizes of the query MLP (default: one linear layer).
+        query_bias: bias in the query network's linear layers.
+        query_norm: "batchnorm" (paper, over real tokens only), "layernorm" (per half) or "none".
+        normalize_query: L2-normalise each query half (XLM ``mem_normalize_query``).
+        product_keys: False searches ``num_keys**2`` flat keys exhaustively (paper's ablation).
+        score: "softmax" (paper), "relu" (Csordás et al.) or "none" (raw scores, XLM).
+        temperature: scores are divided by it before the score function.
+        gate: None or "swilu": ``proj(values_out * silu(W x))`` (Memory Layers at Scale).
+        input_dropout, query_dropout, value_dropout, score_dropout: dropout probabilities.
+        sparse_values: values get a row-sparse gradient (for ``torch.optim.SparseAdam``).
+        values: an existing value table ``(num_keys**2, v_dim)`` to share (XLM ``mem_share_values``).
+        zero_init_values: start the values at zero instead of N(0, v_dim**-0.5).
+        backend: "auto" (Triton kernels on CUDA when available), "torch" or "triton".
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        num_keys: int = 512,
+        topk: int = 32,
+        k_dim: int = 512,
+        v_dim: int | None = None,
+        *,
+        query_hidden: Sequence[int] = (),
+        query_bias: bool = True,
+        query_norm: str = "batchnorm",
+        normalize_query: bool = False,
+        product_keys: bool = True,
+        score: str = "softmax",
+        temperature: float = 1.0,
+        gate: str | None = None,
+        input_dropout: float = 0.0,
+        query_dropout: float = 0.0,
+        value_dropout: float = 0.0,
+        score_dropout: float = 0.0,
+        sparse_values: bool = False,
+        values: nn.Parameter | None = None,
+        zero_init_values: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        v_dim = dim if v_dim is None else v_dim
+        for name, val in [
+            ("dim", dim),
+            ("heads", heads),
+            ("num_keys", num_keys),
+            ("topk", topk),
+            ("k_dim", k_dim),
+            ("v_dim", v_dim),
+        ]:
+            _check(
+                isinstance(val, int) and not isinstance(val, bool) and val > 0, name, val, "a positive int"
+            )
+        _check(k_dim % 2 == 0, "k_dim", k_dim, "even (each query is split into two halves)")
+        max_k = num_keys if product_keys else num_keys**2
+        _check(topk <= max_k, "topk", topk, f"<= {max_k} ({'num_keys' if product_keys else 'num_keys**2'})")
+        _check(
+            all(isinstance(h, int) and h > 0 for h in query_hidden),
+            "query_hidden",
+            query_hidden,
+            "a sequence of positive ints",
+        )
+        _check(query_norm in QUERY_NORMS, "query_norm", query_norm, f"one of {QUERY_NORMS}")
+        _check(score in SCORES, "score", score, f"one of {SCORES}")
+        _check(gate in GATES, "gate", gate, f"one of {GATES}")
+        _check(isinstance(temperature, (int, float)) and temperature > 0, "temperature", temperature, "> 0")
+        for name, p in [
+            ("input_dropout", input_dropout),
+            ("query_dropout", query_dropout),
+            ("value_dropout", value_dropout),
+            ("score_dropout", score_dropout),
+        ]:
+            _check(isinstance(p, (int, float)) and 0 <= p < 1, name, p, "in [0, 1)")
+        self.dim, self.heads, self.num_keys, self.topk = dim, heads, num_keys, topk
+        self.k_dim, self.v_dim, self.num_slots = k_dim, v_dim, num_keys**2
+        self.query_norm, self.normalize_query, self.product_keys = query_norm, normalize_query, product_keys
+        self.score, self.temperature, self.gate, self.sparse_values = (
+            score,
+            float(temperature),
+            gate,
+            sparse_values,
+        )
+        self.backend = check_backend(backend)
+        self.usage_stats = None  # set by pkmem.metrics.UsageTracker to accumulate slot weights
+
+        # query network: x -> (heads * k_dim), then the query normalisation
+        self.query_net = QueryNetwork(dim, heads * k_dim, query_hidden, query_bias, query_norm == "batchnorm")
+        self.query_ln = nn.LayerNorm(k_dim // 2) if query_norm == "layernorm" else None
+
+        # keys: uniform in ±1/sqrt(size), as the paper's code
+        half = k_dim // 2
+        if product_keys:
+            self.subkeys = nn.Parameter(
+                torch.empty(heads, 2, num_keys, half).uniform_(-1, 1) / math.sqrt(half)
+            )
+        else:
+            self.keys = nn.Parameter(
+                torch.empty(heads, num_keys**2, k_dim).uniform_(-1, 1) / math.sqrt(k_dim)
+            )
+
+        # values: one table for all heads, N(0, v_dim^-0.5), or a shared one
+        if values is None:
+            values = nn.Parameter(torch.zeros(self.num_slots, v_dim))
+            if not zero_init_values:
+                nn.init.normal_(values, std=v_dim**-0.5)
+        elif not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(
+                f"values={shape} is not allowed: values must be an nn.Parameter of shape "
+                f"(num_keys**2, v_dim) = {(self.num_slots, v_dim)}"
+            )
+        self.values = values
+
+        # output: optional swilu gate, projection when v_dim != dim or gated
+        self.gate_proj = nn.Linear(dim, v_dim, bias=False) if gate == "swilu" else None
+        self.out_proj = nn.Linear(v_dim, dim, bias=False) if (v_dim != dim or gate) else None
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.query_dropout = nn.Dropout(query_dropout)
+        self.score_dropout = nn.Dropout(score_dropout)
+        self.value_dropout = nn.Dropout(value_dropout)
+
+    # ---- inspection API -------------------------------------------------------------------------
+    def query(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The normalised queries ``(..., heads, k_dim)`` (float32)."""
+        x2, m = self._flatten(x, mask)
+        return self._query(x2, m).reshape(*x.shape[:-1], self.heads, self.k_dim)
+
+    def lookup(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights, indices)``, each ``(..., heads, topk)``: the slots read and their weights.
+
+        Slot ``i`` is the sub-key pair ``(i // num_keys, i % num_keys)``. Masked positions get
+        weight 0 and index -1.
+        """
+        x2, m = self._flatten(x, mask)
+        w, idx = self._lookup(self._query(x2, m), m)
+        shape = (*x.shape[:-1], self.heads, self.topk)
+        return w.reshape(shape), idx.reshape(shape)
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (..., dim)``, ``mask (...)`` bool with True = real token -> ``(..., dim)``, x's dtype."""
+        x2, m = self._flatten(x, mask)  # (T, dim), (T,)
+        x2 = self.input_dropout(x2)
+        w, idx = self._lookup(self._query(x2, m), m)  # (T, H, k) each
+        if self.usage_stats is not None:
+            self.usage_stats.update(idx, w)
+        w = self.score_dropout(w)
+        T = x2.shape[0]
+        out = ops.weighted_gather(
+            self.values, idx.reshape(T, -1), w.reshape(T, -1), self.sparse_values, self.backend
+        )
+        out = self.value_dropout(out)  # (T, v_dim), float32
+        if self.gate_proj is not None:
+            out = out * F.silu(self.gate_proj(_cast(x2, self.gate_proj)).float())
+        if self.out_proj is not None:
+            out = self.out_proj(_cast(out, self.out_proj))
+        if m is not None:
+            out = torch.where(m[:, None], out, 0.0)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.dim)
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def _flatten(self, x: torch.Tensor, mask: torch.Tensor | None):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x has dtype {what}: x must be a floating-point tensor (fp32, bf16, fp16)")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be dim={self.dim}")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
+                got = (
+                    (mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                )
+                raise ValueError(
+                    f"mask={got} is not allowed: mask must be a bool tensor of shape "
+                    f"x.shape[:-1] = {tuple(x.shape[:-1])} (True = real token)"
+                )
+            mask = mask.reshape(-1).to(x.device)
+        return x.reshape(-1, self.dim), mask
+
+    def _query(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q = self.query_net(x, mask).float().view(-1, self.heads, 2, self.k_dim // 2)  # (T, H, 2, half)
+        if self.query_ln is not None:
+            q = F.layer_norm(
+                q, q.shape[-1:], self.query_ln.weight.float(), self.query_ln.bias.float(), self.query_ln.eps
+            )
+        if self.normalize_query:
+            q = F.normalize(q, dim=-1)
+        return self.query_dropout(q.flatten(-2))  # (T, H, k_dim)
+
+    def _lookup(self, q: torch.Tensor, mask: torch.Tensor | None):
+        if self.product_keys:
+            scores, idx = ops.product_topk(q, self.subkeys, self.topk, self.backend)  # (T, H, k)
+        else:
+            scores, idx = ops.flat_topk(q, self.keys, self.topk, self.backend)
+        scores = scores / self.temperature
+        if self.score == "softmax":
+            w = scores.softmax(dim=-1)
+        elif self.score == "relu":
+            w = F.relu(scores)
+        else:
+            w = scores
+        if mask is not None:
+            w = torch.where(mask[:, None, None], w, 0.0)
+            idx = torch.where(mask[:, None, None], idx, -1)
+        return w, idx
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, num_keys={self.num_keys} ({self.num_slots} slots), "
+            f"topk={self.topk}, k_dim={self.k_dim}, v_dim={self.v_dim}, query_norm={self.query_norm!r}, "
+            f"score={self.score!r}, product_keys={self.product_keys}, gate={self.gate!r}, "
+            f"sparse_values={self.sparse_values}"
+        )

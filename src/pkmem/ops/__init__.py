@@ -1,0 +1,9 @@
+"""Pure functions on tensors: the product-key search and the weighted value gather.
+
+``pkmem.ops.reference`` holds the PyTorch versions; the functions exported here dispatch to the
+fastest implementation available (``backend="auto" | "torch" | "triton"``).
+"""
+
+from pkmem.ops.dispatch import BACKENDS, flat_topk, product_topk, weighted_gather
+
+__all__ = ["BACKENDS", "flat_topk", "product_topk", "weighted_gather"]

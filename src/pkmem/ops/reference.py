@@ -1,0 +1,152 @@
+"""The readable PyTorch version of every pkmem op.
+
+It is the CPU path, the fallback on any device, and the oracle that every GPU kernel is tested
+against. Conventions shared by all backends:
+
+- ``query``: ``(T, H, k_dim)``; each head's query is split into two halves of ``k_dim // 2``.
+- ``subkeys``: ``(H, 2, n, k_dim // 2)``: per head, the two sub-key sets of ``n = num_keys`` keys.
+- slot ``i`` of the ``n**2`` memory slots is the sub-key pair ``(i // n, i % n)``.
+- scores are computed and returned in float32 (float64 if an input is float64), whatever the
+  input dtype and autocast state; indices are int64.
+- in a gather, an entry with a negative index is skipped: it adds nothing to the output, gets a
+  zero weight-gradient and no row of the value gradient (this is how masked tokens are dropped).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "acc_dtype",
+    "subkey_scores",
+    "topk_from_half_scores",
+    "product_topk",
+    "flat_topk",
+    "brute_force_product_topk",
+    "weighted_gather",
+]
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def subkey_scores(query: torch.Tensor, subkeys: torch.Tensor) -> torch.Tensor:
+    """Inner products of each query half with its sub-keys: ``(T, H, k_dim) -> (T, H, 2, n)``."""
+    T, H, D = query.shape
+    dt = acc_dtype(query, subkeys)
+    with _no_autocast(query.device):
+        q = query.to(dt).reshape(T, H, 2, D // 2)
+        return torch.einsum("thpd,hpnd->thpn", q, subkeys.to(dt))
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (i, j) in the two sorted per-half top-k lists with (i + 1) * (j + 1) <= topk.
+
+    With both lists sorted in decreasing order, candidate (i, j) scores at most as much as every
+    (i', j') <= (i, j), a rectangle of (i + 1) * (j + 1) candidates. Ordering candidates by score
+    and breaking ties by i + j, the m-th one therefore has (i + 1) * (j + 1) <= m: the top-k of the
+    k*k candidate sums always lies in this set of about k * ln(k) pairs (130 of 1024 for k = 32).
+    """
+    pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
+    ij = torch.tensor(pairs, dtype=torch.long).T.contiguous()
+    return ij[0].to(device), ij[1].to(device)
+
+
+def topk_from_half_scores(half_scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over all ``n**2`` slots given the half scores ``(T, H, 2, n)``.
+
+    Per-half top-k, then the final top-k over the candidate sums ``s1[i] + s2[j]``. Returns
+    ``scores, indices``, each ``(T, H, topk)``, sorted by decreasing score.
+    """
+    n = half_scores.shape[-1]
+    s, i = half_scores.topk(topk, dim=-1)  # (T, H, 2, k), sorted
+    ci, cj = _candidate_pairs(topk, half_scores.device)
+    cand = s[..., 0, :][..., ci] + s[..., 1, :][..., cj]  # (T, H, C)
+    scores, pos = cand.topk(topk, dim=-1)  # (T, H, k)
+    first = i[..., 0, :].gather(-1, ci[pos])
+    second = i[..., 1, :].gather(-1, cj[pos])
+    return scores, first * n + second
+
+
+def product_topk(query: torch.Tensor, subkeys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact product-key search (paper §3.1): ``(T, H, k_dim), (H, 2, n, k_dim/2) -> (T, H, topk)`` x 2.
+
+    Differentiable with respect to ``query`` and ``subkeys`` through the selected scores: the
+    selection runs without autograd, then the k selected scores are gathered from the half scores.
+    """
+    half = subkey_scores(query, subkeys)  # (T, H, 2, n)
+    n = half.shape[-1]
+    with torch.no_grad():
+        _, indices = topk_from_half_scores(half, topk)
+    scores = half[..., 0, :].gather(-1, indices // n) + half[..., 1, :].gather(-1, indices % n)
+    return scores, indices
+
+
+def flat_topk(
+    query: torch.Tensor, keys: torch.Tensor, topk: int, chunk_elements: int = 1 << 26
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exhaustive search over flat keys ``(H, N, k_dim)`` (the paper's ablation, Table 4).
+
+    Queries are processed in chunks so that at most ``chunk_elements`` scores exist at once.
+    """
+    T, H, _ = query.shape
+    N = keys.shape[1]
+    dt = acc_dtype(query, keys)
+    step = max(1, chunk_elements // max(1, H * N))
+    scores, indices = [], []
+    with _no_autocast(query.device):
+        for start in range(0, max(T, 1), step):
+            q = query[start : start + step].to(dt)
+            s, i = torch.einsum("thd,hnd->thn", q, keys.to(dt)).topk(topk, dim=-1)
+            scores.append(s)
+            indices.append(i)
+    return torch.cat(scores), torch.cat(indices)
+
+
+def brute_force_product_topk(
+    query: torch.Tensor, subkeys: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over all ``n**2`` full keys, materialised: for tests at small sizes only."""
+    s = subkey_scores(query, subkeys)  # (T, H, 2, n)
+    full = s[..., 0, :, None] + s[..., 1, None, :]  # (T, H, n, n): slot i*n + j
+    return full.flatten(-2).topk(topk, dim=-1)
+
+
+def weighted_gather(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse: bool = False
+) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * values[indices[t, j]]``: ``(N, v), (T, J), (T, J) -> (T, v)``.
+
+    Accumulates in float32 (float64 for float64 inputs) and returns that dtype. Entries with a
+    negative index are skipped. With ``sparse=True`` the values receive a row-sparse (COO) gradient
+    holding only the rows the valid entries touched, as ``nn.EmbeddingBag(sparse=True)``.
+    """
+    T, J = indices.shape
+    dt = acc_dtype(values, weights)
+    valid = indices >= 0
+    w = weights.to(dt) * valid
+    offsets = None
+    flat_idx, flat_w = indices.clamp(min=0), w
+    if sparse and not bool(valid.all()):  # skipped entries must not appear in a sparse gradient
+        flat_idx, flat_w = indices[valid], w[valid]
+        offsets = torch.cumsum(valid.sum(1), 0) - valid.sum(1)
+    if values.dtype == dt:
+        return F.embedding_bag(
+            flat_idx, values, offsets, mode="sum", per_sample_weights=flat_w, sparse=sparse
+        )
+    # low-precision table: gather the rows, accumulate in `dt`
+    rows = F.embedding(flat_idx, values, sparse=sparse).to(dt)
+    if offsets is None:
+        return torch.einsum("tj,tjv->tv", flat_w, rows)
+    bag = torch.arange(T, device=indices.device).repeat_interleave(valid.sum(1))
+    return rows.new_zeros(T, values.shape[1]).index_add(0, bag, rows * flat_w[:, None])
