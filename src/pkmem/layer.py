@@ -17,6 +17,7 @@ from torch import nn
 
 from pkmem import ops
 from pkmem.ops.dispatch import check_backend
+from pkmem.ops.reference import acc_dtype
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 SCORES = ("softmax", "relu", "none")
@@ -42,7 +43,7 @@ def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor | 
     if mask is None or (not bn.training and bn.track_running_stats):
         with torch.autocast(x.device.type, enabled=False):
             return bn(x.to(bn.weight.dtype if bn.affine else torch.float32))
-    x = x.float()
+    x = x.to(acc_dtype(x))
     m = mask.reshape(-1, 1).to(x.dtype)
     n = m.sum()
     mean = (x * m).sum(0) / n.clamp(min=1)
@@ -237,13 +238,13 @@ class ProductKeyMemory(nn.Module):
         if self.usage_stats is not None:
             self.usage_stats.update(idx, w)
         w = self.score_dropout(w)
-        T = x2.shape[0]
+        T, J = x2.shape[0], self.heads * self.topk
         out = ops.weighted_gather(
-            self.values, idx.reshape(T, -1), w.reshape(T, -1), self.sparse_values, self.backend
+            self.values, idx.reshape(T, J), w.reshape(T, J), self.sparse_values, self.backend
         )
         out = self.value_dropout(out)  # (T, v_dim), float32
         if self.gate_proj is not None:
-            out = out * F.silu(self.gate_proj(_cast(x2, self.gate_proj)).float())
+            out = out * F.silu(self.gate_proj(_cast(x2, self.gate_proj)).to(out.dtype))
         if self.out_proj is not None:
             out = self.out_proj(_cast(out, self.out_proj))
         if m is not None:
@@ -270,10 +271,15 @@ class ProductKeyMemory(nn.Module):
         return x.reshape(-1, self.dim), mask
 
     def _query(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q = self.query_net(x, mask).float().view(-1, self.heads, 2, self.k_dim // 2)  # (T, H, 2, half)
+        q = self.query_net(x, mask)
+        q = q.to(acc_dtype(q)).view(-1, self.heads, 2, self.k_dim // 2)  # (T, H, 2, half)
         if self.query_ln is not None:
             q = F.layer_norm(
-                q, q.shape[-1:], self.query_ln.weight.float(), self.query_ln.bias.float(), self.query_ln.eps
+                q,
+                q.shape[-1:],
+                self.query_ln.weight.to(q.dtype),
+                self.query_ln.bias.to(q.dtype),
+                self.query_ln.eps,
             )
         if self.normalize_query:
             q = F.normalize(q, dim=-1)

@@ -14,8 +14,6 @@ against. Conventions shared by all backends:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -48,7 +46,9 @@ def subkey_scores(query: torch.Tensor, subkeys: torch.Tensor) -> torch.Tensor:
         return torch.einsum("thpd,hpnd->thpn", q, subkeys.to(dt))
 
 
-@functools.lru_cache(maxsize=64)
+_PAIRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (i, j) in the two sorted per-half top-k lists with (i + 1) * (j + 1) <= topk.
 
@@ -57,9 +57,12 @@ def _candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, tor
     and breaking ties by i + j, the m-th one therefore has (i + 1) * (j + 1) <= m: the top-k of the
     k*k candidate sums always lies in this set of about k * ln(k) pairs (130 of 1024 for k = 32).
     """
-    pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
-    ij = torch.tensor(pairs, dtype=torch.long).T.contiguous()
-    return ij[0].to(device), ij[1].to(device)
+    key = (topk, device)
+    if key not in _PAIRS:
+        pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
+        ij = torch.tensor(pairs, dtype=torch.long, device=device).T.contiguous()
+        _PAIRS[key] = (ij[0], ij[1])
+    return _PAIRS[key]
 
 
 def topk_from_half_scores(half_scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
