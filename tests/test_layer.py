@@ -365,3 +365,18 @@ def test_invalid_inputs(x, mask, match):
         mem(x, mask)
     with pytest.raises(ValueError, match=match):
         mem.lookup(x, mask)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_forward_backward():
+    mem = _mem()
+    ref_mem = _mem()
+    compiled = torch.compile(mem)
+    x = _x(6, 10)
+    out = compiled(x)
+    expected = ref_mem(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, a), b in zip(mem.named_parameters(), ref_mem.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
