@@ -150,9 +150,15 @@ def test_mask_zeroes_outputs_and_drops_padding_everywhere(query_norm, sparse):
 
 def test_all_masked_and_empty_inputs():
     mem = _mem()
+    mem(_x(8, 10))
+    bn = mem.query_net.norms[0]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
     x = _x(3, 10)
     out = mem(x, torch.zeros(3, dtype=torch.bool))
     assert out.shape == (3, 10) and (out == 0).all()
+    # a batch of padding only does not move the BatchNorm running statistics
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert int(bn.num_batches_tracked) == stats[2]
     assert mem(torch.zeros(0, 10)).shape == (0, 10)
     assert mem(torch.zeros(2, 0, 10)).shape == (2, 0, 10)
 

@@ -48,13 +48,15 @@ def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor | 
     n = m.sum()
     mean = (x * m).sum(0) / n.clamp(min=1)
     var = ((x - mean) ** 2 * m).sum(0) / n.clamp(min=1)
-    if bn.track_running_stats:
+    if bn.track_running_stats:  # a batch without real tokens leaves the running statistics alone
         with torch.no_grad():
-            bn.num_batches_tracked += 1
-            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            real = (n > 0).to(x.dtype)
+            bn.num_batches_tracked += real.to(bn.num_batches_tracked.dtype)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.clamp(min=1)
+            momentum = momentum * real
             unbiased = var * (n / (n - 1).clamp(min=1))
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+            bn.running_mean.add_(((mean - bn.running_mean) * momentum).to(bn.running_mean.dtype))
+            bn.running_var.add_(((unbiased - bn.running_var) * momentum).to(bn.running_var.dtype))
     out = (x - mean) * torch.rsqrt(var + bn.eps)
     return out * bn.weight + bn.bias if bn.affine else out
 
