@@ -1,0 +1,303 @@
+"""The ``pkmem`` command: ``train``, ``eval``, ``bench``, ``plot``, ``generate``.
+
+``pkmem train`` with no arguments trains the ``tiny`` preset on Python's standard library (a few
+minutes on a laptop CPU) and prints validation bits per byte, memory usage and KL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+class _HelpConfig(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from pkmem.config import describe_keys, list_presets
+
+        print(f"presets: {', '.join(list_presets())}\nconfig keys (override with key=value):")
+        print(describe_keys())
+        parser.exit()
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pkmem",
+        description="Language models with product-key memories: train, evaluate, benchmark, plot, generate.",
+        epilog="`pkmem train` alone trains the tiny preset on Python's standard library on the CPU.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (default: the tiny preset on Python's standard library)",
+        usage="pkmem train [options] [key=value ...]",
+        description="Train a MemoryTransformer. key=value arguments override config keys "
+        "(model.* or train.*; `--help-config` lists them).",
+    )
+    t.add_argument("--config", default=None, help="preset name or YAML file (default: tiny)")
+    t.add_argument("--data", choices=["stdlib", "enwik8", "text"], help="data source (default: the config's)")
+    t.add_argument("--data-path", help="enwik8 file (.gz/.zip ok), or text file / directory / glob")
+    t.add_argument("--out", help="run directory (default: runs/<config>-<data>-<timestamp>)")
+    t.add_argument("--max-steps", type=int, help="optimizer steps (with --resume: continue up to this step)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (default: the config's, auto)")
+    t.add_argument("--seed", type=int, help="random seed")
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--help-config", action=_HelpConfig, help="list presets and config keys, then exit")
+
+    e = sub.add_parser(
+        "eval", help="evaluate a run or checkpoint: loss, ppl, bits per byte, usage, KL, speed"
+    )
+    e.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
+    e.add_argument("--data", choices=["stdlib", "enwik8", "text"], help="data (default: the run's)")
+    e.add_argument("--data-path", help="path for --data enwik8 / text")
+    e.add_argument("--split", default="valid", choices=["valid", "test"], help="split (default: valid)")
+    e.add_argument(
+        "--max-tokens", type=int, help="evaluate about this many tokens (default: the whole split)"
+    )
+    e.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    e.add_argument("--output", help="also write the JSON here (default: <run>/eval_<split>.json)")
+
+    b = sub.add_parser("bench", help="inference speed of configurations side by side (paper Figure 4)")
+    b.add_argument("--config", default="tiny", help="base preset or YAML file (default: tiny)")
+    b.add_argument("--layers", type=_ints, help="comma-separated layer counts (default: the config's)")
+    b.add_argument("--dims", type=_ints, help="comma-separated model dims (default: the config's)")
+    b.add_argument(
+        "--memories", type=_ints, default=[0, 1], help="comma-separated memory counts (default 0,1)"
+    )
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--tokens-per-word", type=float, default=1.0, help="for words/s (default 1.0)")
+    b.add_argument("--out", help="JSON output file (default: bench.json)", default="bench.json")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="model config overrides")
+
+    pl = sub.add_parser("plot", help="PNG plots of runs: loss curves, usage and KL, speed vs perplexity")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", help="output directory (default: <RUN_DIR>/plots for one run, else plots/)")
+
+    g = sub.add_parser("generate", help="sample text from a trained run")
+    g.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def _cmd_train(args, overrides: list[str]) -> int:
+    from pkmem.config import load_config
+    from pkmem.train.loop import train
+
+    flags = []
+    if args.data is not None:
+        flags.append(f"data={args.data}")
+    if args.data_path is not None:
+        flags.append(f"data_path={args.data_path}")
+    if args.device is not None:
+        flags.append(f"device={args.device}")
+    if args.seed is not None:
+        flags.append(f"seed={args.seed}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps {args.max_steps} is not allowed: it must be >= 1")
+    if args.resume:
+        train(
+            None,
+            args.out,
+            resume=True,
+            max_steps=args.max_steps,
+            overrides=flags + overrides,
+            config_name=args.config,
+            progress=not args.no_progress,
+        )
+    else:
+        cfg = load_config(args.config or "tiny", flags + overrides)
+        train(cfg, args.out, max_steps=args.max_steps, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from pkmem.train.loop import evaluate_run
+    from pkmem.train.tokenizer import atomic_write_bytes
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens {args.max_tokens} is not allowed: it must be >= 1")
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    res = evaluate_run(
+        args.run,
+        args.data,
+        args.data_path,
+        args.split,
+        args.max_tokens,
+        args.batch_size,
+        args.device,
+        log=log,
+    )
+    res["memories"] = [{k: m[k] for k in m} for m in res["memories"]]
+    text = json.dumps(res, indent=1, allow_nan=True)
+    out = (
+        Path(args.output)
+        if args.output
+        else Path(res["checkpoint"]).parent.parent / f"eval_{args.split}.json"
+    )
+    if args.output or (out.parent / "metrics.jsonl").exists():
+        atomic_write_bytes(out, text.encode())
+    if args.json:
+        print(text)
+        return 0
+    rows = [
+        ("checkpoint", res["checkpoint"]),
+        ("data / split", f"{res['data']} / {res['split']}"),
+        ("tokens", res["tokens"]),
+        ("loss (nats/token)", res["loss"]),
+        ("perplexity", res["ppl"]),
+        (
+            "bits per byte" if res["bpb"] is not None else "bits per token",
+            res["bpb"] or res["bits_per_token"],
+        ),
+        ("tokens/s", res["tokens_per_s"]),
+        ("words/s", res["words_per_s"]),
+    ]
+    for m in res["memories"]:
+        rows.append((f"memory layer {m['layer']} usage", f"{100 * m['usage']:.1f}%"))
+        rows.append((f"memory layer {m['layer']} KL", m["kl"]))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {_fmt(v)}")
+    print(f"(JSON: {out})" if out.exists() else "")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from pkmem.config import load_config
+    from pkmem.train.bench import bench_models, environment
+    from pkmem.train.evaluate import resolve_device
+    from pkmem.train.tokenizer import atomic_write_bytes
+
+    extra = [f"seq_len={args.seq_len}"] if args.seq_len else []
+    cfg = load_config(args.config, extra + list(args.overrides))
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(
+                f"--{name.replace('_', '-')} {getattr(args, name)} is not allowed: it must be >= 1"
+            )
+    if not args.tokens_per_word > 0:
+        raise ValueError(f"--tokens-per-word {args.tokens_per_word} is not allowed: it must be > 0")
+    device = resolve_device(args.device)
+    rows = bench_models(
+        cfg.model,
+        args.layers or [cfg.model.n_layers],
+        args.dims or [cfg.model.dim],
+        args.memories,
+        args.batch_size,
+        device,
+        cfg.train.precision,
+        args.warmup,
+        args.repeats,
+        args.tokens_per_word,
+    )
+    out = {
+        "config": cfg.name,
+        "env": environment(device),
+        "tokens_per_word": args.tokens_per_word,
+        "rows": rows,
+    }
+    atomic_write_bytes(Path(args.out), json.dumps(out, indent=1).encode())
+    print(f"wrote {args.out} ({torch.__version__}, {out['env']['device_name']})")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from pkmem.train.plot import plot_runs
+
+    out = args.out or (str(Path(args.runs[0]) / "plots") if len(args.runs) == 1 else "plots")
+    for p in plot_runs(args.runs, out):
+        print(p)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from pkmem.train.generate import generate_text
+
+    print(
+        generate_text(
+            args.run,
+            args.prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k if args.top_k and args.top_k > 0 else None,
+            args.seed,
+            args.device,
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pkmem`` command; returns the exit code (2 for bad input)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    overrides = []
+    for item in extra:
+        if args.command == "train" and "=" in item and not item.startswith("-"):
+            overrides.append(item)
+        else:
+            parser.error(f"unrecognized argument {item!r}")
+    try:
+        if args.command == "train":
+            return _cmd_train(args, overrides)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
+        if args.command == "plot":
+            return _cmd_plot(args)
+        return _cmd_generate(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"pkmem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pkmem {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except FloatingPointError as e:
+        print(f"pkmem {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Evaluation: loss, perplexity, bits per byte / token, speed, and usage and KL of every memory (§4.2)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pkmem.train.data import eval_windows
+
+__all__ = ["evaluate", "autocast", "resolve_device", "memory_report"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; ``"cuda"`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device={name!r} is not allowed: device must be auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} is not available: this machine has no CUDA GPU (use --device cpu)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on CUDA with ``precision`` "auto" or "bf16"; fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def memory_report(tracker, layer_of: dict[str, int]) -> list[dict]:
+    """The tracker's report as a list of ``{"layer", "name", "usage", "kl", ...}`` sorted by layer."""
+    if tracker is None:
+        return []
+    rep = tracker.report()
+    out = [{"layer": layer_of.get(name), "name": name, **vals} for name, vals in rep.items()]
+    return sorted(out, key=lambda d: (d["layer"] is None, d["layer"] or 0))
+
+
+def _layers(model) -> dict[str, int]:
+    return {name: layer for layer, name, _ in model.memories()} if hasattr(model, "memories") else {}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    max_tokens: int | None = None,
+    is_bytes: bool = True,
+    words_per_token: float | None = None,
+    track_usage: bool = True,
+    forward=None,
+) -> dict:
+    """Next-token loss of ``model`` on windows of ``tokens`` (see :func:`eval_windows`).
+
+    Returns ``loss`` (nats per token), ``ppl``, ``bits_per_token``, ``bpb`` (bits per byte, None for
+    a non-byte tokenizer), ``tokens``, ``seconds``, ``tokens_per_s``, ``words_per_s`` (if
+    ``words_per_token`` is known) and ``memories``: ``[{"layer", "name", "usage", "kl", ...}]``.
+    ``forward`` (default ``model``) is the callable that computes logits (e.g. a compiled model).
+    """
+    forward = forward or model
+    starts = eval_windows(len(tokens), seq_len, max_tokens)
+    offsets = np.arange(seq_len + 1)
+    tracker = None
+    if track_usage and hasattr(model, "memories") and model.memories():
+        from pkmem.metrics import UsageTracker
+
+        tracker = UsageTracker(model)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    try:
+        if tracker is not None:
+            tracker.start()
+        for i in range(0, len(starts), batch_size):
+            chunk = np.asarray(tokens[starts[i : i + batch_size, None] + offsets], dtype=np.int64)
+            xy = torch.from_numpy(chunk).to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = forward(xy[:, :-1])
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += loss.double()
+            count += xy[:, 1:].numel()
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        if tracker is not None:
+            tracker.stop()
+        model.train(was_training)
+    loss = total.item() / count
+    bits = loss / math.log(2)
+    out = {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bits_per_token": bits,
+        "bpb": bits if is_bytes else None,
+        "tokens": count,
+        "seconds": seconds,
+        "tokens_per_s": count / max(seconds, 1e-9),
+        "words_per_s": (count / max(seconds, 1e-9)) * words_per_token if words_per_token else None,
+        "memories": memory_report(tracker, _layers(model)),
+    }
+    return out
