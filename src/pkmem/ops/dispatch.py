@@ -2,11 +2,14 @@
 
 ``"auto"`` (the default, overridable with the environment variable ``PKMEM_BACKEND``) uses the
 Triton kernels for CUDA tensors when triton imports, and the PyTorch reference otherwise. Asking
-for ``"triton"`` where it cannot run is an error, never a silent fallback.
+for ``"triton"`` where it cannot run is an error, never a silent fallback. The kernels also run on
+CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set before the first kernel use):
+that is how CI tests them. Triton is imported lazily, on the first call that needs it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -14,12 +17,51 @@ import torch
 from pkmem.ops import reference
 
 BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not allowed: backend must be one of {BACKENDS}")
     return backend
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_module():
+    """``(pkmem.ops.triton, None)`` if the kernels import, else ``(None, reason)``."""
+    try:
+        import pkmem.ops.triton as kernels
+    except Exception as e:  # ImportError, or a triton too old for the kernels
+        return None, f"the Triton kernels do not import ({type(e).__name__}: {e})"
+    return kernels, None
+
+
+def _interpreting() -> bool:
+    kernels, _ = _triton_module()
+    return kernels is not None and kernels.INTERPRET
+
+
+def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
+    """Why the kernels cannot run on ``tensors`` (None if they can)."""
+    devices = {t.device.type for t in tensors}
+    if len(devices) > 1:
+        return f"the tensors are on several device types {sorted(devices)}"
+    device = devices.pop() if devices else "cpu"
+    if device not in ("cuda", "cpu"):
+        return f"the kernels need CUDA tensors (got {device} tensors)"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "the tensors are on the CPU (the kernels need CUDA tensors, or TRITON_INTERPRET=1 set)"
+    bad = [t.dtype for t in tensors if t.is_floating_point() and t.dtype not in _KERNEL_DTYPES]
+    if bad:
+        return f"the kernels support float32, bfloat16 and float16 tensors (got {bad[0]})"
+    _, reason = _triton_module()
+    if reason is not None:
+        return reason
+    if device == "cpu" and not _interpreting():
+        return "TRITON_INTERPRET=1 was set after the kernels were imported (set it before the first use)"
+    if device == "cuda" and _interpreting():
+        return "the kernels were imported under TRITON_INTERPRET=1, which runs them on CPU tensors only"
+    return None
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
@@ -30,23 +72,49 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         if env not in BACKENDS:
             raise ValueError(f"PKMEM_BACKEND={env!r} is not allowed: it must be one of {BACKENDS}")
         backend = env
-    if backend == "triton":
-        raise ValueError("backend='triton' is not available: this build of pkmem has no Triton kernels")
-    return "torch"
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+        return "triton" if cuda and triton_unavailable_reason(*tensors) is None else "torch"
+    reason = triton_unavailable_reason(*tensors)
+    if reason is not None:
+        raise ValueError(f"backend='triton' cannot run here: {reason}. Use backend='auto' or 'torch'.")
+    return "triton"
 
 
-def product_topk(query, subkeys, topk: int, backend: str = "auto"):
+def _check_topk(topk: int, n: int) -> None:
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 < topk <= n:
+        raise ValueError(f"topk={topk!r} is not allowed: topk must be an int in [1, {n}]")
+
+
+def product_topk(query: torch.Tensor, subkeys: torch.Tensor, topk: int, backend: str = "auto"):
     """See :func:`pkmem.ops.reference.product_topk`."""
-    resolve_backend(backend, query, subkeys)
-    return reference.product_topk(query, subkeys, topk)
+    if resolve_backend(backend, query, subkeys) == "torch":
+        return reference.product_topk(query, subkeys, topk)
+    T, H, kd = query.shape
+    if subkeys.dim() != 4 or subkeys.shape[0] != H or subkeys.shape[1] != 2 or 2 * subkeys.shape[3] != kd:
+        raise ValueError(
+            f"query {tuple(query.shape)} and subkeys {tuple(subkeys.shape)}: subkeys must be "
+            f"(heads, 2, num_keys, k_dim // 2) = ({H}, 2, n, {kd // 2})"
+        )
+    n = subkeys.shape[2]
+    _check_topk(topk, n)
+    if n * n >= 2**31:
+        raise ValueError(f"num_keys={n} is not allowed with backend='triton': num_keys**2 must be < 2**31")
+    kernels, _ = _triton_module()
+    return kernels.product_topk(query, subkeys, topk)
 
 
 def flat_topk(query, keys, topk: int, backend: str = "auto"):
     """See :func:`pkmem.ops.reference.flat_topk` (no kernel: flat keys are the paper's ablation)."""
+    check_backend(backend)
     return reference.flat_topk(query, keys, topk)
 
 
 def weighted_gather(values, indices, weights, sparse: bool = False, backend: str = "auto"):
     """See :func:`pkmem.ops.reference.weighted_gather`."""
-    resolve_backend(backend, values, indices, weights)
-    return reference.weighted_gather(values, indices, weights, sparse)
+    if resolve_backend(backend, values, indices, weights) == "torch":
+        return reference.weighted_gather(values, indices, weights, sparse)
+    kernels, _ = _triton_module()
+    return kernels.weighted_gather(values, indices, weights, sparse)

@@ -1,0 +1,11 @@
+"""Triton kernels of pkmem (imported lazily by :mod:`pkmem.ops.dispatch`: importing it imports triton).
+
+- :mod:`.search`: fused exact product-key search, forward and backward;
+- :mod:`.gather`: weighted gather of value rows, forward and deterministic backward.
+"""
+
+from pkmem.ops.triton._common import INTERPRET
+from pkmem.ops.triton.gather import weighted_gather
+from pkmem.ops.triton.search import product_topk
+
+__all__ = ["INTERPRET", "product_topk", "weighted_gather"]

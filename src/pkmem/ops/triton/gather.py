@@ -1,0 +1,330 @@
+"""Weighted gather of value rows (Triton): ``out[t] = sum_j w[t, j] * V[idx[t, j]]``, and its backward.
+
+Twin of :func:`pkmem.ops.reference.weighted_gather`. Forward: one program per (token, column
+block) streams the token's J rows with float32 accumulation; entries with a negative index are
+skipped. Any ``v_dim`` (columns are masked), float32 / bfloat16 / float16 tables.
+
+Backward, deterministic (no float atomics): the flat indices are sorted (stable), so the entries
+that touch one row form a contiguous segment in token order. One program per value row walks its
+segment once: it reads the row of ``V`` once, gathers ``grad_out[t]`` of each entry, accumulates
+``sum w * grad_out[t]`` into the row's gradient and writes ``<grad_out[t], V[row]>`` as that
+entry's weight gradient. Each row of the dense gradient is written exactly once (untouched rows
+get zeros), so no memset and no host synchronisation is needed (CUDA graphs work). With
+``sparse=True`` the segments are those of the touched rows only (``unique_consecutive``, which
+synchronises), and the result is a coalesced row-sparse COO tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pkmem.ops.triton._common import INTERPRET, new_output, next_pow2
+
+__all__ = ["weighted_gather", "gather_forward", "gather_backward"]
+
+
+@triton.jit
+def _gather_fwd_kernel(
+    V,
+    IDX,
+    W,
+    OUT,
+    J,
+    v_dim,
+    stride_v,
+    BLOCK_V: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    vb = tl.program_id(1)
+    cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = cols < v_dim
+    acc = tl.zeros((BLOCK_V,), tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        jj = j0 + tl.arange(0, BLOCK_J)
+        jm = jj < J
+        idx = tl.load(IDX + t * J + jj, mask=jm, other=-1)
+        w = tl.load(W + t * J + jj, mask=jm, other=0.0).to(tl.float32)
+        ok = idx >= 0
+        rows = tl.load(
+            V + idx[:, None].to(tl.int64) * stride_v + cols[None, :],
+            mask=ok[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(rows * tl.where(ok, w, 0.0)[:, None], axis=0)
+    tl.store(OUT + t * v_dim + cols, acc, mask=cmask)
+
+
+@triton.jit
+def _gather_bwd_kernel(
+    V,
+    G,
+    W,
+    PERM,
+    OFFS,
+    ROWS,
+    GV,
+    GW,
+    n_rows,
+    J,
+    v_dim,
+    stride_v,
+    stride_g,
+    TJ,
+    BLOCK_V: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    RPP: tl.constexpr,
+    SPARSE: tl.constexpr,
+    NEED_GV: tl.constexpr,
+    NEED_GW: tl.constexpr,
+):
+    """Rows [pid * RPP, pid * RPP + RPP) of the value gradient (segment r = entries OFFS[r]:OFFS[r+1]
+    of the sorted order PERM), and the weight gradient of those entries."""
+    pid = tl.program_id(0)
+    vb = tl.program_id(1)
+    cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = cols < v_dim
+    e_ar = tl.arange(0, BLOCK_E)
+    for rr in tl.static_range(RPP):
+        r = pid * RPP + rr
+        ok = r < n_rows
+        okv = cmask & ((r + 0 * cols) < n_rows)
+        start = tl.load(OFFS + r, mask=ok, other=0)
+        end = tl.load(OFFS + r + 1, mask=ok, other=0)
+        if SPARSE:
+            row = tl.load(ROWS + r, mask=ok, other=0).to(tl.int64)
+        else:
+            row = r.to(tl.int64)
+        if NEED_GW:
+            vrow = tl.load(V + row * stride_v + cols, mask=okv, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_V,), tl.float32)
+        for e0 in range(start, end, BLOCK_E):
+            ee = e0 + e_ar
+            em = ee < end
+            p = tl.load(PERM + ee, mask=em, other=0)
+            t = p // J
+            w = tl.load(W + p, mask=em, other=0.0).to(tl.float32)
+            g = tl.load(
+                G + t[:, None] * stride_g + cols[None, :], mask=em[:, None] & cmask[None, :], other=0.0
+            ).to(tl.float32)
+            acc += tl.sum(g * w[:, None], axis=0)
+            if NEED_GW:
+                tl.store(GW + vb * TJ + p, tl.sum(g * vrow[None, :], axis=1), mask=em)
+        if NEED_GV:
+            tl.store(GV + r.to(tl.int64) * v_dim + cols, acc.to(GV.dtype.element_ty), mask=okv)
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+
+
+def _fwd_config(T: int, J: int, v: int) -> dict:
+    bv = min(next_pow2(v), 1024)
+    # few tokens (decode): narrower column blocks so that enough programs run at once
+    while bv > 128 and T * triton.cdiv(v, bv) < 1024:
+        bv //= 2
+    return {"BLOCK_V": bv, "BLOCK_J": 8 if INTERPRET else 16, "num_warps": 4}
+
+
+def _bwd_config(n_rows: int, v: int) -> dict:
+    return {"BLOCK_V": min(next_pow2(v), 2048), "BLOCK_E": 4, "RPP": 1, "num_warps": 4}
+
+
+def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    if values.dim() != 2 or indices.dim() != 2 or weights.shape != indices.shape:
+        raise ValueError(
+            f"values {tuple(values.shape)}, indices {tuple(indices.shape)}, weights {tuple(weights.shape)}: "
+            "weighted_gather needs values (N, v_dim), indices (T, J) and weights (T, J)"
+        )
+
+
+def gather_forward(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, config: dict | None = None
+) -> torch.Tensor:
+    """``(N, v), (T, J), (T, J) -> (T, v)`` float32."""
+    _check_inputs(values, indices, weights)
+    T, J = indices.shape
+    v = values.shape[1]
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    indices, weights = indices.contiguous(), weights.contiguous()
+    out = new_output(T, v, device=values.device, dtype=torch.float32)
+    if T == 0 or v == 0:
+        return out
+    if J == 0:
+        return out.zero_()
+    cfg = dict(_fwd_config(T, J, v), **(config or {}))
+    grid = (T, triton.cdiv(v, cfg["BLOCK_V"]))
+    _gather_fwd_kernel[grid](
+        values,
+        indices,
+        weights,
+        out,
+        J,
+        v,
+        values.stride(0),
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_J=cfg["BLOCK_J"],
+        num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def _segments(indices: torch.Tensor, num_rows: int, sparse: bool):
+    """Stable sort of the flat indices: (perm, offsets (R+1), rows (R) or None)."""
+    flat = indices.reshape(-1)
+    keys = flat.to(torch.int32) if num_rows < 2**31 - 1 else flat
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    if not sparse:
+        bounds = torch.arange(num_rows + 1, device=flat.device, dtype=keys.dtype)
+        return perm, torch.searchsorted(sorted_keys, bounds), None
+    rows, counts = torch.unique_consecutive(sorted_keys, return_counts=True)  # synchronises
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    keep = rows >= 0
+    rows, starts, ends = rows[keep], starts[keep], ends[keep]
+    offsets = torch.cat([starts, ends[-1:]]) if rows.numel() else starts.new_zeros(1)
+    return perm, offsets, rows
+
+
+def gather_backward(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    need_values: bool = True,
+    need_weights: bool = True,
+    sparse: bool = False,
+    config: dict | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the values (dense in values' dtype, or coalesced sparse COO) and of the weights."""
+    T, J = indices.shape
+    N, v = values.shape
+    dev = values.device
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    indices, weights = indices.contiguous(), weights.contiguous()
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    perm, offsets, rows = _segments(indices, N, sparse)
+    n_rows = N if rows is None else rows.numel()
+    cfg = dict(_bwd_config(n_rows, v), **(config or {}))
+    nvb = triton.cdiv(v, cfg["BLOCK_V"]) if v > 0 else 1
+    gv = new_output(n_rows if need_values else 0, v, device=dev, dtype=values.dtype)
+    gw = torch.zeros(nvb if need_weights else 0, T * J, device=dev, dtype=torch.float32)
+    if n_rows > 0 and v > 0 and (need_values or need_weights):
+        grid = (triton.cdiv(n_rows, cfg["RPP"]), nvb)
+        _gather_bwd_kernel[grid](
+            values,
+            grad_out,
+            weights,
+            perm,
+            offsets,
+            rows if rows is not None else offsets,
+            gv,
+            gw,
+            n_rows,
+            J,
+            v,
+            values.stride(0),
+            grad_out.stride(0),
+            T * J,
+            BLOCK_V=cfg["BLOCK_V"],
+            BLOCK_E=cfg["BLOCK_E"],
+            RPP=cfg["RPP"],
+            SPARSE=rows is not None,
+            NEED_GV=need_values,
+            NEED_GW=need_weights,
+            num_warps=cfg["num_warps"],
+        )
+    grad_values = grad_weights = None
+    if need_values:
+        if sparse:
+            grad_values = torch.sparse_coo_tensor(
+                rows.to(torch.int64)[None], gv, (N, v), is_coalesced=True, check_invariants=False
+            )
+        else:
+            grad_values = gv
+    if need_weights:
+        grad_weights = (gw[0] if nvb == 1 else gw.sum(0)).reshape(T, J).to(weights.dtype)
+    return grad_values, grad_weights
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pkmem::weighted_gather", mutates_args=())
+def _gather_op(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return gather_forward(values, indices, weights)
+
+
+@_gather_op.register_fake
+def _(values, indices, weights):
+    return values.new_empty(indices.shape[0], values.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("pkmem::weighted_gather_backward", mutates_args=())
+def _gather_backward_op(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    need_values: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gv, gw = gather_backward(grad_out, values, indices, weights, need_values, need_weights)
+    gv = gv if gv is not None else values.new_empty(0)
+    gw = gw if gw is not None else weights.new_empty(0)
+    return gv, gw
+
+
+@_gather_backward_op.register_fake
+def _(grad_out, values, indices, weights, need_values, need_weights):
+    gv = torch.empty_like(values) if need_values else values.new_empty(0)
+    gw = torch.empty_like(weights) if need_weights else weights.new_empty(0)
+    return gv, gw
+
+
+def _setup_context(ctx, inputs, output):
+    values, indices, weights = inputs
+    ctx.save_for_backward(values, indices, weights)
+
+
+def _backward(ctx, grad_out):
+    values, indices, weights = ctx.saved_tensors
+    need_v, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if grad_out is None or not (need_v or need_w):
+        return None, None, None
+    gv, gw = _gather_backward_op(grad_out, values, indices, weights, need_v, need_w)
+    return (gv if need_v else None), None, (gw if need_w else None)
+
+
+_gather_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _WeightedGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, weights, sparse):
+        ctx.save_for_backward(values, indices, weights)
+        ctx.sparse = sparse
+        return gather_forward(values, indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, weights = ctx.saved_tensors
+        need_v, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if grad_out is None or not (need_v or need_w):
+            return None, None, None, None
+        gv, gw = gather_backward(grad_out, values, indices, weights, need_v, need_w, ctx.sparse)
+        return gv, None, gw, None
+
+
+def weighted_gather(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse: bool = False
+) -> torch.Tensor:
+    """Fused weighted gather: see :func:`pkmem.ops.reference.weighted_gather`."""
+    _check_inputs(values, indices, weights)
+    if torch.compiler.is_compiling() and not sparse:
+        return _gather_op(values, indices, weights)
+    return _WeightedGather.apply(values, indices, weights, sparse)

@@ -1,0 +1,212 @@
+"""The weighted-gather kernels against their reference twin (forward, dense and sparse gradients).
+
+On a CPU these run under Triton's interpreter (tests/ops/conftest.py) at tiny sizes; the tests
+marked ``gpu`` run the paper's sizes on a CUDA device.
+"""
+
+import pytest
+import torch
+
+from pkmem.ops import dispatch, reference
+
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _inputs(N, v, T, J, device, dtype=torch.float32, seed=0, skip=True):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(N, v, generator=g).to(device, dtype)
+    idx = torch.randint(0, N, (T, J), generator=g)
+    idx[0, : min(J, 3)] = 1  # a row repeated inside one token
+    if T > 2:
+        idx[2, 0] = idx[1, -1]  # and across tokens
+    if skip:
+        idx[-1, ::2] = -1  # skipped entries
+    w = torch.randn(T, J, generator=g)
+    return values, idx.to(device), w.to(device)
+
+
+def _grads(fn, values, idx, w, grad_out, sparse=False):
+    values = values.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    out = fn(values, idx, w, sparse)
+    (out * grad_out).sum().backward()
+    return out.detach(), values.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,v,T,J", [(50, 13, 6, 9), (7, 100, 3, 20), (70, 1, 5, 2), (40, 33, 9, 1)])
+def test_forward_and_dense_gradients(kernels, device, dtype, N, v, T, J):
+    values, idx, w = _inputs(N, v, T, J, device, dtype)
+    go = torch.randn(T, v, generator=torch.Generator().manual_seed(1)).to(device)
+    out1, gv1, gw1 = _grads(kernels.weighted_gather, values, idx, w, go)
+    out2, gv2, gw2 = _grads(reference.weighted_gather, values, idx, w, go)
+    assert out1.dtype == torch.float32 and gv1.dtype == dtype and gw1.dtype == w.dtype
+    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)  # same rows, float32 sums
+    torch.testing.assert_close(gw1, gw2, atol=1e-5, rtol=1e-5)
+    # the value gradient against float64 (for a bf16 / fp16 table the reference accumulates
+    # repeated rows in the table's dtype, the kernel in float32 with one rounding at the end)
+    _, gv3, _ = _grads(reference.weighted_gather, values.double(), idx, w.double(), go.double())
+    torch.testing.assert_close(gv1.double(), gv3, atol=TOL[dtype], rtol=TOL[dtype])
+    if dtype == torch.float32:
+        torch.testing.assert_close(gv1, gv2, atol=1e-5, rtol=1e-5)
+    assert (gw1[idx < 0] == 0).all()
+
+
+def test_bf16_weights(kernels, device):
+    values, idx, w = _inputs(30, 17, 4, 6, device)
+    w = w.bfloat16()
+    go = torch.randn(4, 17).to(device)
+    out1, gv1, gw1 = _grads(kernels.weighted_gather, values, idx, w, go)
+    out2, gv2, gw2 = _grads(reference.weighted_gather, values, idx, w, go)
+    assert gw1.dtype == torch.bfloat16
+    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gv1, gv2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw1, gw2, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_gradient(kernels, device, dtype):
+    values, idx, w = _inputs(40, 11, 7, 5, device, dtype, seed=2)
+    go = torch.randn(7, 11).to(device)
+    _, gv1, gw1 = _grads(kernels.weighted_gather, values, idx, w, go, sparse=True)
+    _, gv2, gw2 = _grads(reference.weighted_gather, values, idx, w, go, sparse=True)
+    from pkmem.ops.triton.gather import gather_backward
+
+    direct, _ = gather_backward(go, values, idx, w, need_weights=False, sparse=True)
+    assert direct.is_sparse and direct.is_coalesced()
+    touched = torch.unique(idx[idx >= 0])
+    assert torch.equal(direct.indices()[0], touched), "the sparse gradient must hold the touched rows only"
+    assert gv1.is_sparse and gv1._nnz() == touched.numel()
+    _, gv3, _ = _grads(reference.weighted_gather, values.double(), idx, w.double(), go.double())
+    torch.testing.assert_close(gv1.to_dense().double(), gv3, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(gv1.to_dense(), gv2.to_dense(), atol=5 * TOL[dtype], rtol=5 * TOL[dtype])
+    torch.testing.assert_close(gw1, gw2, atol=1e-5, rtol=1e-5)
+
+
+def test_all_entries_skipped(kernels, device):
+    values = torch.randn(10, 4, device=device)
+    idx = torch.full((3, 5), -1, device=device)
+    w = torch.randn(3, 5, device=device)
+    go = torch.randn(3, 4, device=device)
+    out, gv, gw = _grads(kernels.weighted_gather, values, idx, w, go)
+    assert (out == 0).all() and (gv == 0).all() and (gw == 0).all()
+    _, gvs, _ = _grads(kernels.weighted_gather, values, idx, w, go, sparse=True)
+    assert gvs.is_sparse and gvs._nnz() == 0
+
+
+def test_many_hits_on_one_row(kernels, device):
+    """A hot row (every entry) exercises long segments; untouched rows get exact zeros."""
+    values, _, w = _inputs(9, 6, 8, 16, device, seed=3, skip=False)
+    idx = torch.full((8, 16), 4, device=device)
+    go = torch.randn(8, 6).to(device)
+    out1, gv1, gw1 = _grads(kernels.weighted_gather, values, idx, w, go)
+    out2, gv2, gw2 = _grads(reference.weighted_gather, values, idx, w, go)
+    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gv1, gv2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw1, gw2, atol=1e-5, rtol=1e-5)
+    assert (gv1[torch.arange(9, device=device) != 4] == 0).all()
+
+
+def test_only_weights_need_grad(kernels, device):
+    values, idx, w = _inputs(20, 7, 4, 3, device, seed=4)
+    w = w.requires_grad_()
+    kernels.weighted_gather(values, idx, w).sum().backward()
+    w2 = w.detach().clone().requires_grad_()
+    reference.weighted_gather(values, idx, w2).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_op_registration(kernels, device):
+    from pkmem.ops.triton import gather
+
+    values, idx, w = _inputs(20, 7, 4, 3, device, seed=5)
+    values.requires_grad_()
+    w.requires_grad_()
+    torch.library.opcheck(
+        gather._gather_op,
+        (values, idx, w),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+    out = gather._gather_op(values, idx, w)
+    out.square().sum().backward()
+    v2, w2 = values.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    reference.weighted_gather(v2, idx, w2).square().sum().backward()
+    torch.testing.assert_close(values.grad, v2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_shapes(kernels, device):
+    values, idx, w = _inputs(20, 7, 4, 3, device)
+    with pytest.raises(ValueError, match="weights"):
+        dispatch.weighted_gather(values, idx, w[:, :2], backend="triton")
+
+
+# ---- real sizes, on the GPU ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N", [512**2, 1024**2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("v", [1024, 1000])
+def test_paper_size_gpu(kernels, N, dtype, v):
+    T, J = 8192, 128
+    g = torch.Generator(device="cuda").manual_seed(v)
+    values = (torch.randn(N, v, device="cuda", generator=g) / v**0.5).to(dtype)
+    idx = torch.randint(0, N, (T, J), device="cuda", generator=g)
+    idx[:64] = idx[0, 0]  # a hot row
+    idx[-3:, ::3] = -1
+    w = torch.softmax(torch.randn(T, J, device="cuda", generator=g), -1)
+    go = torch.randn(T, v, device="cuda", generator=g)
+    out = kernels.weighted_gather(values, idx, w)
+    ref = reference.weighted_gather(values, idx, w)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    from pkmem.ops.triton.gather import gather_backward
+
+    gv, gw = gather_backward(go, values, idx, w)
+    gv2, gw2 = gather_backward(go, values, idx, w)
+    assert torch.equal(gv, gv2) and torch.equal(gw, gw2), "backward is not deterministic"
+    vv, ww = values.clone().requires_grad_(), w.clone().requires_grad_()
+    (reference.weighted_gather(vv, idx, ww) * go).sum().backward()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(gv, vv.grad, atol=tol * 0.1, rtol=tol)
+    torch.testing.assert_close(gw, ww.grad, atol=1e-4, rtol=1e-4)
+    gvs, _ = gather_backward(go, values, idx, w, need_weights=False, sparse=True)
+    torch.testing.assert_close(gvs.to_dense(), gv, atol=0, rtol=0)
+
+
+for _mark in GPU:
+    test_paper_size_gpu = _mark(test_paper_size_gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_and_cuda_graph_gpu(kernels):
+    """Forward and dense backward inside torch.compile and in a captured CUDA graph."""
+    values = torch.randn(4096, 256, device="cuda", requires_grad=True)
+    idx = torch.randint(0, 4096, (512, 64), device="cuda")
+    w = torch.rand(512, 64, device="cuda", requires_grad=True)
+
+    def f(v, i, ww):
+        return dispatch.weighted_gather(v, i, ww, backend="triton").square().sum()
+
+    f(values, idx, w).backward()
+    ev, ew = values.grad.clone(), w.grad.clone()
+    values.grad = w.grad = None
+    torch.compile(f, fullgraph=True)(values, idx, w).backward()
+    torch.testing.assert_close(values.grad, ev, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, ew, atol=1e-5, rtol=1e-5)
+    # CUDA graph of forward + backward (no host synchronisation inside)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            values.grad = w.grad = None
+            f(values, idx, w).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    values.grad = w.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        f(values, idx, w).backward()
+    graph.replay()
+    torch.testing.assert_close(values.grad, ev, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, ew, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,209 @@
+"""The fused product-key search kernel against its reference twin (forward and gradients).
+
+On a CPU these run under Triton's interpreter (tests/ops/conftest.py) at tiny sizes; the tests
+marked ``gpu`` run the paper's sizes on a CUDA device.
+"""
+
+import pytest
+import torch
+
+from pkmem.ops import dispatch, reference
+
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _inputs(T, H, n, D, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, 2 * D, generator=g).to(device, dtype)
+    sk = torch.randn(H, 2, n, D, generator=g).to(device, dtype)
+    return q, sk
+
+
+def _check_selection(q, sk, topk, scores, idx, atol=1e-5, rtol=1e-5):
+    """scores are the brute-force top-k scores (sorted), idx are distinct slots scoring `scores`."""
+    n = sk.shape[2]
+    assert not torch.isnan(scores).any()
+    assert scores.dtype == torch.float32 and idx.dtype == torch.int64
+    assert ((idx >= 0) & (idx < n * n)).all()
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "a slot is selected twice"
+    best, _ = reference.brute_force_product_topk(q, sk, topk)
+    torch.testing.assert_close(scores, best, atol=atol, rtol=rtol)
+    half = reference.subkey_scores(q, sk)
+    again = half[..., 0, :].gather(-1, idx // n) + half[..., 1, :].gather(-1, idx % n)
+    torch.testing.assert_close(scores, again, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "T,H,n,D,topk",
+    [(7, 2, 37, 5, 5), (3, 1, 16, 8, 16), (19, 3, 50, 3, 8), (1, 1, 2, 1, 1), (33, 1, 20, 16, 3)],
+)
+def test_forward_matches_brute_force(kernels, device, T, H, n, D, topk):
+    q, sk = _inputs(T, H, n, D, device)
+    scores, idx = kernels.product_topk(q, sk, topk)
+    _check_selection(q, sk, topk, scores, idx)
+    rs, ri = reference.product_topk(q, sk, topk)
+    torch.testing.assert_close(scores, rs, atol=1e-5, rtol=1e-5)
+
+
+def test_several_key_chunks_and_bitonic_topk(kernels, device):
+    """Sub-keys in several chunks (running top-k merges), with tl.topk's bitonic network too."""
+    from pkmem.ops.triton.search import search_forward
+
+    q, sk = _inputs(5, 2, 45, 4, device, seed=1)
+    for topk_impl in (1, 0):
+        scores, idx = search_forward(q, sk, 4, config={"BT": 16, "BN": 16, "TOPK": topk_impl})
+        _check_selection(q, sk, 4, scores, idx)
+
+
+def test_ties_select_equal_scores(kernels, device):
+    """Duplicated sub-keys and integer inputs tie exactly: any choice among ties is right, so the
+    selected SCORES must equal the brute-force ones."""
+    g = torch.Generator().manual_seed(2)
+    T, H, n, D, topk = 9, 2, 12, 3, 8
+    sk = torch.randint(-2, 3, (H, 2, n // 3, D), generator=g).float().repeat(1, 1, 3, 1)
+    q = torch.randint(-2, 3, (T, H, 2 * D), generator=g).float()
+    q, sk = q.to(device), sk.to(device)
+    scores, idx = kernels.product_topk(q, sk, topk)
+    _check_selection(q, sk, topk, scores, idx, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(kernels, device, dtype):
+    q, sk = _inputs(6, 2, 24, 6, device, dtype=dtype, seed=3)
+    scores, idx = kernels.product_topk(q, sk, 6)
+    rs, _ = reference.product_topk(q, sk, 6)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, rs, atol=1e-5, rtol=1e-5)
+    _check_selection(q.float(), sk.float(), 6, scores, idx, atol=1e-5, rtol=1e-5)
+
+
+def _grads(fn, q, sk, topk, g):
+    q = q.detach().clone().requires_grad_()
+    sk = sk.detach().clone().requires_grad_()
+    scores, idx = fn(q, sk, topk)
+    (scores * g).sum().backward()
+    return scores.detach(), idx, q.grad, sk.grad
+
+
+@pytest.mark.parametrize("T,H,n,D,topk", [(7, 2, 37, 5, 5), (20, 1, 16, 4, 16)])
+def test_gradients_match_reference(kernels, device, T, H, n, D, topk):
+    q, sk = _inputs(T, H, n, D, device, seed=4)
+    g = torch.randn(T, H, topk, generator=torch.Generator().manual_seed(5)).to(device)
+    s1, i1, gq1, gk1 = _grads(kernels.product_topk, q, sk, topk, g)
+    s2, i2, gq2, gk2 = _grads(reference.product_topk, q, sk, topk, g)
+    assert torch.equal(i1, i2)  # random inputs: no ties
+    torch.testing.assert_close(gq1, gq2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gk1, gk2, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_only_to_subkeys(kernels, device):
+    q, sk = _inputs(4, 2, 10, 3, device, seed=6)
+    sk = sk.requires_grad_()
+    scores, _ = kernels.product_topk(q, sk, 3)
+    scores.sum().backward()
+    ref = sk.detach().clone().requires_grad_()
+    reference.product_topk(q, ref, 3)[0].sum().backward()
+    torch.testing.assert_close(sk.grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_op_registration(kernels, device):
+    """Schema, fake (meta) implementation and autograd of the torch.compile-facing custom op."""
+    from pkmem.ops.triton import search
+
+    q, sk = _inputs(5, 2, 12, 4, device, seed=7)
+    q.requires_grad_()
+    sk.requires_grad_()
+    torch.library.opcheck(
+        search._product_topk_op,
+        (q, sk, 4, "tf32"),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+    scores, idx = search._product_topk_op(q, sk, 4, "tf32")
+    scores.sum().backward()
+    ref_q, ref_k = q.detach().clone().requires_grad_(), sk.detach().clone().requires_grad_()
+    reference.product_topk(ref_q, ref_k, 4)[0].sum().backward()
+    torch.testing.assert_close(q.grad, ref_q.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sk.grad, ref_k.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_errors(device):
+    q, sk = _inputs(2, 1, 8, 2, device)
+    with pytest.raises(ValueError, match="backend"):
+        dispatch.product_topk(q, sk, 2, backend="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        dispatch.product_topk(q.double(), sk.double(), 2, backend="triton")
+    # auto picks the reference for float64 (and for CPU tensors)
+    s, _ = dispatch.product_topk(q.double(), sk.double(), 2, backend="auto")
+    assert s.dtype == torch.float64
+
+
+def test_dispatch_bad_topk(kernels, device):
+    q, sk = _inputs(2, 1, 8, 2, device)
+    with pytest.raises(ValueError, match="topk"):
+        dispatch.product_topk(q, sk, 9, backend="triton")
+
+
+# ---- real sizes, on the GPU ------------------------------------------------------------------------
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("n", [512, 1024])
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+@pytest.mark.parametrize("topk_impl", [0, 1])
+@pytest.mark.parametrize("topk", [32, 20])
+def test_paper_size_gpu(kernels, n, precision, topk_impl, topk):
+    from pkmem.ops.triton.search import search_backward, search_forward
+
+    T, H, D = 8192, 4, 256
+    g = torch.Generator(device="cuda").manual_seed(n + topk)
+    q = torch.randn(T, H, 2 * D, device="cuda", generator=g)
+    sk = torch.randn(H, 2, n, D, device="cuda", generator=g) / D**0.5
+    scores, idx = search_forward(q, sk, topk, precision, config={"TOPK": topk_impl})
+    rs, _ = reference.product_topk(q, sk, topk)  # float32 (no tf32) in torch's default settings
+    atol = 1e-4 if precision == "ieee" else 2e-2  # half scores ~N(0, 1); tf32 rounds inputs to 11 bits
+    torch.testing.assert_close(scores, rs, atol=atol, rtol=0)
+    _check_selection(q[:64], sk, topk, scores[:64], idx[:64], atol=atol, rtol=0)
+    # backward, against the reference's gradient through the same selection
+    gs = torch.randn(T, H, topk, device="cuda", generator=g)
+    gq, gk = search_backward(gs, q, sk, idx, precision=precision)
+    gq2, gk2 = search_backward(gs, q, sk, idx, precision=precision)
+    assert torch.equal(gq, gq2) and torch.equal(gk, gk2), "backward is not deterministic"
+    qq, kk = q.clone().requires_grad_(), sk.clone().requires_grad_()
+    half = reference.subkey_scores(qq, kk)
+    sel = half[..., 0, :].gather(-1, idx // n) + half[..., 1, :].gather(-1, idx % n)
+    (sel * gs).sum().backward()
+    tol = 1e-5 if precision == "ieee" else 3e-3
+    assert _rel(gq, qq.grad) < tol and _rel(gk, kk.grad) < tol, (_rel(gq, qq.grad), _rel(gk, kk.grad))
+
+
+for _mark in GPU:
+    test_paper_size_gpu = _mark(test_paper_size_gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_and_cuda_graph_gpu(kernels):
+    """The search inside torch.compile, and captured in a CUDA graph, equals eager."""
+    q = torch.randn(512, 4, 512, device="cuda")
+    sk = torch.randn(4, 2, 512, 256, device="cuda") / 16
+    eager = dispatch.product_topk(q, sk, 32, backend="triton")
+    compiled = torch.compile(lambda a, b: dispatch.product_topk(a, b, 32, backend="triton"), fullgraph=True)
+    out = compiled(q, sk)
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+    static_q = q.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        dispatch.product_topk(static_q, sk, 32, backend="triton")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gs, gi = dispatch.product_topk(static_q, sk, 32, backend="triton")
+    q2 = torch.randn_like(q)
+    static_q.copy_(q2)
+    graph.replay()
+    e2 = dispatch.product_topk(q2, sk, 32, backend="triton")
+    assert torch.equal(gs, e2[0]) and torch.equal(gi, e2[1])

@@ -1,0 +1,127 @@
+"""ProductKeyMemory with backend="triton" against backend="torch": forward and every gradient.
+
+On a CPU the kernels run under Triton's interpreter (set here before they are imported)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pkmem import ProductKeyMemory  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _kernels(monkeypatch):
+    try:
+        from pkmem.ops.triton import _common
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"triton kernels do not import: {e}")
+    if DEVICE.type == "cpu" and not _common.INTERPRET:
+        pytest.skip("no CUDA device and the kernels were imported without TRITON_INTERPRET=1")
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+def _pair(**kw):
+    torch.manual_seed(0)
+    fast = ProductKeyMemory(backend="triton", **kw).to(DEVICE)
+    ref = ProductKeyMemory(backend="torch", **kw).to(DEVICE)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def _run(layer, x, mask, grad):
+    x = x.detach().clone().requires_grad_()
+    out = layer(x, mask)
+    (out * grad).sum().backward()
+    grads = {name: p.grad for name, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+SMALL = dict(dim=12, heads=2, num_keys=7, topk=3, k_dim=10)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"score": "relu", "query_norm": "layernorm", "v_dim": 9},
+        {"gate": "swilu", "normalize_query": True, "topk": 7},
+        {"sparse_values": True, "query_hidden": (8,)},
+    ],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_layer_triton_equals_torch(kw, masked):
+    fast, ref = _pair(**{**SMALL, **kw})
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, SMALL["dim"], generator=g).to(DEVICE)
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]], device=DEVICE) if masked else None
+    grad = torch.randn(2, 5, SMALL["dim"], generator=g).to(DEVICE)
+    out1, gx1, g1 = _run(fast, x, mask, grad)
+    out2, gx2, g2 = _run(ref, x, mask, grad)
+    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx1, gx2, atol=1e-5, rtol=1e-5)
+    assert g1.keys() == g2.keys() and "values" in g1 and "subkeys" in g1
+    for name in g1:
+        a, b = g1[name], g2[name]
+        if a.is_sparse:
+            assert a._nnz() <= int((mask.sum() if masked else 10) * fast.heads * fast.topk)
+            a, b = a.to_dense(), b.to_dense()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
+    if masked:  # masked tokens read no slot
+        assert (out1[1, [2, 4]] == 0).all()
+
+
+def test_layer_bf16_values_table():
+    fast, ref = _pair(**SMALL)
+    for layer in (fast, ref):
+        layer.values.data = layer.values.data.bfloat16()
+    x = torch.randn(3, SMALL["dim"], device=DEVICE)
+    out1, _, g1 = _run(fast, x, None, torch.ones(3, SMALL["dim"], device=DEVICE))
+    out2, _, g2 = _run(ref, x, None, torch.ones(3, SMALL["dim"], device=DEVICE))
+    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)
+    assert g1["values"].dtype == torch.bfloat16
+    torch.testing.assert_close(g1["values"], g2["values"], atol=1e-2, rtol=1e-2)
+
+
+def test_auto_backend_on_cpu_uses_reference(monkeypatch):
+    from pkmem.ops import dispatch
+
+    monkeypatch.delenv("PKMEM_BACKEND", raising=False)
+    t = torch.zeros(2, 2)
+    assert dispatch.resolve_backend("auto", t) == "torch"
+    monkeypatch.setenv("PKMEM_BACKEND", "torch")
+    assert dispatch.resolve_backend("auto", t.to(DEVICE)) == "torch"
+    monkeypatch.setenv("PKMEM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="PKMEM_BACKEND"):
+        dispatch.resolve_backend("auto", t)
+
+
+def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    from pkmem.ops import dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' cannot run here"):
+        dispatch.resolve_backend("triton", torch.zeros(2, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_paper_size_autocast_gpu():
+    """bf16 autocast, fp32 parameters, the paper's setting at 2048 tokens: kernels vs reference."""
+    fast, ref = _pair(dim=1024, heads=4, num_keys=512, topk=32, k_dim=512)
+    x = torch.randn(4, 512, 1024, device="cuda")
+    grad = torch.randn_like(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out1, gx1, g1 = _run(fast, x, None, grad)
+        out2, gx2, g2 = _run(ref, x, None, grad)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    # tf32 half scores may resolve near-ties differently: compare in norm
+    assert rel(out1, out2) < 2e-2, rel(out1, out2)
+    assert rel(gx1, gx2) < 5e-2, rel(gx1, gx2)
+    for name in g1:
+        assert rel(g1[name], g2[name]) < 5e-2, (name, rel(g1[name], g2[name]))
