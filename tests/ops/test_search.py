@@ -151,8 +151,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("n", [512, 1024])
-@pytest.mark.parametrize("precision", ["tf32", "ieee"])
-@pytest.mark.parametrize("topk_impl", [0, 1])
+@pytest.mark.parametrize("precision,topk_impl", [("tf32", 0), ("ieee", 1)])
 @pytest.mark.parametrize("topk", [32, 20])
 def test_paper_size_gpu(kernels, n, precision, topk_impl, topk):
     from pkmem.ops.triton.search import search_backward, search_forward

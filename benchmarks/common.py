@@ -1,0 +1,96 @@
+"""Timing and environment helpers shared by the GPU benchmarks (CUDA events, medians, ceilings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Callable
+
+import torch
+
+
+def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3, min_ms: float = 0.0) -> dict:
+    """Median / min / max milliseconds of ``fn()`` over ``iters`` calls, each timed by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    while len(times) < iters or sum(times) < min_ms:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if len(times) >= 10 * iters:
+            break
+    med = statistics.median(times)
+    return {"median_ms": med, "min_ms": min(times), "max_ms": max(times), "n": len(times)}
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = int(gib * 2**30) // 4
+    a = torch.empty(n, device="cuda", dtype=torch.float32).uniform_()
+    b = torch.empty_like(a)
+    t = cuda_time(lambda: b.copy_(a), iters=20)["median_ms"]
+    return 2 * n * 4 / (t * 1e-3)
+
+
+def matmul_rate(n: int = 8192, dtype=torch.bfloat16) -> float:
+    """Dense matrix-product rate in FLOP/s on random data."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    t = cuda_time(lambda: a @ b, iters=10)["median_ms"]
+    return 2 * n**3 / (t * 1e-3)
+
+
+def environment() -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except Exception:
+        commit = ""
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "sms": props.multi_processor_count,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": commit,
+    }
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name(0).lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write atomically (temp file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

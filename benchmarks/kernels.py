@@ -1,0 +1,164 @@
+"""Kernel-level timings and block-size sweeps of pkmem's Triton kernels (one GPU run).
+
+    python benchmarks/kernels.py [--out results.json] [--quick]
+
+Paper setting: 8192 tokens, heads 4, num_keys 512, k_dim 512 (half 256), topk 32; value table
+262,144 x 1024. Prints the best configuration of each kernel and its time over its floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import copy_bandwidth, cuda_time, environment, table, write_json  # noqa: E402
+
+from pkmem.ops import reference  # noqa: E402
+from pkmem.ops.triton import gather, search  # noqa: E402
+
+SEARCH_CONFIGS = [
+    {"BT": 32, "BN": 128, "num_warps": 4, "TOPK": 0},
+    {"BT": 16, "BN": 128, "num_warps": 4, "TOPK": 0},
+    {"BT": 32, "BN": 256, "num_warps": 8, "TOPK": 0},
+    {"BT": 64, "BN": 128, "num_warps": 8, "TOPK": 0},
+    {"BT": 32, "BN": 64, "num_warps": 4, "TOPK": 0},
+    {"BT": 16, "BN": 512, "num_warps": 8, "TOPK": 0},
+    {"BT": 32, "BN": 128, "num_warps": 4, "TOPK": 1},
+    {"BT": 16, "BN": 128, "num_warps": 4, "TOPK": 1},
+]
+GATHER_FWD_CONFIGS = [
+    {"BLOCK_V": 1024, "BLOCK_J": 8, "num_warps": 4},
+    {"BLOCK_V": 1024, "BLOCK_J": 16, "num_warps": 4},
+    {"BLOCK_V": 1024, "BLOCK_J": 16, "num_warps": 8},
+    {"BLOCK_V": 1024, "BLOCK_J": 32, "num_warps": 8},
+    {"BLOCK_V": 512, "BLOCK_J": 16, "num_warps": 4},
+    {"BLOCK_V": 256, "BLOCK_J": 32, "num_warps": 4},
+]
+GATHER_BWD_CONFIGS = [
+    {"BLOCK_E": 4, "RPP": 1, "num_warps": 4},
+    {"BLOCK_E": 2, "RPP": 1, "num_warps": 4},
+    {"BLOCK_E": 8, "RPP": 1, "num_warps": 4},
+    {"BLOCK_E": 4, "RPP": 1, "num_warps": 8},
+    {"BLOCK_E": 4, "RPP": 2, "num_warps": 4},
+]
+
+
+def _try(fn, **kw):
+    try:
+        return cuda_time(fn, **kw)
+    except Exception as e:  # a configuration that does not compile or run is reported, not fatal
+        traceback.print_exc(limit=2)
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def bench_search(bw: float, T=8192, H=4, n=512, D=256, k=32, quick=False) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(T, H, 2 * D, device="cuda", generator=g)
+    sk = torch.randn(H, 2, n, D, device="cuda", generator=g) / D**0.5
+    floor_bytes = q.numel() * 4 + sk.numel() * 4 + T * H * k * 12
+    flops = 2 * T * H * 2 * n * D
+    res = {"shape": dict(T=T, H=H, n=n, D=D, k=k), "floor_ms_hbm": floor_bytes / bw * 1e3, "flops": flops}
+    res["torch_reference_ms"] = _try(lambda: reference.product_topk(q, sk, k), iters=5)
+    configs = SEARCH_CONFIGS[:2] if quick else SEARCH_CONFIGS
+    res["forward"] = []
+    for cfg in configs:
+        for prec in ["tf32"]:
+            t = _try(lambda c=cfg, p=prec: search.search_forward(q, sk, k, p, config=c), iters=20)
+            res["forward"].append({"config": cfg, "precision": prec, **t})
+    best = min((r for r in res["forward"] if "median_ms" in r), key=lambda r: r["median_ms"], default=None)
+    if best is not None:
+        for prec in ["tf32x3", "ieee"]:
+            t = _try(lambda p=prec: search.search_forward(q, sk, k, p, config=best["config"]), iters=10)
+            res["forward"].append({"config": best["config"], "precision": prec, **t})
+    s, idx = search.search_forward(q, sk, k)
+    gs = torch.randn_like(s)
+    res["backward"] = {
+        p: _try(lambda p=p: search.search_backward(gs, q, sk, idx, precision=p), iters=10)
+        for p in ["tf32", "ieee"]
+    }
+    G = torch.empty(H, 2, T, n, device="cuda")
+    res["backward_zero_fill_ms"] = cuda_time(lambda: G.zero_(), iters=10)["median_ms"]
+    return res
+
+
+def bench_gather(bw: float, T=8192, J=128, N=512**2, v=1024, quick=False) -> dict:
+    res = {}
+    for dtype in [torch.bfloat16, torch.float32]:
+        res[str(dtype).split(".")[-1]] = _bench_gather_dtype(bw, T, J, N, v, dtype, quick)
+        torch.cuda.empty_cache()
+    return res
+
+
+def _bench_gather_dtype(bw: float, T: int, J: int, N: int, v: int, dtype: torch.dtype, quick: bool) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    values = (torch.randn(N, v, device="cuda", generator=g) / v**0.5).to(dtype)
+    idx = torch.randint(0, N, (T, J), device="cuda", generator=g)
+    w = torch.softmax(torch.randn(T, J, device="cuda", generator=g), -1)
+    go = torch.randn(T, v, device="cuda", generator=g)
+    es = values.element_size()
+    fwd_bytes = T * J * v * es + T * J * 12 + T * v * 4
+    # backward: each touched row of V read once, the dense gradient written once, grad_out read
+    touched = int(torch.unique(idx).numel())
+    bwd_bytes = touched * v * es + N * v * es + T * v * 4 + T * J * 16
+    r = {
+        "shape": dict(T=T, J=J, N=N, v=v),
+        "touched_rows": touched,
+        "fwd_floor_ms": fwd_bytes / bw * 1e3,
+        "bwd_floor_ms": bwd_bytes / bw * 1e3,
+    }
+    configs = GATHER_FWD_CONFIGS[:2] if quick else GATHER_FWD_CONFIGS
+    r["forward"] = [
+        {"config": c, **_try(lambda c=c: gather.gather_forward(values, idx, w, config=c), iters=20)}
+        for c in configs
+    ]
+    configs = GATHER_BWD_CONFIGS[:2] if quick else GATHER_BWD_CONFIGS
+    r["backward"] = [
+        {"config": c, **_try(lambda c=c: gather.gather_backward(go, values, idx, w, config=c), iters=10)}
+        for c in configs
+    ]
+    r["backward_sort_ms"] = _try(lambda: gather._segments(idx, N, False), iters=10)
+    r["backward_sparse_ms"] = _try(lambda: gather.gather_backward(go, values, idx, w, sparse=True), iters=5)
+    if dtype == torch.float32:
+        r["torch_embedding_bag_fwd_ms"] = _try(lambda: reference.weighted_gather(values, idx, w), iters=5)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    out = {"env": environment(), "copy_bandwidth_TBps": bw / 1e12}
+    out["search"] = bench_search(bw, quick=args.quick)
+    out["gather"] = bench_gather(bw, quick=args.quick)
+    if args.out:
+        write_json(args.out, out)
+    rows = []
+    s = out["search"]
+    for r in s["forward"]:
+        rows.append(["search fwd", r["precision"], r["config"], _ms(r), f"{s['floor_ms_hbm']:.3f}"])
+    for p, r in s["backward"].items():
+        rows.append(["search bwd", p, "-", _ms(r), "-"])
+    for name, g in out["gather"].items():
+        for r in g["forward"]:
+            rows.append([f"gather fwd {name}", "", r["config"], _ms(r), f"{g['fwd_floor_ms']:.3f}"])
+        for r in g["backward"]:
+            rows.append([f"gather bwd {name}", "", r["config"], _ms(r), f"{g['bwd_floor_ms']:.3f}"])
+        rows.append([f"gather bwd {name}", "sort only", "-", _ms(g["backward_sort_ms"]), "-"])
+        rows.append([f"gather bwd {name}", "sparse", "-", _ms(g["backward_sparse_ms"]), "-"])
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; torch search {_ms(s['torch_reference_ms'])} ms")
+    print(table(rows, ["kernel", "variant", "config", "ms", "floor ms"]))
+
+
+def _ms(r: dict) -> str:
+    return f"{r['median_ms']:.3f}" if "median_ms" in r else r.get("error", "?")[:60]
+
+
+if __name__ == "__main__":
+    main()
