@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"pkmem {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, ...: the run keeps its last complete checkpoint
+        print(f"pkmem {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"pkmem {args.command}: interrupted", file=sys.stderr)
         return 130

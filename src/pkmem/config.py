@@ -60,6 +60,7 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine", "inverse_sqrt" (Vaswani et al., the paper) or "constant"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine: final lr = min_lr_ratio * lr
+    lr_decay_steps: int | None = None  # cosine horizon (default max_steps); set it to stop early and resume
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -104,7 +105,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise _bad(name, v, "an int >= 0")
-        for name in ("final_eval_tokens", "eval_batch_size"):
+        for name in ("final_eval_tokens", "eval_batch_size", "lr_decay_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise _bad(name, v, "a positive int or null")

@@ -347,12 +347,21 @@ def prepare_data(
     if isinstance(tokenizer, str):
         if tokenizer not in ("bytes", "bpe"):
             raise ValueError(f"tokenizer={tokenizer!r} is not allowed: tokenizer must be 'bytes' or 'bpe'")
-        tok_spec = "bytes" if tokenizer == "bytes" else f"bpe-train-{bpe_vocab_size}"
-    else:
-        tok_spec = "tok-" + tokenizer.fingerprint()
-    key = _cache_key(source_fingerprint(source, path), tok_spec)
-    d = Path(cache_dir) / f"{source}-{key}"
-    cached = _open_cached(d)
+        specs = ["bytes"] if tokenizer == "bytes" else [f"bpe-train-{bpe_vocab_size}"]
+    elif tokenizer.is_bytes:
+        specs = ["bytes"]
+    else:  # a given BPE: the cache of the run that trained it, or one made for it
+        specs = [f"bpe-train-{tokenizer.vocab_size}", "tok-" + tokenizer.fingerprint()]
+    fingerprint = source_fingerprint(source, path)
+    cached = None
+    for spec in specs:
+        d = Path(cache_dir) / f"{source}-{_cache_key(fingerprint, spec)}"
+        cached = _open_cached(d)
+        if cached is not None and not isinstance(tokenizer, str):
+            if cached.tokenizer.fingerprint() != tokenizer.fingerprint():
+                cached = None
+        if cached is not None:
+            break
     if cached is None:
         corpus = load_corpus(source, path)
         log(f"preparing {corpus.description} -> {d}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +24,14 @@ import torch.nn.functional as F
 from pkmem.config import Config, config_from_dict
 from pkmem.models import MemoryTransformer
 from pkmem.train import checkpoint as ckpt_lib
-from pkmem.train.data import TokenData, eval_windows, prepare_data, sample_batch, unigram_bits
+from pkmem.train.data import (
+    TokenData,
+    eval_windows,
+    prepare_data,
+    sample_batch,
+    source_fingerprint,
+    unigram_bits,
+)
 from pkmem.train.evaluate import autocast, evaluate, memory_report, resolve_device
 from pkmem.train.tokenizer import atomic_write_bytes, load_tokenizer
 
@@ -207,7 +215,20 @@ def train(
                 "or choose another --out"
             )
     t = cfg.train
+    if t.data != "stdlib":  # a missing --data-path is reported before anything is written
+        source_fingerprint(t.data, t.data_path)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(cfg, run_dir, resumed, progress, log)
+    except BaseException:
+        if created and not ckpt_lib.list_checkpoints(run_dir):  # nothing worth keeping
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log) -> dict:
+    t = cfg.train
     device = resolve_device(t.device)
     t_start = time.perf_counter()
 
@@ -356,7 +377,8 @@ def train(
     loop_t0 = time.perf_counter()
     while step < t.max_steps:
         step += 1
-        lr = _set_lr(optimizer, cfg, lr_factor(step, t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        factor = lr_factor(step, t.schedule, t.warmup_steps, t.lr_decay_steps or t.max_steps, t.min_lr_ratio)
+        lr = _set_lr(optimizer, cfg, factor)
         loss_sum = torch.zeros((), device=device)
         for micro in range(A):
             xy = torch.from_numpy(sample_batch(train_tokens, B, T, t.seed, step, micro))
@@ -474,14 +496,8 @@ def evaluate_run(
     if data is not None or data_path is not None:
         cfg.train.data = data or cfg.train.data
         cfg.train.data_path = data_path if data_path is not None else (None if data else cfg.train.data_path)
-        cfg.train.cache_dir = cfg.train.cache_dir
         cfg.train.validate()
-        tok_arg = tok  # the run's tokenizer, whatever the data
-    else:
-        tok_arg = tok if not tok.is_bytes else None
-    data_obj = load_data_for(cfg, run_dir, tokenizer=tok_arg, log=log)
-    if data_obj.tokenizer.fingerprint() != tok.fingerprint():  # cached bpe of another run: use ours
-        data_obj = load_data_for(cfg, run_dir, tokenizer=tok, log=log)
+    data_obj = load_data_for(cfg, run_dir, tokenizer=tok, log=log)  # the run's tokenizer, whatever the data
     stats = data_obj.meta["splits"][split]
     res = evaluate(
         model,

@@ -1,0 +1,211 @@
+import math
+
+import pytest
+import torch
+
+from pkmem import ProductKeyMemory
+from pkmem.models import MemoryTransformer, MemoryTransformerConfig, default_memory_layers
+
+
+def small(**kw) -> MemoryTransformerConfig:
+    base = dict(
+        vocab_size=50,
+        seq_len=16,
+        dim=32,
+        n_layers=4,
+        n_heads=4,
+        mem_heads=2,
+        mem_num_keys=8,
+        mem_topk=4,
+        mem_k_dim=16,
+    )
+    base.update(kw)
+    return MemoryTransformerConfig(**base)
+
+
+@pytest.mark.parametrize(
+    "layers, memories, expected",
+    [
+        (16, 2, (6, 12)),  # the paper's example (§4.3)
+        (12, 1, (6,)),
+        (24, 3, (6, 12, 18)),
+        (6, 1, (3,)),
+        (8, 1, (4,)),
+        (4, 4, (1, 2, 3, 4)),
+        (5, 3, (1, 2, 3)),  # ceil would pass layer 5: floor
+        (7, 0, ()),
+    ],
+)
+def test_default_placement(layers, memories, expected):
+    assert default_memory_layers(layers, memories) == expected
+    step = math.ceil(layers / (memories + 1)) if memories else 0
+    if memories and step * memories <= layers:
+        assert expected == tuple(step * i for i in range(1, memories + 1))
+
+
+def test_placement_errors():
+    with pytest.raises(ValueError, match="n_memories"):
+        default_memory_layers(4, 5)
+    with pytest.raises(ValueError, match="n_layers"):
+        default_memory_layers(0, 1)
+
+
+def test_memory_layers_resolution():
+    assert small(n_memories=2, n_layers=16).memory_layers() == (6, 12)
+    assert small().memory_layers() == (2,)  # one memory by default
+    assert small(mem_layers=(4, 1)).memory_layers() == (1, 4)
+    assert small(mem_layers=()).memory_layers() == ()
+    model = MemoryTransformer(small(mem_layers=(1, 3)))
+    assert [(layer, name) for layer, name, _ in model.memories()] == [
+        (1, "blocks.0.memory"),
+        (3, "blocks.2.memory"),
+    ]
+    assert all(isinstance(m, ProductKeyMemory) for _, _, m in model.memories())
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(n_heads=5), "n_heads"),
+        (dict(mem_layers=(5,)), "mem_layers"),
+        (dict(mem_layers=(2, 2)), "mem_layers"),
+        (dict(mem_layers=(2,), n_memories=2), "n_memories"),
+        (dict(mem_mode="before"), "mem_mode"),
+        (dict(pos_emb="alibi"), "pos_emb"),
+        (dict(mem_topk=9), "topk"),  # checked by the layer itself
+        (dict(mem_k_dim=15), "k_dim"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MemoryTransformer(small(**kw))
+
+
+@pytest.mark.parametrize("mode", ["replace", "parallel", "after"])
+def test_memory_modes(mode):
+    torch.manual_seed(0)
+    model = MemoryTransformer(small(mem_layers=(2,), mem_mode=mode))
+    block = model.blocks[1]
+    assert isinstance(block.memory, ProductKeyMemory)
+    assert (block.ffn is None) == (mode == "replace")
+    assert (block.ln3 is not None) == (mode == "after")
+    assert all(b.memory is None and b.ffn is not None for i, b in enumerate(model.blocks) if i != 1)
+    idx = torch.randint(0, 50, (3, 16))
+    logits = model(idx)
+    assert logits.shape == (3, 16, 50)
+    logits.float().pow(2).mean().backward()
+    assert block.memory.values.grad is not None and block.memory.values.grad.abs().sum() > 0
+    if block.ffn is not None:
+        assert block.ffn.fc.weight.grad.abs().sum() > 0
+
+    # the memory's contribution: zeroing its values removes exactly memory(its input)
+    model.eval()
+    with torch.no_grad():
+        x = torch.randn(2, 16, 32)
+        a = x + block.attn(block.ln1(x))
+        h = block.ln2(a)
+        mem_in = block.ln3(a + block.ffn(h)) if mode == "after" else h
+        expected = block.memory(mem_in)
+        y = block(x)
+        block.memory.values.zero_()
+        y0 = block(x)
+    torch.testing.assert_close(y - y0, expected, atol=1e-5, rtol=1e-4)
+    assert expected.abs().sum() > 0
+
+
+def test_replace_block_is_attention_plus_memory():
+    torch.manual_seed(0)
+    model = MemoryTransformer(small(mem_layers=(1,), mem_mode="replace")).eval()
+    block = model.blocks[0]
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        a = x + block.attn(block.ln1(x))
+        expected = a + block.memory(block.ln2(a))
+        torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rotary", "none"])
+@pytest.mark.parametrize("mode", ["replace", "parallel", "after"])
+def test_causal(pos_emb, mode):
+    """In eval mode (BatchNorm on running statistics) a token never sees later tokens."""
+    torch.manual_seed(0)
+    model = MemoryTransformer(small(pos_emb=pos_emb, mem_mode=mode, n_layers=2)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    idx2 = idx.clone()
+    idx2[:, 10:] = (idx2[:, 10:] + 7) % 50
+    with torch.no_grad():
+        a, b = model(idx), model(idx2)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_mask_reaches_the_memory(monkeypatch):
+    model = MemoryTransformer(small(mem_layers=(2,)))
+    seen = []
+    memory = model.blocks[1].memory
+    original = memory.forward
+
+    def spy(x, mask=None):
+        seen.append(mask)
+        return original(x, mask)
+
+    monkeypatch.setattr(memory, "forward", spy)
+    idx = torch.randint(0, 50, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 12:] = False
+    model(idx, mask)
+    assert seen[-1] is mask
+    model(idx)
+    assert seen[-1] is None
+
+
+def test_too_long_input_and_bad_shape():
+    model = MemoryTransformer(small())
+    with pytest.raises(ValueError, match="seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="idx"):
+        model(torch.zeros(17, dtype=torch.long))
+
+
+def test_parameters_and_values():
+    model = MemoryTransformer(small(mem_layers=(1, 3)))
+    values = sum(m.values.numel() for _, _, m in model.memories())
+    assert model.num_parameters() - model.num_parameters(values=False) == values == 2 * 64 * 32
+    shared = MemoryTransformer(small(mem_layers=(1, 3), mem_share_values=True))
+    a, b = (m for _, _, m in shared.memories())
+    assert a.values is b.values
+    assert shared.num_parameters() == model.num_parameters() - 64 * 32
+
+
+def test_tied_embeddings():
+    model = MemoryTransformer(small(tie_embeddings=True))
+    assert model.head.weight is model.tok_emb.weight
+
+
+def test_generate():
+    torch.manual_seed(0)
+    model = MemoryTransformer(small()).eval()
+    idx = torch.randint(0, 50, (2, 5))
+    out = model.generate(idx, 20, temperature=0.0)
+    assert out.shape == (2, 25) and torch.equal(out[:, :5], idx)
+    again = model.generate(idx, 20, temperature=0.0)
+    assert torch.equal(out, again)  # greedy is deterministic, also past seq_len (the context is cropped)
+    g = torch.Generator().manual_seed(1)
+    sampled = model.generate(idx, 3, temperature=1.0, top_k=5, generator=g)
+    assert sampled.shape == (2, 8) and int(sampled.max()) < 50
+
+
+def test_product_key_memory_package_in_place_of_ours():
+    pytest.importorskip("product_key_memory")
+    from pkmem.metrics import UsageTracker
+    from pkmem.optim import value_parameters
+
+    model = MemoryTransformer(small(mem_impl="product-key-memory", mem_query_norm="layernorm"))
+    ((_, _, pkm),) = model.memories()
+    assert type(pkm).__module__.startswith("product_key_memory")
+    assert value_parameters(model) == [pkm.values.weight]
+    with UsageTracker(model) as tracker:
+        model(torch.randint(0, 50, (2, 16)))
+    rep = tracker.report()["blocks.1.memory"]
+    assert rep["tokens"] == 32 and 0 < rep["usage"] <= 1

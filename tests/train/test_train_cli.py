@@ -1,0 +1,247 @@
+"""End to end through the real command line: train -> eval -> resume, plots, bench, generate."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pkmem.cli import main
+from pkmem.train.checkpoint import list_checkpoints
+
+FAST = [
+    "dim=32",
+    "n_heads=2",
+    "n_layers=2",
+    "seq_len=32",
+    "mem_layers=[2]",
+    "mem_num_keys=8",
+    "mem_topk=4",
+    "mem_k_dim=16",
+    "mem_heads=2",
+    "batch_size=4",
+    "log_every=2",
+    "warmup_steps=2",
+    "eval_tokens=256",
+    "final_eval_tokens=512",
+    "max_time_s=null",
+    "tensorboard=false",
+]  # a model small enough that a few steps take well under a second on a CPU
+
+
+def _train(out: Path, cache_dir: Path, *extra: str, data: tuple = ()) -> int:
+    return main(["train", "--out", str(out), "--no-progress", *data, *FAST, f"cache_dir={cache_dir}", *extra])
+
+
+def _step_losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["type"] == "train":
+            for i, v in enumerate(r["losses"]):
+                out[r["step"] - len(r["losses"]) + 1 + i] = v
+    return out
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cache_dir):
+    """A tiny run on the default data (the standard library), trained in-process through the CLI."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert _train(out, cache_dir, "max_steps=6") == 0
+    return out
+
+
+def test_train_leaves_a_complete_run(run, capsys):
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "checkpoints",
+        "metrics.jsonl",
+        "config.json",
+        "tokenizer.json",
+        "eval_valid.json",
+        "plots",
+    } <= names
+    (ckpt,) = list_checkpoints(run)
+    assert ckpt.name == "step_000000006"
+    assert {p.name for p in ckpt.iterdir()} == {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "tokenizer.json",
+        "state.json",
+    }
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 6 and state["config"]["train"]["data"] == "stdlib"
+    assert (run / "plots" / "loss.png").stat().st_size > 1000
+    assert (run / "plots" / "memory.png").stat().st_size > 1000
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6] and all(len(r["losses"]) == 2 for r in train)
+    assert all(0 < m["usage"] <= 1 for r in train for m in r["memories"])
+    final = json.loads((run / "eval_valid.json").read_text())
+    assert final["bpb"] > 0 and final["unigram_bits_per_token"] > 0 and final["memories"][0]["layer"] == 2
+
+
+def test_eval_json(run, capsys):
+    assert main(["eval", str(run), "--json", "--max-tokens", "256", "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {"loss", "ppl", "bpb", "tokens_per_s", "memories"} <= set(res)
+    assert res["bpb"] == pytest.approx(res["loss"] / 0.6931471805599453)
+    assert res["ppl"] == pytest.approx(2.718281828459045 ** res["loss"])
+    assert res["tokens"] >= 256 and res["tokens_per_s"] > 0 and res["split"] == "valid"
+    (mem,) = res["memories"]
+    assert mem["layer"] == 2 and 0 < mem["usage"] <= 1 and mem["kl"] >= 0
+    assert json.loads((run / "eval_valid.json").read_text())["tokens"] == res["tokens"]
+
+
+def test_eval_table_on_test_split_and_other_data(run, corpus, capsys):
+    ckpt = list_checkpoints(run)[-1]
+    assert main(["eval", str(ckpt), "--split", "test", "--max-tokens", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "bits per byte" in out and "memory layer 2 usage" in out and "stdlib / test" in out
+    assert main(["eval", str(run), "--data", "text", "--data-path", str(corpus), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["data"] == "text" and res["bpb"] > 0
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, cache_dir):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(full, cache_dir, "max_steps=10", "ckpt_every=4", "dropout=0.1") == 0
+    # the first part stops at step 7 of a run planned for 10 (as a crash or max_time_s would)
+    assert _train(part, cache_dir, "max_steps=7", "lr_decay_steps=10", "ckpt_every=4", "dropout=0.1") == 0
+    args = ["train", "--out", str(part), "--resume", "--max-steps", "10", "--no-progress"]
+    assert main(args) == 0
+    a, b = _step_losses(full), _step_losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert a == b  # bit for bit on the CPU, dropout included
+    assert list_checkpoints(part)[-1].name == "step_000000010"
+    fa = json.loads((full / "eval_valid.json").read_text())
+    fb = json.loads((part / "eval_valid.json").read_text())
+    assert fa["loss"] == fb["loss"] and fa["memories"][0]["usage"] == fb["memories"][0]["usage"]
+
+
+def test_resume_refuses_changes_and_existing_runs(run, capsys):
+    assert main(["train", "--out", str(run), "--no-progress", "max_steps=8"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "dim=64", "--max-steps", "8"]) == 2
+    assert "model setting" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--seed", "3", "--max-steps", "8"]) == 2
+    assert "seed=3 differs" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_loses_nothing(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    assert _train(out, cache_dir, "max_steps=4") == 0
+    ckpt = list_checkpoints(out)[-1]
+    model_file = ckpt / "model.safetensors"
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[: len(data) // 2])
+    before = _tree_digest(out)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(model_file) in err and "truncated" in err and len(err.splitlines()) == 1
+    assert main(["eval", str(out)]) == 2
+    assert str(model_file) in capsys.readouterr().err
+    assert _tree_digest(out) == before  # nothing written, nothing deleted
+    # a corrupt state file is named too
+    model_file.write_bytes(data)
+    (ckpt / "state.json").write_text('{"format": 1, "step": ')
+    assert main(["eval", str(out)]) == 2
+    assert str(ckpt / "state.json") in capsys.readouterr().err
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, cache_dir, monkeypatch):
+    out = tmp_path / "run"
+    assert _train(out, cache_dir, "max_steps=4") == 0
+    good = _tree_digest(list_checkpoints(out)[-1])
+    from pkmem.train import checkpoint
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "6", "--no-progress"]) == 1
+    (ckpt,) = checkpoint.list_checkpoints(out)
+    assert _tree_digest(ckpt) == good and not list((out / "checkpoints").glob(".*"))
+
+
+def test_plot_generate_and_bench(run, tmp_path, capsys, cache_dir):
+    other = tmp_path / "baseline"
+    assert _train(other, cache_dir, "max_steps=4", "mem_layers=[]") == 0
+    assert main(["plot", str(run), str(other), "--out", str(tmp_path / "plots")]) == 0
+    for name in ("loss.png", "memory.png", "speed_ppl.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "def f(", "--max-new-tokens", "12", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def f(") and len(text.encode()) >= len("def f(") + 1
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "--layers",
+        "1,2",
+        "--dims",
+        "32",
+        "--memories",
+        "0,1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    argv += ["--batch-size", "2", "--device", "cpu", "--out", str(out), "seq_len=16", "n_heads=2"]
+    argv += ["mem_num_keys=8", "mem_topk=4", "mem_k_dim=16", "mem_layers=null"]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 4 and res["env"]["torch"]
+    assert {(r["layers"], r["memories"]) for r in res["rows"]} == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    assert all(r["tokens_per_s"] > 0 and r["words_per_s"] == r["tokens_per_s"] for r in res["rows"])
+
+
+def test_text_data_with_bpe(tmp_path, corpus, capsys):
+    out = tmp_path / "bpe"
+    argv = ["--data", "text", "--data-path", str(corpus)]
+    assert (
+        _train(out, tmp_path / "cache", "max_steps=3", "tokenizer=bpe", "bpe_vocab_size=300", data=argv) == 0
+    )
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["bpb"] is None and res["bits_per_token"] > 0 and res["tokenizer"] == "bpe"
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+
+
+def test_real_pkmem_command(run, tmp_path):
+    """The installed console script (or python -m pkmem.cli when it is not on PATH)."""
+    exe = shutil.which("pkmem")
+    cmd = [exe] if exe else [sys.executable, "-m", "pkmem.cli"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    help_out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert help_out.returncode == 0
+    for name in ("train", "eval", "bench", "plot", "generate"):
+        assert name in help_out.stdout
+    res = subprocess.run(
+        [*cmd, "eval", str(run), "--json", "--max-tokens", "128", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert {"loss", "ppl", "bpb", "tokens_per_s", "memories"} <= set(json.loads(res.stdout))
+    bad = subprocess.run([*cmd, "train", "dimension=3"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "unknown config key 'dimension'" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -1,0 +1,176 @@
+import pytest
+import torch
+
+from pkmem.cli import main
+from pkmem.config import PRESETS, apply_overrides, config_from_dict, list_presets, load_config
+from pkmem.models import MemoryTransformer
+
+SHRINK = [
+    "dim=32",
+    "n_heads=2",
+    "n_layers=6",
+    "seq_len=16",
+    "mem_num_keys=8",
+    "mem_topk=4",
+    "mem_k_dim=16",
+    "bpe_vocab_size=300",
+]
+
+
+def test_presets_are_shipped():
+    assert sorted(PRESETS) == list_presets()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_each_preset_parses_and_builds(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert cfg.model.memory_layers(), "every preset has a memory"
+    small = load_config(name, SHRINK)
+    model = MemoryTransformer(small.model)
+    assert [layer for layer, _, _ in model.memories()] == list(small.model.memory_layers())
+    if cfg.model.mem_layers is not None:
+        assert small.model.memory_layers() == cfg.model.memory_layers()
+    logits = model(torch.randint(0, small.model.vocab_size, (2, 16)))
+    assert logits.shape == (2, 16, small.model.vocab_size)
+
+
+def test_preset_contents_follow_the_paper_and_issue():
+    ab = load_config("paper-ablation")
+    assert (ab.model.n_layers, ab.model.memory_layers(), ab.model.mem_num_keys**2) == (6, (5,), 512**2)
+    assert (ab.model.mem_heads, ab.model.mem_topk, ab.model.n_heads) == (4, 32, 8)
+    assert ab.train.betas == (0.9, 0.98) and ab.train.schedule == "inverse_sqrt" and ab.train.value_lr == 1e-3
+    big = load_config("paper-12l-1024")
+    assert (big.model.n_layers, big.model.dim, big.model.memory_layers()) == (12, 1024, (6,))
+    e8 = load_config("enwik8-small")
+    assert (e8.model.n_layers, e8.model.dim, e8.model.seq_len, e8.model.memory_layers()) == (
+        8,
+        512,
+        512,
+        (5,),
+    )
+    assert e8.model.mem_mode == "replace" and e8.train.data == "enwik8"
+    tiny = load_config("tiny")
+    assert tiny.train.data == "stdlib" and tiny.model.memory_layers()
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        "tiny",
+        [
+            "model.dim=64",
+            "n_heads=2",
+            "lr=1e-3",
+            "mem_layers=[1,3]",
+            "mem_gate=none",
+            "compile=true",
+            "betas=[0.8, 0.9]",
+            "max_time_s=none",
+            "data_path=some/file.txt",
+            "warmup_steps=1e2",
+        ],
+    )
+    assert cfg.model.dim == 64 and cfg.model.n_heads == 2
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.model.mem_layers == (1, 3)
+    assert cfg.model.mem_gate is None and cfg.train.compile is True
+    assert cfg.train.betas == (0.8, 0.9) and cfg.train.max_time_s is None
+    assert cfg.train.data_path == "some/file.txt" and cfg.train.warmup_steps == 100
+    assert load_config("tiny", ["mem_layers=3"]).model.mem_layers == (3,)
+    assert load_config("tiny", ["mem_layers=[]"]).model.memory_layers() == ()
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("dimension=3", "unknown config key 'dimension'"),
+        ("model.lr=3", "model has no field 'lr'"),
+        ("optim.lr=3", "unknown config section"),
+        ("dim=abc", "dim='abc' is not allowed"),
+        ("dim=1.5", "dim=1.5 is not allowed"),
+        ("lr=fast", "lr='fast' is not allowed"),
+        ("compile=maybe", "compile='maybe' is not allowed"),
+        ("betas=[0.9]", "betas"),
+        ("schedule=linear", "schedule='linear' is not allowed"),
+        ("batch_size=0", "batch_size=0 is not allowed"),
+        ("mem_mode=sideways", "mem_mode"),
+        ("n_heads=3", "n_heads=3 is not allowed"),
+        ("lr", "must be key=value"),
+    ],
+)
+def test_override_errors(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_and_yaml_files(tmp_path):
+    with pytest.raises(ValueError, match="presets are"):
+        load_config("huge")
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    good = tmp_path / "mine.yaml"
+    good.write_text("model:\n  dim: 64\n  n_heads: 4\ntrain:\n  lr: 1e-3\n")
+    cfg = load_config(str(good))
+    assert cfg.name == "mine" and cfg.model.dim == 64 and cfg.train.lr == 1e-3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dimm: 64\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown key model.dimm"):
+        load_config(str(bad))
+    worse = tmp_path / "worse.yaml"
+    worse.write_text("model: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(str(worse))
+
+
+def test_round_trip_through_dict():
+    cfg = load_config("enwik8-small", ["data_path=x.gz"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    apply_overrides(again, ["dim=256"])
+    assert again.model.dim == 256 and cfg.model.dim == 512
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "dimension=3"], "unknown config key 'dimension'"),
+        (["train", "dim=abc"], "dim='abc' is not allowed"),
+        (["train", "--config", "huge"], "presets are"),
+        (["train", "--max-steps", "0"], "--max-steps 0"),
+        (["train", "--data", "text"], "needs --data-path"),
+        (["train", "--resume"], "--resume needs --out"),
+        (["eval", "/does/not/exist"], "does not exist"),
+        (["generate", "/does/not/exist"], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cli_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("train", "eval", "bench", "plot", "generate"):
+        assert cmd in out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help-config"])
+    out = capsys.readouterr().out
+    assert "model.mem_layers" in out and "train.lr" in out and "tiny" in out
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "wikipedia"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["eval"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["plot", "a", "--bogus"])
+    assert e.value.code == 2
