@@ -158,14 +158,8 @@ def _make_memory(cfg: MemoryTransformerConfig, dim: int, values: nn.Parameter | 
                 "mem_impl='product-key-memory' needs the product-key-memory package: "
                 "pip install product-key-memory==0.3.0"
             ) from e
-        if cfg.mem_query_norm == "batchnorm":
-            use_layernorm = False
-        elif cfg.mem_query_norm == "layernorm":
-            use_layernorm = True
-        else:
-            raise _bad(
-                "mem_query_norm", cfg.mem_query_norm, "'batchnorm' or 'layernorm' with product-key-memory"
-            )
+        if cfg.mem_query_norm != "layernorm":  # its BatchNorm path normalises the wrong axis (0.3.0)
+            raise _bad("mem_query_norm", cfg.mem_query_norm, "'layernorm' with mem_impl='product-key-memory'")
         pkm = PKM(
             dim,
             heads=cfg.mem_heads,
@@ -176,7 +170,7 @@ def _make_memory(cfg: MemoryTransformerConfig, dim: int, values: nn.Parameter | 
             query_dropout=cfg.mem_query_dropout,
             value_dropout=cfg.mem_value_dropout,
             attn_dropout=cfg.mem_score_dropout,
-            use_layernorm=use_layernorm,
+            use_layernorm=True,
             non_competitive_gates=cfg.mem_score == "relu",
         )
         _make_trackable(pkm, cfg.mem_heads, cfg.mem_topk)
