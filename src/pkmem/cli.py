@@ -115,11 +115,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _infer_data(data: str | None, data_path: str | None) -> str | None:
+    """``--data-path`` alone means enwik8 for a file named enwik8*, else text."""
+    if data is not None or data_path is None:
+        return data
+    return "enwik8" if Path(data_path).name.lower().startswith("enwik") else "text"
+
+
 def _cmd_train(args, overrides: list[str]) -> int:
     from pkmem.config import load_config
     from pkmem.train.loop import train
 
     flags = []
+    args.data = _infer_data(args.data, args.data_path)
     if args.data is not None:
         flags.append(f"data={args.data}")
     if args.data_path is not None:
@@ -155,7 +163,7 @@ def _cmd_eval(args) -> int:
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     res = evaluate_run(
         args.run,
-        args.data,
+        _infer_data(args.data, args.data_path),
         args.data_path,
         args.split,
         args.max_tokens,
