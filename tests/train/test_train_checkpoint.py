@@ -123,3 +123,25 @@ def test_lr_schedules():
     assert lr_factor(90, "constant", 10, 100) == 1.0
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(1, "linear", 0, 10)
+
+
+def test_evaluate_through_a_compiled_forward():
+    """A torch.compile'd model (here dynamo with the eager backend) evaluates like the model."""
+    import numpy as np
+
+    from pkmem.train.evaluate import evaluate
+
+    model = _model()
+    tokens = (np.arange(500) % 40).astype(np.uint8)
+    a = evaluate(model, tokens, 12, 4, torch.device("cpu"), max_tokens=96)
+    b = evaluate(
+        model,
+        tokens,
+        12,
+        4,
+        torch.device("cpu"),
+        max_tokens=96,
+        forward=torch.compile(model, backend="eager"),
+    )
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"] == 96
+    assert a["memories"][0]["usage"] == b["memories"][0]["usage"] > 0

@@ -73,7 +73,7 @@ def evaluate(
     ``words_per_token`` is known) and ``memories``: ``[{"layer", "name", "usage", "kl", ...}]``.
     ``forward`` (default ``model``) is the callable that computes logits (e.g. a compiled model).
     """
-    forward = forward or model
+    forward = model if forward is None else forward
     starts = eval_windows(len(tokens), seq_len, max_tokens)
     offsets = np.arange(seq_len + 1)
     tracker = None
