@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -64,7 +65,12 @@ def lr_factor(step: int, schedule: str, warmup: int, max_steps: int, min_ratio: 
 def default_run_dir(cfg: Config, root: str | os.PathLike = "runs") -> Path:
     """``runs/<config>-<data>-<timestamp>`` under the current directory."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{cfg.name}-{cfg.train.data}-{stamp}"
+    path = Path(root) / f"{cfg.name}-{cfg.train.data}-{stamp}"
+    n = 1
+    while path.exists():  # two runs started in the same second
+        n += 1
+        path = Path(root) / f"{cfg.name}-{cfg.train.data}-{stamp}-{n}"
+    return path
 
 
 def load_data_for(cfg: Config, run_dir: Path, tokenizer=None, log=print) -> TokenData:
@@ -285,7 +291,15 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log
     if progress:
         from tqdm.auto import tqdm
 
-        pbar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        tty = sys.stderr.isatty()
+        pbar = tqdm(
+            total=t.max_steps,
+            initial=step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.2 if tty else 15.0,  # a log file gets a line every 15 s, not a flood
+        )
 
     def do_eval(split: str, max_tokens: int | None) -> dict:
         if tracker is not None:

@@ -112,6 +112,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> 
                 axes[0].plot(xs, [100 * u for u in us], label=f"{_label(d)} L{layer}")
                 axes[1].plot(xs, ks, label=f"{_label(d)} L{layer}")
         axes[0].set_title("usage during training (% of slots, per log window)")
+        axes[0].set_ylim(0, 105)
         axes[1].set_title("KL to uniform during training")
         for ax in axes[:2]:
             ax.set_xlabel("training tokens")
