@@ -21,30 +21,18 @@ from common import copy_bandwidth, cuda_time, environment, table, write_json  # 
 from pkmem.ops import reference  # noqa: E402
 from pkmem.ops.triton import gather, search  # noqa: E402
 
-SEARCH_CONFIGS = [
-    {"BT": 32, "BN": 128, "num_warps": 4, "TOPK": 0},
-    {"BT": 16, "BN": 128, "num_warps": 4, "TOPK": 0},
-    {"BT": 32, "BN": 256, "num_warps": 8, "TOPK": 0},
-    {"BT": 64, "BN": 128, "num_warps": 8, "TOPK": 0},
-    {"BT": 32, "BN": 64, "num_warps": 4, "TOPK": 0},
-    {"BT": 16, "BN": 512, "num_warps": 8, "TOPK": 0},
-    {"BT": 32, "BN": 128, "num_warps": 4, "TOPK": 1},
-    {"BT": 16, "BN": 128, "num_warps": 4, "TOPK": 1},
-]
-GATHER_FWD_CONFIGS = [
-    {"BLOCK_V": 1024, "BLOCK_J": 8, "num_warps": 4},
-    {"BLOCK_V": 1024, "BLOCK_J": 16, "num_warps": 4},
-    {"BLOCK_V": 1024, "BLOCK_J": 16, "num_warps": 8},
-    {"BLOCK_V": 1024, "BLOCK_J": 32, "num_warps": 8},
-    {"BLOCK_V": 512, "BLOCK_J": 16, "num_warps": 4},
-    {"BLOCK_V": 256, "BLOCK_J": 32, "num_warps": 4},
+SEARCH_CONFIGS = [  # BT is chosen by the launcher's heuristic from T (64 at this size)
+    {"BN": 128, "num_warps": 8},
+    {"BN": 128, "num_warps": 4},
+    {"BN": 128, "num_warps": 8, "BD": 64, "FUSED": True},
 ]
 GATHER_BWD_CONFIGS = [
-    {"BLOCK_E": 4, "RPP": 1, "num_warps": 4},
-    {"BLOCK_E": 2, "RPP": 1, "num_warps": 4},
-    {"BLOCK_E": 8, "RPP": 1, "num_warps": 4},
-    {"BLOCK_E": 4, "RPP": 1, "num_warps": 8},
-    {"BLOCK_E": 4, "RPP": 2, "num_warps": 4},
+    {"BLOCK_V": 512, "R": 4, "E": 4, "num_warps": 4},
+    {"BLOCK_V": 1024, "R": 2, "E": 4, "num_warps": 8},
+    {"BLOCK_V": 256, "R": 8, "E": 4, "num_warps": 4},
+    {"BLOCK_V": 512, "R": 8, "E": 2, "num_warps": 4},
+    {"BLOCK_V": 512, "R": 4, "E": 4, "num_warps": 4, "G16": True},
+    {"BLOCK_V": 1024, "R": 4, "E": 4, "num_warps": 8, "G16": True},
 ]
 
 
@@ -64,17 +52,25 @@ def bench_search(bw: float, T=8192, H=4, n=512, D=256, k=32, quick=False) -> dic
     flops = 2 * T * H * 2 * n * D
     res = {"shape": dict(T=T, H=H, n=n, D=D, k=k), "floor_ms_hbm": floor_bytes / bw * 1e3, "flops": flops}
     res["torch_reference_ms"] = _try(lambda: reference.product_topk(q, sk, k), iters=5)
-    configs = SEARCH_CONFIGS[:2] if quick else SEARCH_CONFIGS
+    res["half_scores_ms"] = {
+        p: _try(lambda p=p: search.half_scores(q, sk, p), iters=10) for p in ("tf32", "ieee")
+    }
     res["forward"] = []
-    for cfg in configs:
-        for prec in ["tf32"]:
-            t = _try(lambda c=cfg, p=prec: search.search_forward(q, sk, k, p, config=c), iters=20)
-            res["forward"].append({"config": cfg, "precision": prec, **t})
-    best = min((r for r in res["forward"] if "median_ms" in r), key=lambda r: r["median_ms"], default=None)
+    for cfg in SEARCH_CONFIGS[:2] if quick else SEARCH_CONFIGS:
+        t = _try(lambda c=cfg: search.search_forward(q, sk, k, "tf32", config=c), iters=20)
+        res["forward"].append({"config": cfg, "precision": "tf32", **t})
+    ok = [r for r in res["forward"] if "median_ms" in r]
+    best = min(ok, key=lambda r: r["median_ms"], default=None)
+    res["best_forward_config"] = best["config"] if best else None
     if best is not None:
-        for prec in ["tf32x3", "ieee"]:
+        for prec in ["ieee"] + (["tf32x3"] if best["config"].get("FUSED") else []):
             t = _try(lambda p=prec: search.search_forward(q, sk, k, p, config=best["config"]), iters=10)
             res["forward"].append({"config": best["config"], "precision": prec, **t})
+        qd = q[:64].clone()
+        res["decode_64_tokens"] = [
+            {"config": c, **_try(lambda c=c: search.search_forward(qd, sk, k, config=c), iters=50)}
+            for c in [{"BT": 16}]
+        ]
     s, idx = search.search_forward(q, sk, k)
     gs = torch.randn_like(s)
     res["backward"] = {
@@ -111,17 +107,16 @@ def _bench_gather_dtype(bw: float, T: int, J: int, N: int, v: int, dtype: torch.
         "fwd_floor_ms": fwd_bytes / bw * 1e3,
         "bwd_floor_ms": bwd_bytes / bw * 1e3,
     }
-    configs = GATHER_FWD_CONFIGS[:2] if quick else GATHER_FWD_CONFIGS
-    r["forward"] = [
-        {"config": c, **_try(lambda c=c: gather.gather_forward(values, idx, w, config=c), iters=20)}
-        for c in configs
-    ]
+    r["forward"] = [{"config": {}, **_try(lambda: gather.gather_forward(values, idx, w), iters=20)}]
     configs = GATHER_BWD_CONFIGS[:2] if quick else GATHER_BWD_CONFIGS
     r["backward"] = [
         {"config": c, **_try(lambda c=c: gather.gather_backward(go, values, idx, w, config=c), iters=10)}
         for c in configs
     ]
     r["backward_sort_ms"] = _try(lambda: gather._segments(idx, N, False), iters=10)
+    ok = [x for x in r["backward"] if "median_ms" in x and not x["config"].get("G16")]
+    best = min(ok, key=lambda x: x["median_ms"], default=None)
+    r["best_backward_config"] = best["config"] if best else None
     r["backward_sparse_ms"] = _try(lambda: gather.gather_backward(go, values, idx, w, sparse=True), iters=5)
     if dtype == torch.float32:
         r["torch_embedding_bag_fwd_ms"] = _try(lambda: reference.weighted_gather(values, idx, w), iters=5)
@@ -137,14 +132,24 @@ def main() -> None:
     out = {"env": environment(), "copy_bandwidth_TBps": bw / 1e12}
     out["search"] = bench_search(bw, quick=args.quick)
     out["gather"] = bench_gather(bw, quick=args.quick)
+    best_search = {k: v for k, v in (out["search"]["best_forward_config"] or {}).items() if k != "BT"}
+    out["tuned"] = {
+        "search": best_search,
+        "gather_bwd": out["gather"]["bfloat16"]["best_backward_config"],
+    }
     if args.out:
         write_json(args.out, out)
     rows = []
     s = out["search"]
     for r in s["forward"]:
         rows.append(["search fwd", r["precision"], r["config"], _ms(r), f"{s['floor_ms_hbm']:.3f}"])
+    for r in s.get("decode_64_tokens", []):
+        rows.append(["search fwd 64 tok", "tf32", r["config"], _ms(r), "-"])
+    for p, r in s["half_scores_ms"].items():
+        rows.append(["half scores (cuBLAS)", p, "-", _ms(r), "-"])
     for p, r in s["backward"].items():
         rows.append(["search bwd", p, "-", _ms(r), "-"])
+    rows.append(["search bwd", "zero fill G", "-", f"{s['backward_zero_fill_ms']:.3f}", "-"])
     for name, g in out["gather"].items():
         for r in g["forward"]:
             rows.append([f"gather fwd {name}", "", r["config"], _ms(r), f"{g['fwd_floor_ms']:.3f}"])
@@ -153,6 +158,7 @@ def main() -> None:
         rows.append([f"gather bwd {name}", "sort only", "-", _ms(g["backward_sort_ms"]), "-"])
         rows.append([f"gather bwd {name}", "sparse", "-", _ms(g["backward_sparse_ms"]), "-"])
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; torch search {_ms(s['torch_reference_ms'])} ms")
+    print(f"tuned: {out['tuned']}")
     print(table(rows, ["kernel", "variant", "config", "ms", "floor ms"]))
 
 

@@ -14,6 +14,7 @@ bandwidth and the bf16 matrix rate measured in the same run (see docs/kernels.md
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -206,11 +207,25 @@ def breakdown(num_keys: int = 512, T: int = 8192) -> list[dict]:
     return rows[:25]
 
 
+def apply_tuned(path: str | None) -> dict:
+    """Use the block sizes that benchmarks/kernels.py found best (and record what ran)."""
+    from pkmem.ops.triton import gather, search
+
+    if path and os.path.exists(path):
+        with open(path) as f:
+            tuned = json.load(f).get("tuned", {})
+        search.TUNED.update(tuned.get("search") or {})
+        gather.TUNED_BWD.update(tuned.get("gather_bwd") or {})
+    return {"search": dict(search.TUNED), "gather_bwd": dict(gather.TUNED_BWD), "from": path}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layer-<gpu>.json)")
     ap.add_argument("--quick", action="store_true", help="pkmem triton and the FFN only")
+    ap.add_argument("--tuned", default=None, help="kernels.py JSON whose best block sizes to use")
     args = ap.parse_args()
+    tuned = apply_tuned(args.tuned)
     out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"layer-{gpu_slug()}.json")
     bw = copy_bandwidth()
     rate = matmul_rate()
@@ -220,6 +235,7 @@ def main() -> None:
         "bf16_matmul_TFLOPs": rate / 1e12,
         "config": dict(dim=DIM, heads=HEADS, topk=TOPK, k_dim=K_DIM, autocast="bf16", params="fp32"),
         "results": [],
+        "kernel_configs": tuned,
     }
     for name, T, nk in SETTINGS:
         data["results"] += run_setting(name, T, nk, bw, rate, args.quick)

@@ -95,9 +95,14 @@ MODELS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/model-<gpu>.json)")
+    ap.add_argument("--tuned", default=None, help="kernels.py JSON whose best block sizes to use")
     args = ap.parse_args()
+    from layer import apply_tuned
+
+    tuned = apply_tuned(args.tuned)
     out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"model-{gpu_slug()}.json")
     data = {"env": environment(), "config": dict(dim=DIM, heads=HEADS, batch=BATCH, seq=SEQ), "results": []}
+    data["kernel_configs"] = tuned
     x = torch.randn(BATCH, SEQ, DIM, device="cuda")
     xd = torch.randn(64, 1, DIM, device="cuda")
     for name, layers, memory in MODELS:

@@ -111,8 +111,16 @@ def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_layer_paper_size_autocast_gpu():
-    """bf16 autocast, fp32 parameters, the paper's setting at 2048 tokens: kernels vs reference."""
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_layer_paper_size_autocast_gpu(monkeypatch, precision):
+    """bf16 autocast, fp32 parameters, the paper's setting at 2048 tokens: kernels vs reference.
+
+    With exact float32 half scores ("ieee") the kernels select the reference's slots; with tf32
+    (the default) near-ties among the ~k candidates around the k-th are resolved differently for a
+    few percent of the tokens, which moves the output by a few percent in norm."""
+    from pkmem.ops.triton import search
+
+    monkeypatch.setattr(search, "DEFAULT_PRECISION", precision)
     fast, ref = _pair(dim=1024, heads=4, num_keys=512, topk=32, k_dim=512)
     x = torch.randn(4, 512, 1024, device="cuda")
     grad = torch.randn_like(x)
@@ -120,8 +128,9 @@ def test_layer_paper_size_autocast_gpu():
         out1, gx1, g1 = _run(fast, x, None, grad)
         out2, gx2, g2 = _run(ref, x, None, grad)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    # tf32 half scores may resolve near-ties differently: compare in norm
-    assert rel(out1, out2) < 2e-2, rel(out1, out2)
-    assert rel(gx1, gx2) < 5e-2, rel(gx1, gx2)
+    tol = 5e-3 if precision == "ieee" else 0.1
+    assert rel(out1, out2) < tol, rel(out1, out2)
+    assert rel(gx1, gx2) < tol, rel(gx1, gx2)
+    assert g1.keys() == g2.keys()
     for name in g1:
-        assert rel(g1[name], g2[name]) < 5e-2, (name, rel(g1[name], g2[name]))
+        assert rel(g1[name], g2[name]) < tol, (name, rel(g1[name], g2[name]))

@@ -53,6 +53,30 @@ def test_forward_and_dense_gradients(kernels, device, dtype, N, v, T, J):
     assert (gw1[idx < 0] == 0).all()
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"BLOCK_V": 16, "R": 2, "E": 2},  # several column blocks: partial weight gradients summed
+        {"BLOCK_V": 64, "R": 1, "E": 1, "num_warps": 1},
+        {"BLOCK_V": 16, "R": 4, "E": 8, "G16": True},  # grad_out read in the table's dtype
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_configs(kernels, device, cfg, dtype):
+    from pkmem.ops.triton.gather import gather_backward
+
+    values, idx, w = _inputs(30, 33, 7, 11, device, dtype, seed=6)
+    go = torch.randn(7, 33, generator=torch.Generator().manual_seed(7)).to(device)
+    gv, gw = gather_backward(go, values, idx, w, config=cfg)
+    _, gv2, gw2 = _grads(reference.weighted_gather, values.double(), idx, w.double(), go.double())
+    g16 = cfg.get("G16") and dtype != torch.float32
+    tol = TOL[dtype]
+    torch.testing.assert_close(gv.double(), gv2, atol=tol, rtol=tol)
+    torch.testing.assert_close(gw.double(), gw2, atol=3e-2 if g16 else 1e-5, rtol=1e-2 if g16 else 1e-5)
+    gvs, gws = gather_backward(go, values, idx, w, sparse=True, config=cfg)
+    assert torch.equal(gvs.to_dense(), gv) and torch.equal(gws, gw)
+
+
 def test_bf16_weights(kernels, device):
     values, idx, w = _inputs(30, 17, 4, 6, device)
     w = w.bfloat16()
@@ -165,10 +189,13 @@ def test_paper_size_gpu(kernels, N, dtype, v):
     gv, gw = gather_backward(go, values, idx, w)
     gv2, gw2 = gather_backward(go, values, idx, w)
     assert torch.equal(gv, gv2) and torch.equal(gw, gw2), "backward is not deterministic"
-    vv, ww = values.clone().requires_grad_(), w.clone().requires_grad_()
+    # oracle in float32 (for a bf16 table the reference would accumulate repeated rows in bf16)
+    vv, ww = values.float().requires_grad_(), w.clone().requires_grad_()
     (reference.weighted_gather(vv, idx, ww) * go).sum().backward()
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(gv, vv.grad, atol=tol * 0.1, rtol=tol)
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(gv.float(), vv.grad, atol=1e-2, rtol=1e-2)
+    else:  # sums of up to 8192 float32 terms in another order
+        torch.testing.assert_close(gv, vv.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gw, ww.grad, atol=1e-4, rtol=1e-4)
     gvs, _ = gather_backward(go, values, idx, w, need_weights=False, sparse=True)
     torch.testing.assert_close(gvs.to_dense(), gv, atol=0, rtol=0)

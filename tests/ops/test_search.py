@@ -35,7 +35,14 @@ def _check_selection(q, sk, topk, scores, idx, atol=1e-5, rtol=1e-5):
 
 @pytest.mark.parametrize(
     "T,H,n,D,topk",
-    [(7, 2, 37, 5, 5), (3, 1, 16, 8, 16), (19, 3, 50, 3, 8), (1, 1, 2, 1, 1), (33, 1, 20, 16, 3)],
+    [
+        (7, 2, 37, 5, 5),
+        (3, 1, 16, 8, 16),
+        (19, 3, 50, 3, 8),
+        (1, 1, 2, 1, 1),
+        (33, 1, 20, 16, 3),
+        (5, 2, 7, 3, 7),
+    ],
 )
 def test_forward_matches_brute_force(kernels, device, T, H, n, D, topk):
     q, sk = _inputs(T, H, n, D, device)
@@ -45,14 +52,25 @@ def test_forward_matches_brute_force(kernels, device, T, H, n, D, topk):
     torch.testing.assert_close(scores, rs, atol=1e-5, rtol=1e-5)
 
 
-def test_several_key_chunks_and_bitonic_topk(kernels, device):
-    """Sub-keys in several chunks (running top-k merges), with tl.topk's bitonic network too."""
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"BT": 16, "BN": 16, "NG": 16},  # several key chunks, threshold + compaction
+        {"BT": 16, "BN": 16, "NG": 8, "CAP": 4},  # every block overflows: streaming bitonic path
+        {"BT": 16, "BN": 16, "NG": 16, "BD": 16, "FUSED": True},  # scores by tl.dot in the kernel
+        {"BT": 16, "BN": 32, "NG": 16, "BD": 16, "FUSED": True, "CAP": 8},
+        {"BT": 16, "BN": 16, "NG": 16, "CAP": 8, "TOPK": 0},  # tl.topk's bitonic network
+    ],
+)
+def test_kernel_paths(kernels, device, cfg):
+    """Every path of the search kernel: chunks, compaction, overflow fallback, fused scores."""
     from pkmem.ops.triton.search import search_forward
 
-    q, sk = _inputs(5, 2, 45, 4, device, seed=1)
-    for topk_impl in (1, 0):
-        scores, idx = search_forward(q, sk, 4, config={"BT": 16, "BN": 16, "TOPK": topk_impl})
-        _check_selection(q, sk, 4, scores, idx)
+    q, sk = _inputs(21, 2, 45, 4, device, seed=1)
+    scores, idx = search_forward(q, sk, 4, config=cfg)
+    _check_selection(q, sk, 4, scores, idx)
+    scores, idx = search_forward(q, sk, 3, config=cfg)  # topk not a power of two
+    _check_selection(q, sk, 3, scores, idx)
 
 
 def test_ties_select_equal_scores(kernels, device):
@@ -151,16 +169,16 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("n", [512, 1024])
-@pytest.mark.parametrize("precision,topk_impl", [("tf32", 0), ("ieee", 1)])
+@pytest.mark.parametrize("precision,fused", [("tf32", False), ("ieee", False), ("tf32", True)])
 @pytest.mark.parametrize("topk", [32, 20])
-def test_paper_size_gpu(kernels, n, precision, topk_impl, topk):
+def test_paper_size_gpu(kernels, n, precision, fused, topk):
     from pkmem.ops.triton.search import search_backward, search_forward
 
     T, H, D = 8192, 4, 256
     g = torch.Generator(device="cuda").manual_seed(n + topk)
     q = torch.randn(T, H, 2 * D, device="cuda", generator=g)
     sk = torch.randn(H, 2, n, D, device="cuda", generator=g) / D**0.5
-    scores, idx = search_forward(q, sk, topk, precision, config={"TOPK": topk_impl})
+    scores, idx = search_forward(q, sk, topk, precision, config={"FUSED": fused})
     rs, _ = reference.product_topk(q, sk, topk)  # float32 (no tf32) in torch's default settings
     atol = 1e-4 if precision == "ieee" else 2e-2  # half scores ~N(0, 1); tf32 rounds inputs to 11 bits
     torch.testing.assert_close(scores, rs, atol=atol, rtol=0)

@@ -1,24 +1,32 @@
-"""Fused exact product-key search (Triton): queries and sub-keys in, the final top-k out.
+"""Exact product-key search (Triton): queries and sub-keys in, the final top-k out.
 
-Twin of :func:`pkmem.ops.reference.product_topk`. One program handles a block of tokens of one
-head; for each query half it computes the half scores against the sub-keys chunk by chunk on the
-tensor cores (``tl.dot``), keeps a running sorted top-k of packed ``(score, column)`` int64 keys
-(bitonic ``tl.topk``), then forms only the ~k ln k candidate sums ``s1[i] + s2[j]`` with
-``(i + 1)(j + 1) <= k`` (which provably hold the final top-k) and selects the final top-k. Neither
-the ``(T, H, 2, n)`` half scores nor the ``(T, H, k*k)`` candidates ever reach memory.
+Twin of :func:`pkmem.ops.reference.product_topk`. The half scores ``(H, 2, T, n)`` come from one
+batched matrix product (cuBLAS; or, with ``FUSED``, from ``tl.dot`` inside the kernel into a
+per-program scratch). One program then handles a block of tokens of one head; per query half it
+
+1. takes the maxima of NG interleaved column groups: the KP-th largest of them is a threshold
+   with at least KP scores above it (typically ~k + a few of the n scores pass);
+2. compacts the scores above it into a small scratch row (prefix sum of the mask) and sorts those
+   exactly (packed ``(score, position)`` int64 keys, bitonic ``tl.topk``); a row with more than
+   CAP survivors sends its block to a streaming bitonic top-k over all n scores instead;
+
+then forms only the ~k ln k candidate sums ``s1[i] + s2[j]`` with ``(i + 1)(j + 1) <= k`` of the
+two sorted lists (which provably hold the final top-k) and selects the final top-k in registers:
+the ``(T, H, k*k)`` candidates never reach memory.
 
 Backward: the gradient of the k selected scores lands on at most k distinct sub-keys per half,
 so per token the duplicates are summed in registers and stored (plain stores, deterministic) into
-a dense ``(H, 2, T, n)`` buffer; two batched matrix products on the tensor cores then give the
-query and the sub-key gradients.
+a dense ``(H, 2, T, n)`` buffer; two batched matrix products then give the query and the
+sub-key gradients.
 
-``precision`` picks tl.dot's float32 mode: "tf32" (default: fast, ~1e-3 relative error on the
-half scores, so near-ties may be resolved differently than in float32), "tf32x3" (about float32
-accuracy, three tensor-core passes) or "ieee" (exact float32 FMA, slowest).
+``precision``: "tf32" (default: tensor-core float32, ~1e-3 relative error on the half scores, so
+near-ties may be resolved differently than in float32) or "ieee" (exact float32, as the
+reference; slower). "tf32x3" (about float32 accuracy) applies to the fused kernel's tl.dot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -29,14 +37,16 @@ import triton.language as tl
 from pkmem.ops.triton._common import (
     INTERPRET,
     check_precision,
+    from_orderable,
     new_output,
     next_pow2,
+    orderable,
     pack,
     unpack_payload,
     unpack_score,
 )
 
-__all__ = ["product_topk", "search_forward", "search_backward", "DEFAULT_PRECISION"]
+__all__ = ["product_topk", "search_forward", "search_backward", "half_scores", "DEFAULT_PRECISION"]
 
 DEFAULT_PRECISION = check_precision(os.environ.get("PKMEM_SEARCH_PRECISION", "tf32"))
 
@@ -53,8 +63,8 @@ def _candidate_table(topk: int, device: torch.device) -> tuple[torch.Tensor, int
 
 @triton.jit
 def _topk_iterative(x, KP: tl.constexpr):
-    """Sorted top-KP of unique int64 keys along the last axis by KP max-reductions (fast under
-    the interpreter, where tl.topk's bitonic network is slow; a variant on the GPU)."""
+    """Sorted top-KP of unique integer keys along the last axis by KP max-reductions (used under
+    the interpreter, where tl.topk's bitonic network is very slow)."""
     out = tl.zeros((x.shape[0], KP), x.dtype)
     cols = tl.arange(0, KP)
     lo = tl.min(x, axis=1)[:, None] - 1
@@ -67,7 +77,7 @@ def _topk_iterative(x, KP: tl.constexpr):
 
 @triton.jit
 def _topk(x, KP: tl.constexpr, TOPK: tl.constexpr):
-    """Sorted (descending) top-KP of unique int64 keys along the last axis."""
+    """Sorted (descending) top-KP of unique integer keys along the last axis."""
     if TOPK == 0:
         return tl.topk(x, KP)
     else:
@@ -75,47 +85,73 @@ def _topk(x, KP: tl.constexpr, TOPK: tl.constexpr):
 
 
 @triton.jit
-def _chunk_topk(
+def _trunc_key(x, payload, M: tl.constexpr):
+    """An int32 key ordered as float32 ``x`` except in its low log2(M) bits, which carry ``payload``
+    (< M, a power of two): rounding toward -inf, so a threshold decoded from it is never too high."""
+    o = orderable(x)
+    return (o - (o & (M - 1))) | payload
+
+
+@triton.jit
+def _scores(
     q_base,
     stride_qt,
     k_base,
+    s_base,
+    s_stride,
     rows,
     row_mask,
+    lrows,
     c0,
     n,
     D,
     BT: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
-    KP: tl.constexpr,
     PRECISION: tl.constexpr,
-    TOPK: tl.constexpr,
+    FUSED: tl.constexpr,
+    WRITE: tl.constexpr,
 ):
-    """Sorted top-KP packed (score, column) keys of one query half over sub-keys [c0, c0 + BN)."""
+    """Half scores (BT, BN) of sub-keys [c0, c0 + BN), -inf past n: computed on the tensor cores
+    (FUSED, written to the program's scratch when WRITE) or read from the precomputed buffer."""
     cols = c0 + tl.arange(0, BN)
     cmask = cols < n
-    acc = tl.zeros((BT, BN), tl.float32)
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        dmask = dd < D
-        q = tl.load(
-            q_base + rows[:, None] * stride_qt + dd[None, :],
-            mask=row_mask[:, None] & dmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        kt = tl.load(
-            k_base + cols[None, :] * D + dd[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0
-        ).to(tl.float32)
-        acc = tl.dot(q, kt, acc, input_precision=PRECISION)
-    acc = tl.where(cmask[None, :], acc, float("-inf"))
-    return _topk(pack(acc, tl.broadcast_to(cols[None, :], (BT, BN))), KP, TOPK)
+    if FUSED and WRITE:
+        acc = tl.zeros((BT, BN), tl.float32)
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            dmask = dd < D
+            q = tl.load(
+                q_base + rows[:, None] * stride_qt + dd[None, :],
+                mask=row_mask[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            kt = tl.load(
+                k_base + cols[None, :] * D + dd[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0
+            ).to(tl.float32)
+            acc = tl.dot(q, kt, acc, input_precision=PRECISION)
+        acc = tl.where(cmask[None, :], acc, float("-inf"))
+        tl.store(s_base + lrows[:, None] * s_stride + cols[None, :], acc)
+    elif FUSED:
+        acc = tl.load(s_base + lrows[:, None] * s_stride + cols[None, :], cache_modifier=".cg")
+    else:
+        acc = tl.load(
+            s_base + lrows[:, None] * s_stride + cols[None, :],
+            mask=row_mask[:, None] & cmask[None, :],
+            other=float("-inf"),
+        )
+    return acc, cols, cmask
 
 
 @triton.jit
-def _half_topk(
+def _half_select(
     q_base,
     stride_qt,
     k_base,
+    s_base,
+    s_stride,
+    cv_base,
+    cc_base,
     rows,
     row_mask,
     n,
@@ -124,23 +160,82 @@ def _half_topk(
     BN: tl.constexpr,
     BD: tl.constexpr,
     KP: tl.constexpr,
+    NG: tl.constexpr,
+    CAP: tl.constexpr,
     PRECISION: tl.constexpr,
     TOPK: tl.constexpr,
+    FUSED: tl.constexpr,
 ):
-    """Sorted (descending) top-KP packed (score, column) keys of one query half: (BT, KP) int64."""
-    best = _chunk_topk(q_base, stride_qt, k_base, rows, row_mask, 0, n, D, BT, BN, BD, KP, PRECISION, TOPK)
-    for c0 in range(BN, n, BN):
-        top = _chunk_topk(
-            q_base, stride_qt, k_base, rows, row_mask, c0, n, D, BT, BN, BD, KP, PRECISION, TOPK
-        )
-        best = _topk(tl.reshape(tl.join(best, top), (BT, 2 * KP)), KP, TOPK)
-    return best
+    """Exact sorted top-KP (scores fp32, columns int32), each (BT, KP), of one query half.
+
+    Pass A: scores chunk by chunk and the maxima of NG interleaved column groups; the KP-th
+    largest group maximum is a threshold with at least KP scores above it. Pass B: the scores
+    above it (~k + a few for typical data) are compacted into a CAP-wide scratch row (prefix sum
+    of the mask), then one small exact top-k. If a row has more than CAP survivors, the block
+    falls back to a streaming bitonic top-k over all scores."""
+    lrows = tl.arange(0, BT)
+    gcols = tl.arange(0, NG)
+    gm = tl.full((BT, NG), float("-inf"), tl.float32)
+    for c0 in range(0, n, BN):
+        s, cols, cmask = _scores(
+            q_base, stride_qt, k_base, s_base, s_stride, rows, row_mask, lrows, c0, n, D,
+            BT, BN, BD, PRECISION, FUSED, True,
+        )  # fmt: skip
+        gm = tl.maximum(gm, tl.max(tl.reshape(s, (BT, BN // NG, NG)), axis=1))
+    gkey = _topk(_trunc_key(gm, tl.broadcast_to(gcols[None, :], (BT, NG)), NG), KP, TOPK)
+    kth = tl.min(gkey, axis=1)
+    tau = from_orderable(kth - (kth & (NG - 1)))
+    tau = tl.where(tau == tau, tau, float("-inf"))  # -inf rounded down reads as NaN
+    tl.debug_barrier()
+    cnt = tl.zeros((BT,), tl.int32)
+    for c0 in range(0, n, BN):
+        s, cols, cmask = _scores(
+            q_base, stride_qt, k_base, s_base, s_stride, rows, row_mask, lrows, c0, n, D,
+            BT, BN, BD, PRECISION, FUSED, False,
+        )  # fmt: skip
+        keep = (s >= tau[:, None]) & cmask[None, :] & row_mask[:, None]
+        ki = keep.to(tl.int32)
+        pos = cnt[:, None] + tl.cumsum(ki, axis=1) - 1
+        ok = keep & (pos < CAP)
+        tl.store(cv_base + lrows[:, None] * CAP + pos, s, mask=ok)
+        tl.store(cc_base + lrows[:, None] * CAP + pos, tl.broadcast_to(cols[None, :], (BT, BN)), mask=ok)
+        cnt += tl.sum(ki, axis=1)
+    tl.debug_barrier()
+    if tl.max(cnt, axis=0) <= CAP:
+        jj = tl.arange(0, CAP)
+        valid = jj[None, :] < cnt[:, None]
+        vals = tl.load(cv_base + lrows[:, None] * CAP + jj[None, :], mask=valid, other=float("-inf"))
+        cc = tl.load(cc_base + lrows[:, None] * CAP + jj[None, :], mask=valid, other=0)
+        top = _topk(pack(vals, tl.broadcast_to(jj[None, :], (BT, CAP))), KP, TOPK)
+        pos = unpack_payload(top)
+        best_s = tl.gather(vals, pos, axis=1)
+        best_i = tl.gather(cc, pos, axis=1)
+    else:
+        s, cols, cmask = _scores(
+            q_base, stride_qt, k_base, s_base, s_stride, rows, row_mask, lrows, 0, n, D,
+            BT, BN, BD, PRECISION, FUSED, False,
+        )  # fmt: skip
+        best = _topk(pack(s, tl.broadcast_to(cols[None, :], (BT, BN))), KP, TOPK)
+        for c0 in range(BN, n, BN):
+            s, cols, cmask = _scores(
+                q_base, stride_qt, k_base, s_base, s_stride, rows, row_mask, lrows, c0, n, D,
+                BT, BN, BD, PRECISION, FUSED, False,
+            )  # fmt: skip
+            top = _topk(pack(s, tl.broadcast_to(cols[None, :], (BT, BN))), KP, TOPK)
+            best = _topk(tl.reshape(tl.join(best, top), (BT, 2 * KP)), KP, TOPK)
+        best_s = unpack_score(best)
+        best_i = unpack_payload(best)
+    tl.debug_barrier()
+    return best_s, best_i
 
 
 @triton.jit
 def _search_fwd_kernel(
     Q,
     K,
+    S,
+    CV,
+    CC,
     CAND,
     S_OUT,
     I_OUT,
@@ -152,28 +247,46 @@ def _search_fwd_kernel(
     C,
     stride_qt,
     stride_qh,
+    s_half,
+    s_stride,
+    s_block,
     BT: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
     KP: tl.constexpr,
     CP: tl.constexpr,
+    NG: tl.constexpr,
+    CAP: tl.constexpr,
     PRECISION: tl.constexpr,
     TOPK: tl.constexpr,
+    FUSED: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
+    prog = (h * tl.num_programs(0) + pid_t).to(tl.int64)
     rows = pid_t * BT + tl.arange(0, BT)
     row_mask = rows < T
     q_base = Q + h * stride_qh
     k_base = K + h * 2 * n * D
-    best1 = _half_topk(q_base, stride_qt, k_base, rows, row_mask, n, D, BT, BN, BD, KP, PRECISION, TOPK)
-    best2 = _half_topk(
-        q_base + D, stride_qt, k_base + n * D, rows, row_mask, n, D, BT, BN, BD, KP, PRECISION, TOPK
-    )
-    s1 = unpack_score(best1)
-    i1 = unpack_payload(best1)
-    s2 = unpack_score(best2)
-    i2 = unpack_payload(best2)
+    cv_base = CV + prog * BT * CAP
+    cc_base = CC + prog * BT * CAP
+    if FUSED:  # the program's own scratch rows, reused by both halves
+        s0 = S + prog * s_block
+    else:  # precomputed half scores (H, 2, T, n)
+        s0 = S + (h * 2 * T + pid_t * BT).to(tl.int64) * s_stride
+    s1 = tl.zeros((BT, KP), tl.float32)
+    s2 = tl.zeros((BT, KP), tl.float32)
+    i1 = tl.zeros((BT, KP), tl.int32)
+    i2 = tl.zeros((BT, KP), tl.int32)
+    for p in range(2):  # a loop, not unrolled: one copy of the selection code (compile time)
+        bs, bi = _half_select(
+            q_base + p * D, stride_qt, k_base + p * n * D, s0 + p * s_half, s_stride, cv_base, cc_base,
+            rows, row_mask, n, D, BT, BN, BD, KP, NG, CAP, PRECISION, TOPK, FUSED,
+        )  # fmt: skip
+        s1 = tl.where(p == 0, bs, s1)
+        i1 = tl.where(p == 0, bi, i1)
+        s2 = tl.where(p == 1, bs, s2)
+        i2 = tl.where(p == 1, bi, i2)
 
     # the ~k ln k candidate pairs (i, j), (i + 1)(j + 1) <= k, of the two sorted lists
     cpos = tl.arange(0, CP)
@@ -182,13 +295,17 @@ def _search_fwd_kernel(
     cand = tl.gather(s1, ci, axis=1) + tl.gather(s2, cj, axis=1)
     slot = tl.gather(i1, ci, axis=1) * n + tl.gather(i2, cj, axis=1)
     cand = tl.where((cpos < C)[None, :], cand, float("-inf"))
-    top = _topk(pack(cand, slot), KP, TOPK)
+    # top-KP on int32 keys (candidate sums to 2**-(23 - log2 CP) relative, position in the low bits),
+    # then the exact sums of the chosen ones, sorted exactly
+    top = _topk(_trunc_key(cand, tl.broadcast_to(cpos[None, :], (BT, CP)), CP), KP, TOPK)
+    pos = top & (CP - 1)
+    final = _topk(pack(tl.gather(cand, pos, axis=1), tl.gather(slot, pos, axis=1)), KP, TOPK)
 
     jj = tl.arange(0, KP)
     out = rows[:, None] * (H * topk) + h * topk + jj[None, :]
     omask = row_mask[:, None] & (jj < topk)[None, :]
-    tl.store(S_OUT + out, unpack_score(top), mask=omask)
-    tl.store(I_OUT + out, unpack_payload(top).to(tl.int64), mask=omask)
+    tl.store(S_OUT + out, unpack_score(final), mask=omask)
+    tl.store(I_OUT + out, unpack_payload(final).to(tl.int64), mask=omask)
 
 
 @triton.jit
@@ -212,110 +329,86 @@ def _search_bwd_scatter_kernel(
     jj = tl.arange(0, KP)
     m = row_mask[:, None] & (jj < topk)[None, :]
     off = rows[:, None] * (H * topk) + h * topk + jj[None, :]
+    g = tl.load(GS + off, mask=m, other=0.0).to(tl.float32)
     idx = tl.load(IDX + off, mask=m, other=0)
     first = idx // n
-    second = idx - first * n
-    tot1 = tl.zeros((BT, KP), tl.float32)
-    tot2 = tl.zeros((BT, KP), tl.float32)
-    dup1 = tl.zeros((BT, KP), tl.int32)
-    dup2 = tl.zeros((BT, KP), tl.int32)
-    base = rows * (H * topk) + h * topk
-    for j in range(0, topk):
-        gj = tl.load(GS + base + j, mask=row_mask, other=0.0).to(tl.float32)
-        ij = tl.load(IDX + base + j, mask=row_mask, other=0)
-        fj = ij // n
-        sj = ij - fj * n
-        e1 = first == fj[:, None]
-        e2 = second == sj[:, None]
-        tot1 += tl.where(e1, gj[:, None], 0.0)
-        tot2 += tl.where(e2, gj[:, None], 0.0)
-        later = (jj > j)[None, :]
-        dup1 += (e1 & later).to(tl.int32)
-        dup2 += (e2 & later).to(tl.int32)
+    earlier = jj[None, None, :] < jj[None, :, None]  # [., j, j']: j' < j
     g_rows = (h * 2 * T + rows[:, None]).to(tl.int64) * n
-    tl.store(G + g_rows + first, tot1, mask=m & (dup1 == 0))
-    tl.store(G + g_rows + T * n + second, tot2, mask=m & (dup2 == 0))
-
-
-@triton.jit
-def _bmm_kernel(
-    A,
-    B,
-    C,
-    M,
-    N,
-    Kdim,
-    NB1,
-    sa0,
-    sa1,
-    sam,
-    sak,
-    sb0,
-    sb1,
-    sbk,
-    sbn,
-    sc0,
-    sc1,
-    scm,
-    scn,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """C[b] = A[b] @ B[b] in float32, batch index b = (b0, b1) with b1 < NB1, any strides."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    b0 = b // NB1
-    b1 = b - b0 * NB1
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    a_base = A + b0.to(tl.int64) * sa0 + b1.to(tl.int64) * sa1
-    b_base = B + b0.to(tl.int64) * sb0 + b1.to(tl.int64) * sb1
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, Kdim, BK):
-        rk = k0 + tl.arange(0, BK)
-        a = tl.load(
-            a_base + rm[:, None].to(tl.int64) * sam + rk[None, :].to(tl.int64) * sak,
-            mask=(rm < M)[:, None] & (rk < Kdim)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        bt = tl.load(
-            b_base + rk[:, None].to(tl.int64) * sbk + rn[None, :] * sbn,
-            mask=(rk < Kdim)[:, None] & (rn < N)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
-    c = C + b0.to(tl.int64) * sc0 + b1.to(tl.int64) * sc1 + rm[:, None].to(tl.int64) * scm + rn[None, :] * scn
-    tl.store(c, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    for p in tl.static_range(2):
+        if p == 0:
+            hid = first
+        else:
+            hid = idx - first * n
+        eq = (hid[:, :, None] == hid[:, None, :]) & m[:, None, :]  # [t, j, j']
+        tot = tl.sum(tl.where(eq, g[:, None, :], 0.0), axis=2)
+        dup = tl.sum((eq & earlier).to(tl.int32), axis=2)
+        tl.store(G + g_rows + p * T * n + hid, tot, mask=m & (dup == 0))
 
 
 # ---- launchers ------------------------------------------------------------------------------------
 
 
-def _fwd_config(T: int, n: int, D: int, KP: int) -> dict:
-    bd = min(max(next_pow2(D), 16), 64)
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    """float32 matrix products in tf32 ("tf32", "tf32x3") or exact float32 ("ieee") for the block."""
+    mm = torch.backends.cuda.matmul
+    if hasattr(mm, "fp32_precision"):
+        old = mm.fp32_precision
+        mm.fp32_precision = "ieee" if precision == "ieee" else "tf32"
+        try:
+            yield
+        finally:
+            mm.fp32_precision = old
+    else:  # pragma: no cover - older torch
+        old = mm.allow_tf32
+        mm.allow_tf32 = precision != "ieee"
+        try:
+            yield
+        finally:
+            mm.allow_tf32 = old
+
+
+def half_scores(query: torch.Tensor, subkeys: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+    """All half scores ``(H, 2, T, n)`` float32 by one batched matrix product (cuBLAS)."""
+    T, H, kd = query.shape
+    D = kd // 2
+    q = query.reshape(T, H, 2, D).permute(1, 2, 0, 3).float()
+    with _matmul_precision(precision):
+        return torch.matmul(q, subkeys.float().transpose(-1, -2))
+
+
+# block sizes measured best on an H200 (benchmarks/kernels.py); merged over the defaults below
+TUNED: dict = {}
+
+
+def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
     bn = max(min(next_pow2(n), 128), KP, 16)
-    return {
-        "BT": 32 if KP <= 32 else 16,
+    cfg = {
+        # enough programs to fill the GPU: 64 rows each at training sizes, 16 at decode sizes
+        "BT": 64 if T * H >= 64 * 256 else 16,
         "BN": bn,
-        "BD": bd,
-        "num_warps": 4,
+        "BD": min(max(next_pow2(D), 16), 64),
+        "NG": min(bn, max(KP, 64)),
+        "CAP": max(2 * KP, 64),
+        "FUSED": False,
+        "num_warps": 8,
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
     }
+    cfg.update(TUNED)
+    cfg["NG"] = min(cfg["BN"], cfg["NG"])
+    return cfg
 
 
 def search_forward(
     query: torch.Tensor,
     subkeys: torch.Tensor,
     topk: int,
-    precision: str = DEFAULT_PRECISION,
+    precision: str | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of the fused search: ``(T, H, k_dim), (H, 2, n, k_dim/2) -> scores fp32, indices int64``."""
-    check_precision(precision)
+    """Forward of the search: ``(T, H, k_dim), (H, 2, n, k_dim/2) -> scores fp32, indices int64``."""
+    precision = check_precision(precision or DEFAULT_PRECISION)
     T, H, kd = query.shape
     n, D = subkeys.shape[2], subkeys.shape[3]
     if query.stride(-1) != 1:
@@ -327,11 +420,26 @@ def search_forward(
     indices = new_output(T, H, topk, device=query.device, dtype=torch.int64)
     if T == 0:
         return scores, indices
-    cfg = dict(_fwd_config(T, n, D, KP), **(config or {}))
-    grid = (triton.cdiv(T, cfg["BT"]), H)
+    cfg = dict(_fwd_config(T, H, n, D, KP), **(config or {}))
+    BT, BN = cfg["BT"], cfg["BN"]
+    grid = (triton.cdiv(T, BT), H)
+    progs = grid[0] * grid[1]
+    if cfg["FUSED"]:
+        npad = triton.cdiv(n, BN) * BN
+        S = torch.empty(progs * BT * npad, device=query.device, dtype=torch.float32)
+        s_half, s_stride, s_block = 0, npad, BT * npad
+    else:
+        S = half_scores(query, subkeys, "ieee" if precision == "ieee" else "tf32")
+        s_half, s_stride, s_block = T * n, n, 0
+    CAP = cfg["CAP"]
+    cv = torch.empty(progs * BT * CAP, device=query.device, dtype=torch.float32)
+    cc = torch.empty(progs * BT * CAP, device=query.device, dtype=torch.int32)
     _search_fwd_kernel[grid](
         query,
         subkeys,
+        S,
+        cv,
+        cc,
         cand,
         scores,
         indices,
@@ -343,23 +451,22 @@ def search_forward(
         C,
         query.stride(0),
         query.stride(1),
-        BT=cfg["BT"],
-        BN=cfg["BN"],
+        s_half,
+        s_stride,
+        s_block,
+        BT=BT,
+        BN=BN,
         BD=cfg["BD"],
         KP=KP,
         CP=cand.shape[1],
-        PRECISION=precision,
+        NG=cfg["NG"],
+        CAP=CAP,
+        PRECISION=precision if cfg["FUSED"] else "tf32",  # only the fused tl.dot uses it
         TOPK=cfg["TOPK"],
+        FUSED=cfg["FUSED"],
         num_warps=cfg["num_warps"],
     )
     return scores, indices
-
-
-def _bmm(a, b, c, M, N, Kdim, NB0, NB1, sa, sb, sc, precision):
-    """Launch C[b0, b1] = A[b0, b1] @ B[b0, b1]; sa/sb/sc = (batch0, batch1, row, col) strides."""
-    BM, BN, BK = 64, max(16, min(64, next_pow2(N))), 32
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), NB0 * NB1)
-    _bmm_kernel[grid](a, b, c, M, N, Kdim, NB1, *sa, *sb, *sc, BM=BM, BN=BN, BK=BK, PRECISION=precision)
 
 
 def search_backward(
@@ -369,62 +476,34 @@ def search_backward(
     indices: torch.Tensor,
     need_query: bool = True,
     need_subkeys: bool = True,
-    precision: str = DEFAULT_PRECISION,
+    precision: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of the search with respect to ``query`` and ``subkeys`` (each in its own dtype)."""
+    precision = check_precision(precision or DEFAULT_PRECISION)
     T, H, kd = query.shape
     n, D = subkeys.shape[2], subkeys.shape[3]
     topk = indices.shape[-1]
-    dev = query.device
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    subkeys = subkeys.contiguous()
-    grad_scores = grad_scores.contiguous()
-    indices = indices.contiguous()
-    G = torch.zeros(H, 2, T, n, device=dev, dtype=torch.float32)
+    G = torch.zeros(H, 2, T, n, device=query.device, dtype=torch.float32)
     if T > 0:
-        BT = 16
+        BT = 8
         _search_bwd_scatter_kernel[(triton.cdiv(T, BT), H)](
-            grad_scores, indices, G, T, H, n, topk, BT=BT, KP=max(next_pow2(topk), 2)
-        )
-    gq = gk = None
-    if need_query:
-        gq = new_output(T, H, kd, device=dev, dtype=torch.float32)
-        if T > 0:
-            # gq[t, h, p*D:(p+1)*D] = G[h, p] (T x n) @ subkeys[h, p] (n x D)
-            _bmm(
-                G,
-                subkeys,
-                gq,
-                T,
-                D,
-                n,
-                H,
-                2,
-                (2 * T * n, T * n, n, 1),
-                (2 * n * D, n * D, D, 1),
-                (kd, D, H * kd, 1),
-                precision,
-            )
-        gq = gq.to(query.dtype)
-    if need_subkeys:
-        gk = new_output(H, 2, n, D, device=dev, dtype=torch.float32)
-        # gk[h, p] = G[h, p]^T (n x T) @ query[:, h, p*D:(p+1)*D] (T x D)
-        _bmm(
+            grad_scores.contiguous(),
+            indices.contiguous(),
             G,
-            query,
-            gk,
-            n,
-            D,
             T,
             H,
-            2,
-            (2 * T * n, T * n, 1, n),
-            (query.stride(1), D, query.stride(0), 1),
-            (2 * n * D, n * D, D, 1),
-            precision,
+            n,
+            topk,
+            BT=BT,
+            KP=max(next_pow2(topk), 2),
         )
-        gk = gk.to(subkeys.dtype)
+    gq = gk = None
+    with _matmul_precision(precision):
+        if need_query:  # (H, 2, T, n) @ (H, 2, n, D) -> (T, H, 2, D)
+            gq = torch.matmul(G, subkeys.float()).permute(2, 0, 1, 3).reshape(T, H, kd).to(query.dtype)
+        if need_subkeys:  # (H, 2, n, T) @ (H, 2, T, D)
+            q = query.reshape(T, H, 2, D).permute(1, 2, 0, 3).float()
+            gk = torch.matmul(G.transpose(-1, -2), q).to(subkeys.dtype)
     return gq, gk
 
 
@@ -501,10 +580,10 @@ class _ProductTopk(torch.autograd.Function):
 
 
 def product_topk(
-    query: torch.Tensor, subkeys: torch.Tensor, topk: int, precision: str = DEFAULT_PRECISION
+    query: torch.Tensor, subkeys: torch.Tensor, topk: int, precision: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact product-key search, fused: see :func:`pkmem.ops.reference.product_topk`."""
-    check_precision(precision)
+    """Exact product-key search: see :func:`pkmem.ops.reference.product_topk`."""
+    precision = check_precision(precision or DEFAULT_PRECISION)
     if torch.compiler.is_compiling():
         return _product_topk_op(query, subkeys, topk, precision)
     return _ProductTopk.apply(query, subkeys, topk, precision)
