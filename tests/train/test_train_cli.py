@@ -245,3 +245,27 @@ def test_real_pkmem_command(run, tmp_path):
     bad = subprocess.run([*cmd, "train", "dimension=3"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "unknown config key 'dimension'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, cache_dir):
+    """A real `pkmem train` interrupted with SIGINT stops after the step, checkpoints, exits 130."""
+    import signal
+    import time
+
+    exe = shutil.which("pkmem")
+    cmd = [exe] if exe else [sys.executable, "-m", "pkmem.cli"]
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--no-progress", *FAST, f"cache_dir={cache_dir}", "log_every=1"]
+    proc = subprocess.Popen([*cmd, *args, "max_steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    (ckpt,) = list_checkpoints(out)
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    assert step >= 2 and "--resume" in stdout.decode()
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", str(step + 2), "--no-progress"]) == 0
+    assert sorted(_step_losses(out)) == list(range(1, step + 3))

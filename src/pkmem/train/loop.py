@@ -13,7 +13,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -233,6 +235,30 @@ def train(
         raise
 
 
+class _GracefulInterrupt:
+    """The first Ctrl-C ends training after the current step (with a checkpoint); the second aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+
+    def install(self) -> _GracefulInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
@@ -389,53 +415,62 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log
     lr = cfg.train.lr
     norms = (torch.zeros(()), torch.zeros(()))
     loop_t0 = time.perf_counter()
-    while step < t.max_steps:
-        step += 1
-        factor = lr_factor(step, t.schedule, t.warmup_steps, t.lr_decay_steps or t.max_steps, t.min_lr_ratio)
-        lr = _set_lr(optimizer, cfg, factor)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(A):
-            xy = torch.from_numpy(sample_batch(train_tokens, B, T, t.seed, step, micro))
-            if device.type == "cuda":
-                xy = xy.pin_memory()
-            xy = xy.to(device, non_blocking=True)
-            with autocast(device, t.precision):
-                logits = forward(xy[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
-            (loss / A).backward()
-            loss_sum += loss.detach() / A
-        norms = clip_grad_norm(model, t.grad_clip, t.value_grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_losses.append(loss_sum)
-        window_steps += 1
-        if pbar is not None:
-            pbar.update(1)
-        out_of_time = t.max_time_s is not None and time.perf_counter() - loop_t0 >= t.max_time_s
-        last = step == t.max_steps or out_of_time
-        do_ckpt = last or (t.ckpt_every and step % t.ckpt_every == 0)
-        do_eval_now = t.eval_every and step % t.eval_every == 0 and not last
-        if step % t.log_every == 0 or do_ckpt or do_eval_now or last:
-            last_record = flush_log(step, lr, norms)
-            if not math.isfinite(last_record["loss"]):
-                raise FloatingPointError(
-                    f"the training loss is {last_record['loss']} at step {step}: lower lr"
-                )
-        if do_eval_now:
-            res = do_eval("valid", t.eval_tokens)
-            _append_jsonl(metrics_path, {"type": "eval", "split": "valid", "step": step, **res})
-            if tb is not None:
-                tb.add_scalar("valid/loss", res["loss"], step)
-            window_t0 = time.perf_counter()
-        if do_ckpt:
-            save(step)
-            last_saved = step
-            window_t0 = time.perf_counter()
-        if out_of_time:
-            stopped_early = step < t.max_steps
-            if stopped_early:
-                log(f"max_time_s={t.max_time_s} reached at step {step}: stopping (checkpoint saved)")
-            break
+    interrupt = _GracefulInterrupt().install()
+    try:
+        while step < t.max_steps:
+            step += 1
+            factor = lr_factor(
+                step, t.schedule, t.warmup_steps, t.lr_decay_steps or t.max_steps, t.min_lr_ratio
+            )
+            lr = _set_lr(optimizer, cfg, factor)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(A):
+                xy = torch.from_numpy(sample_batch(train_tokens, B, T, t.seed, step, micro))
+                if device.type == "cuda":
+                    xy = xy.pin_memory()
+                xy = xy.to(device, non_blocking=True)
+                with autocast(device, t.precision):
+                    logits = forward(xy[:, :-1])
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
+                (loss / A).backward()
+                loss_sum += loss.detach() / A
+            norms = clip_grad_norm(model, t.grad_clip, t.value_grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_losses.append(loss_sum)
+            window_steps += 1
+            if pbar is not None:
+                pbar.update(1)
+            out_of_time = t.max_time_s is not None and time.perf_counter() - loop_t0 >= t.max_time_s
+            last = step == t.max_steps or out_of_time or interrupt.requested
+            do_ckpt = last or (t.ckpt_every and step % t.ckpt_every == 0)
+            do_eval_now = t.eval_every and step % t.eval_every == 0 and not last
+            if step % t.log_every == 0 or do_ckpt or do_eval_now or last:
+                last_record = flush_log(step, lr, norms)
+                if not math.isfinite(last_record["loss"]):
+                    raise FloatingPointError(
+                        f"the training loss is {last_record['loss']} at step {step}: lower lr"
+                    )
+            if do_eval_now:
+                res = do_eval("valid", t.eval_tokens)
+                _append_jsonl(metrics_path, {"type": "eval", "split": "valid", "step": step, **res})
+                if tb is not None:
+                    tb.add_scalar("valid/loss", res["loss"], step)
+                window_t0 = time.perf_counter()
+            if do_ckpt:
+                save(step)
+                last_saved = step
+                window_t0 = time.perf_counter()
+            if interrupt.requested:
+                log(f"\ninterrupted at step {step}: checkpoint saved; continue with --out {run_dir} --resume")
+                raise KeyboardInterrupt
+            if out_of_time:
+                stopped_early = step < t.max_steps
+                if stopped_early:
+                    log(f"max_time_s={t.max_time_s} reached at step {step}: stopping (checkpoint saved)")
+                break
+    finally:
+        interrupt.uninstall()
     if pbar is not None:
         pbar.close()
     if last_saved != step:
