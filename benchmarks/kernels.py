@@ -21,18 +21,21 @@ from common import copy_bandwidth, cuda_time, environment, table, write_json  # 
 from pkmem.ops import reference  # noqa: E402
 from pkmem.ops.triton import gather, search  # noqa: E402
 
-SEARCH_CONFIGS = [  # BT is chosen by the launcher's heuristic from T (64 at this size)
-    {"BN": 128, "num_warps": 8},
-    {"BN": 128, "num_warps": 4},
-    {"BN": 128, "num_warps": 8, "BD": 64, "FUSED": True},
+SEARCH_CONFIGS = [
+    {"BT": 16, "BN": 128, "num_warps": 4},
+    {"BT": 32, "BN": 128, "num_warps": 4},
+    {"BT": 16, "BN": 64, "num_warps": 2},
+    {"BT": 32, "BN": 128, "num_warps": 8},
+    {"BT": 64, "BN": 128, "num_warps": 8},
+    {"BT": 16, "BN": 128, "num_warps": 4, "BD": 64, "FUSED": True},
 ]
 GATHER_BWD_CONFIGS = [
-    {"BLOCK_V": 512, "R": 4, "E": 4, "num_warps": 4},
-    {"BLOCK_V": 1024, "R": 2, "E": 4, "num_warps": 8},
-    {"BLOCK_V": 256, "R": 8, "E": 4, "num_warps": 4},
-    {"BLOCK_V": 512, "R": 8, "E": 2, "num_warps": 4},
-    {"BLOCK_V": 512, "R": 4, "E": 4, "num_warps": 4, "G16": True},
-    {"BLOCK_V": 1024, "R": 4, "E": 4, "num_warps": 8, "G16": True},
+    {"BLOCK_V": 1024, "E": 2, "RPP": 1, "num_warps": 4},
+    {"BLOCK_V": 1024, "E": 4, "RPP": 1, "num_warps": 4},
+    {"BLOCK_V": 1024, "E": 2, "RPP": 2, "num_warps": 4},
+    {"BLOCK_V": 512, "E": 2, "RPP": 1, "num_warps": 2},
+    {"BLOCK_V": 1024, "E": 2, "RPP": 1, "num_warps": 8},
+    {"BLOCK_V": 1024, "E": 2, "RPP": 1, "num_warps": 4, "G16": False},
 ]
 
 
@@ -69,7 +72,7 @@ def bench_search(bw: float, T=8192, H=4, n=512, D=256, k=32, quick=False) -> dic
         qd = q[:64].clone()
         res["decode_64_tokens"] = [
             {"config": c, **_try(lambda c=c: search.search_forward(qd, sk, k, config=c), iters=50)}
-            for c in [{"BT": 16}]
+            for c in [dict(best["config"], BT=16)]
         ]
     s, idx = search.search_forward(q, sk, k)
     gs = torch.randn_like(s)
@@ -114,7 +117,7 @@ def _bench_gather_dtype(bw: float, T: int, J: int, N: int, v: int, dtype: torch.
         for c in configs
     ]
     r["backward_sort_ms"] = _try(lambda: gather._segments(idx, N, False), iters=10)
-    ok = [x for x in r["backward"] if "median_ms" in x and not x["config"].get("G16")]
+    ok = [x for x in r["backward"] if "median_ms" in x and x["config"].get("G16", True)]
     best = min(ok, key=lambda x: x["median_ms"], default=None)
     r["best_backward_config"] = best["config"] if best else None
     r["backward_sparse_ms"] = _try(lambda: gather.gather_backward(go, values, idx, w, sparse=True), iters=5)
@@ -132,9 +135,8 @@ def main() -> None:
     out = {"env": environment(), "copy_bandwidth_TBps": bw / 1e12}
     out["search"] = bench_search(bw, quick=args.quick)
     out["gather"] = bench_gather(bw, quick=args.quick)
-    best_search = {k: v for k, v in (out["search"]["best_forward_config"] or {}).items() if k != "BT"}
     out["tuned"] = {
-        "search": best_search,
+        "search": out["search"]["best_forward_config"],
         "gather_bwd": out["gather"]["bfloat16"]["best_backward_config"],
     }
     if args.out:

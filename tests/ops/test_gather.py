@@ -26,6 +26,16 @@ def _inputs(N, v, T, J, device, dtype=torch.float32, seed=0, skip=True):
     return values, idx.to(device), w.to(device)
 
 
+def _check_weight_grad(gw, ref, table_dtype):
+    """fp32 tables: float32 agreement. 16-bit tables: the kernel reads grad_out rounded to the
+    table's dtype (config G16), so the weight gradient agrees to that dtype's precision in norm."""
+    if table_dtype == torch.float32:
+        torch.testing.assert_close(gw.double(), ref.double(), atol=1e-5, rtol=1e-5)
+    else:
+        err = ((gw.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL[table_dtype], err
+
+
 def _grads(fn, values, idx, w, grad_out, sparse=False):
     values = values.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
@@ -43,7 +53,7 @@ def test_forward_and_dense_gradients(kernels, device, dtype, N, v, T, J):
     out2, gv2, gw2 = _grads(reference.weighted_gather, values, idx, w, go)
     assert out1.dtype == torch.float32 and gv1.dtype == dtype and gw1.dtype == w.dtype
     torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)  # same rows, float32 sums
-    torch.testing.assert_close(gw1, gw2, atol=1e-5, rtol=1e-5)
+    _check_weight_grad(gw1, gw2, dtype)
     # the value gradient against float64 (for a bf16 / fp16 table the reference accumulates
     # repeated rows in the table's dtype, the kernel in float32 with one rounding at the end)
     _, gv3, _ = _grads(reference.weighted_gather, values.double(), idx, w.double(), go.double())
@@ -56,9 +66,9 @@ def test_forward_and_dense_gradients(kernels, device, dtype, N, v, T, J):
 @pytest.mark.parametrize(
     "cfg",
     [
-        {"BLOCK_V": 16, "R": 2, "E": 2},  # several column blocks: partial weight gradients summed
-        {"BLOCK_V": 64, "R": 1, "E": 1, "num_warps": 1},
-        {"BLOCK_V": 16, "R": 4, "E": 8, "G16": True},  # grad_out read in the table's dtype
+        {"BLOCK_V": 16, "RPP": 2, "E": 2, "G16": False},  # several column blocks: partial sums
+        {"BLOCK_V": 64, "RPP": 1, "E": 1, "num_warps": 1, "G16": False},
+        {"BLOCK_V": 16, "RPP": 3, "E": 8, "G16": True},  # grad_out read in the table's dtype
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,10 +79,12 @@ def test_backward_configs(kernels, device, cfg, dtype):
     go = torch.randn(7, 33, generator=torch.Generator().manual_seed(7)).to(device)
     gv, gw = gather_backward(go, values, idx, w, config=cfg)
     _, gv2, gw2 = _grads(reference.weighted_gather, values.double(), idx, w.double(), go.double())
-    g16 = cfg.get("G16") and dtype != torch.float32
     tol = TOL[dtype]
     torch.testing.assert_close(gv.double(), gv2, atol=tol, rtol=tol)
-    torch.testing.assert_close(gw.double(), gw2, atol=3e-2 if g16 else 1e-5, rtol=1e-2 if g16 else 1e-5)
+    if cfg.get("G16"):
+        _check_weight_grad(gw, gw2, dtype)
+    else:
+        torch.testing.assert_close(gw.double(), gw2, atol=1e-5, rtol=1e-5)
     gvs, gws = gather_backward(go, values, idx, w, sparse=True, config=cfg)
     assert torch.equal(gvs.to_dense(), gv) and torch.equal(gws, gw)
 
@@ -105,7 +117,7 @@ def test_sparse_gradient(kernels, device, dtype):
     _, gv3, _ = _grads(reference.weighted_gather, values.double(), idx, w.double(), go.double())
     torch.testing.assert_close(gv1.to_dense().double(), gv3, atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(gv1.to_dense(), gv2.to_dense(), atol=5 * TOL[dtype], rtol=5 * TOL[dtype])
-    torch.testing.assert_close(gw1, gw2, atol=1e-5, rtol=1e-5)
+    _check_weight_grad(gw1, gw2, dtype)
 
 
 def test_all_entries_skipped(kernels, device):
@@ -196,7 +208,10 @@ def test_paper_size_gpu(kernels, N, dtype, v):
         torch.testing.assert_close(gv.float(), vv.grad, atol=1e-2, rtol=1e-2)
     else:  # sums of up to 8192 float32 terms in another order
         torch.testing.assert_close(gv, vv.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(gw, ww.grad, atol=1e-4, rtol=1e-4)
+    if dtype == torch.float32:
+        torch.testing.assert_close(gw, ww.grad, atol=1e-4, rtol=1e-4)
+    else:
+        _check_weight_grad(gw, ww.grad, dtype)
     gvs, _ = gather_backward(go, values, idx, w, need_weights=False, sparse=True)
     torch.testing.assert_close(gvs.to_dense(), gv, atol=0, rtol=0)
 

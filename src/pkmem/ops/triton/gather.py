@@ -5,14 +5,15 @@ block) streams the token's J rows with float32 accumulation; entries with a nega
 skipped. Any ``v_dim`` (columns are masked), float32 / bfloat16 / float16 tables.
 
 Backward, deterministic (no float atomics): the flat indices are sorted (stable), so the entries
-that touch one row form a contiguous segment in token order. A program walks the segments of R
-rows together (E entries of each per step): it reads each row of ``V`` once, gathers
-``grad_out[t]`` of each entry, accumulates ``sum w * grad_out[t]`` into the row's gradient and
-writes ``<grad_out[t], V[row]>`` as that entry's weight gradient. Each row of the dense
-gradient is written exactly once (untouched rows get zeros), so no memset and no host
-synchronisation is needed (CUDA graphs work). With
-``sparse=True`` the segments are those of the touched rows only (``unique_consecutive``, which
-synchronises), and the result is a coalesced row-sparse COO tensor.
+that touch one row form a contiguous segment in token order. A program walks a row's segment (E
+entries per step): it reads the row of ``V`` once, gathers ``grad_out[t]`` of each entry,
+accumulates ``sum w * grad_out[t]`` into the row's gradient and writes ``<grad_out[t], V[row]>``
+as that entry's weight gradient. Each row of the dense gradient is written exactly once
+(untouched rows get zeros), so no memset and no host synchronisation is needed (CUDA graphs
+work). For a bfloat16 / float16 table, grad_out is read rounded to the table's dtype (config
+``G16``; the value gradient is stored in that dtype anyway): half the bytes of the gathers that
+dominate the backward. With ``sparse=True`` the segments are those of the touched rows only
+(``unique_consecutive``, which synchronises), and the result is a coalesced row-sparse COO tensor.
 """
 
 from __future__ import annotations
@@ -75,48 +76,58 @@ def _gather_bwd_kernel(
     stride_g,
     TJ,
     BLOCK_V: tl.constexpr,
-    R: tl.constexpr,
     E: tl.constexpr,
+    RPP: tl.constexpr,
     SPARSE: tl.constexpr,
     NEED_GV: tl.constexpr,
     NEED_GW: tl.constexpr,
 ):
-    """Rows [pid * R, pid * R + R) of the value gradient, columns of block ``vb``: row r's entries
-    are OFFS[r]:OFFS[r+1] of the sorted order PERM. The R rows advance together, E entries per
-    row per step, so that R * E rows of grad_out are in flight at once. Also writes the weight
-    gradient of those entries (partial over this column block)."""
+    """Rows [pid * RPP, pid * RPP + RPP) of the value gradient, columns of block ``vb``: row r's
+    entries are OFFS[r]:OFFS[r+1] of the sorted order PERM, E at a time. Also writes the weight
+    gradient of those entries (partial over this column block). V rows and gradient rows stream
+    through once (evict first); grad_out rows are re-read by many rows (kept in L2)."""
     pid = tl.program_id(0)
     vb = tl.program_id(1)
     cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < v_dim
-    rr = pid * R + tl.arange(0, R)
-    rok = rr < n_rows
-    start = tl.load(OFFS + rr, mask=rok, other=0)
-    length = tl.load(OFFS + rr + 1, mask=rok, other=0) - start
-    if SPARSE:
-        rows = tl.load(ROWS + rr, mask=rok, other=0).to(tl.int64)
-    else:
-        rows = rr.to(tl.int64)
-    m2 = rok[:, None] & cmask[None, :]
-    if NEED_GW:
-        vrows = tl.load(V + rows[:, None] * stride_v + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    acc = tl.zeros((R, BLOCK_V), tl.float32)
-    ee = tl.arange(0, E)
-    for e0 in range(0, tl.max(length, axis=0), E):
-        em = (e0 + ee)[None, :] < length[:, None]  # (R, E)
-        p = tl.load(PERM + start[:, None] + e0 + ee[None, :], mask=em, other=0)
-        t = p // J
-        w = tl.load(W + p, mask=em, other=0.0).to(tl.float32)
-        g = tl.load(
-            G + t[:, :, None] * stride_g + cols[None, None, :],
-            mask=em[:, :, None] & cmask[None, None, :],
-            other=0.0,
-        ).to(tl.float32)  # (R, E, BLOCK_V)
-        acc += tl.sum(g * w[:, :, None], axis=1)
+    e_ar = tl.arange(0, E)
+    for rr in tl.static_range(RPP):
+        r = pid * RPP + rr
+        ok = r < n_rows
+        okv = cmask & ((r + 0 * cols) < n_rows)
+        start = tl.load(OFFS + r, mask=ok, other=0)
+        end = tl.load(OFFS + r + 1, mask=ok, other=0)
+        if SPARSE:
+            row = tl.load(ROWS + r, mask=ok, other=0).to(tl.int64)
+        else:
+            row = r.to(tl.int64)
         if NEED_GW:
-            tl.store(GW + vb * TJ + p, tl.sum(g * vrows[:, None, :], axis=2), mask=em)
-    if NEED_GV:
-        tl.store(GV + rr[:, None].to(tl.int64) * v_dim + cols[None, :], acc.to(GV.dtype.element_ty), mask=m2)
+            vrow = tl.load(V + row * stride_v + cols, mask=okv, other=0.0, eviction_policy="evict_first").to(
+                tl.float32
+            )
+        acc = tl.zeros((BLOCK_V,), tl.float32)
+        for e0 in range(start, end, E):
+            ee = e0 + e_ar
+            em = ee < end
+            p = tl.load(PERM + ee, mask=em, other=0)
+            t = p // J
+            w = tl.load(W + p, mask=em, other=0.0).to(tl.float32)
+            g = tl.load(
+                G + t[:, None] * stride_g + cols[None, :],
+                mask=em[:, None] & cmask[None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            ).to(tl.float32)
+            acc += tl.sum(g * w[:, None], axis=0)
+            if NEED_GW:
+                tl.store(GW + vb * TJ + p, tl.sum(g * vrow[None, :], axis=1), mask=em)
+        if NEED_GV:
+            tl.store(
+                GV + r.to(tl.int64) * v_dim + cols,
+                acc.to(GV.dtype.element_ty),
+                mask=okv,
+                eviction_policy="evict_first",
+            )
 
 
 # ---- launchers ------------------------------------------------------------------------------------
@@ -137,7 +148,9 @@ def _fwd_config(T: int, J: int, v: int) -> dict:
 
 def _bwd_config(n_rows: int, v: int) -> dict:
     # grad_out rows gathered in the table's 16-bit dtype halve the dominant (L2) traffic; off by default
-    cfg = {"BLOCK_V": 512, "R": 4, "E": 4, "num_warps": 4, "G16": False, **TUNED_BWD}
+    # G16: for a 16-bit table, grad_out is read in the table's dtype (the value gradient is stored
+    # in it anyway): half the bytes of the dominant grad_out gathers
+    cfg = {"BLOCK_V": 1024, "E": 2, "RPP": 1, "num_warps": 4, "G16": True, **TUNED_BWD}
     cfg["BLOCK_V"] = min(next_pow2(v), cfg["BLOCK_V"])
     return cfg
 
@@ -227,7 +240,7 @@ def gather_backward(
     if cfg["G16"] and values.dtype in (torch.bfloat16, torch.float16):
         grad_out = grad_out.to(values.dtype)
     if n_rows > 0 and v > 0 and (need_values or need_weights):
-        grid = (triton.cdiv(n_rows, cfg["R"]), nvb)
+        grid = (triton.cdiv(n_rows, cfg["RPP"]), nvb)
         _gather_bwd_kernel[grid](
             values,
             grad_out,
@@ -244,8 +257,8 @@ def gather_backward(
             grad_out.stride(0),
             T * J,
             BLOCK_V=cfg["BLOCK_V"],
-            R=cfg["R"],
             E=cfg["E"],
+            RPP=cfg["RPP"],
             SPARSE=rows is not None,
             NEED_GV=need_values,
             NEED_GW=need_weights,

@@ -139,7 +139,7 @@ def _scores(
             s_base + lrows[:, None] * s_stride + cols[None, :],
             mask=row_mask[:, None] & cmask[None, :],
             other=float("-inf"),
-        )
+        ).to(tl.float32)
     return acc, cols, cmask
 
 
@@ -162,6 +162,7 @@ def _half_select(
     KP: tl.constexpr,
     NG: tl.constexpr,
     CAP: tl.constexpr,
+    BNS: tl.constexpr,
     PRECISION: tl.constexpr,
     TOPK: tl.constexpr,
     FUSED: tl.constexpr,
@@ -210,18 +211,18 @@ def _half_select(
         pos = unpack_payload(top)
         best_s = tl.gather(vals, pos, axis=1)
         best_i = tl.gather(cc, pos, axis=1)
-    else:
+    else:  # more than CAP survivors in some row: streaming bitonic top-k over all scores
         s, cols, cmask = _scores(
             q_base, stride_qt, k_base, s_base, s_stride, rows, row_mask, lrows, 0, n, D,
-            BT, BN, BD, PRECISION, FUSED, False,
+            BT, BNS, BD, PRECISION, FUSED, False,
         )  # fmt: skip
-        best = _topk(pack(s, tl.broadcast_to(cols[None, :], (BT, BN))), KP, TOPK)
-        for c0 in range(BN, n, BN):
+        best = _topk(pack(s, tl.broadcast_to(cols[None, :], (BT, BNS))), KP, TOPK)
+        for c0 in range(BNS, n, BNS):
             s, cols, cmask = _scores(
                 q_base, stride_qt, k_base, s_base, s_stride, rows, row_mask, lrows, c0, n, D,
-                BT, BN, BD, PRECISION, FUSED, False,
+                BT, BNS, BD, PRECISION, FUSED, False,
             )  # fmt: skip
-            top = _topk(pack(s, tl.broadcast_to(cols[None, :], (BT, BN))), KP, TOPK)
+            top = _topk(pack(s, tl.broadcast_to(cols[None, :], (BT, BNS))), KP, TOPK)
             best = _topk(tl.reshape(tl.join(best, top), (BT, 2 * KP)), KP, TOPK)
         best_s = unpack_score(best)
         best_i = unpack_payload(best)
@@ -257,6 +258,7 @@ def _search_fwd_kernel(
     CP: tl.constexpr,
     NG: tl.constexpr,
     CAP: tl.constexpr,
+    BNS: tl.constexpr,
     PRECISION: tl.constexpr,
     TOPK: tl.constexpr,
     FUSED: tl.constexpr,
@@ -281,7 +283,7 @@ def _search_fwd_kernel(
     for p in range(2):  # a loop, not unrolled: one copy of the selection code (compile time)
         bs, bi = _half_select(
             q_base + p * D, stride_qt, k_base + p * n * D, s0 + p * s_half, s_stride, cv_base, cc_base,
-            rows, row_mask, n, D, BT, BN, BD, KP, NG, CAP, PRECISION, TOPK, FUSED,
+            rows, row_mask, n, D, BT, BN, BD, KP, NG, CAP, BNS, PRECISION, TOPK, FUSED,
         )  # fmt: skip
         s1 = tl.where(p == 0, bs, s1)
         i1 = tl.where(p == 0, bi, i1)
@@ -349,23 +351,19 @@ def _search_bwd_scatter_kernel(
 
 
 @contextlib.contextmanager
-def _matmul_precision(precision: str):
-    """float32 matrix products in tf32 ("tf32", "tf32x3") or exact float32 ("ieee") for the block."""
+def _matmul_precision(precision: str, device: torch.device):
+    """float32 matrix products, never autocast, in tf32 ("tf32", "tf32x3") or exact float32
+    ("ieee") for the block."""
     mm = torch.backends.cuda.matmul
-    if hasattr(mm, "fp32_precision"):
-        old = mm.fp32_precision
-        mm.fp32_precision = "ieee" if precision == "ieee" else "tf32"
-        try:
+    name = "fp32_precision" if hasattr(mm, "fp32_precision") else "allow_tf32"
+    old = getattr(mm, name)
+    tf32 = precision != "ieee"
+    setattr(mm, name, ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32)
+    try:
+        with torch.autocast(device.type, enabled=False):
             yield
-        finally:
-            mm.fp32_precision = old
-    else:  # pragma: no cover - older torch
-        old = mm.allow_tf32
-        mm.allow_tf32 = precision != "ieee"
-        try:
-            yield
-        finally:
-            mm.allow_tf32 = old
+    finally:
+        setattr(mm, name, old)
 
 
 def half_scores(query: torch.Tensor, subkeys: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
@@ -373,7 +371,7 @@ def half_scores(query: torch.Tensor, subkeys: torch.Tensor, precision: str = "ie
     T, H, kd = query.shape
     D = kd // 2
     q = query.reshape(T, H, 2, D).permute(1, 2, 0, 3).float()
-    with _matmul_precision(precision):
+    with _matmul_precision(precision, query.device):
         return torch.matmul(q, subkeys.float().transpose(-1, -2))
 
 
@@ -384,14 +382,13 @@ TUNED: dict = {}
 def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
     bn = max(min(next_pow2(n), 128), KP, 16)
     cfg = {
-        # enough programs to fill the GPU: 64 rows each at training sizes, 16 at decode sizes
-        "BT": 64 if T * H >= 64 * 256 else 16,
+        "BT": 16,
         "BN": bn,
         "BD": min(max(next_pow2(D), 16), 64),
         "NG": min(bn, max(KP, 64)),
         "CAP": max(2 * KP, 64),
         "FUSED": False,
-        "num_warps": 8,
+        "num_warps": 4,
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
     }
@@ -461,6 +458,7 @@ def search_forward(
         CP=cand.shape[1],
         NG=cfg["NG"],
         CAP=CAP,
+        BNS=min(BN, 2 * KP),
         PRECISION=precision if cfg["FUSED"] else "tf32",  # only the fused tl.dot uses it
         TOPK=cfg["TOPK"],
         FUSED=cfg["FUSED"],
@@ -498,7 +496,7 @@ def search_backward(
             KP=max(next_pow2(topk), 2),
         )
     gq = gk = None
-    with _matmul_precision(precision):
+    with _matmul_precision(precision, query.device):
         if need_query:  # (H, 2, T, n) @ (H, 2, n, D) -> (T, H, 2, D)
             gq = torch.matmul(G, subkeys.float()).permute(2, 0, 1, 3).reshape(T, H, kd).to(query.dtype)
         if need_subkeys:  # (H, 2, n, T) @ (H, 2, T, D)
