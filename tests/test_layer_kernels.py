@@ -128,9 +128,14 @@ def test_layer_paper_size_autocast_gpu(monkeypatch, precision):
         out1, gx1, g1 = _run(fast, x, None, grad)
         out2, gx2, g2 = _run(ref, x, None, grad)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    tol = 5e-3 if precision == "ieee" else 0.1
+    tol = 1e-3 if precision == "ieee" else 0.1
     assert rel(out1, out2) < tol, rel(out1, out2)
     assert rel(gx1, gx2) < tol, rel(gx1, gx2)
     assert g1.keys() == g2.keys()
     for name in g1:
+        if name.startswith("query_net.linears.") and name.endswith(".bias"):
+            # BatchNorm follows: this gradient is ~0 up to rounding, so compare it to the weight's
+            scale = g2[name.replace(".bias", ".weight")].float().norm()
+            assert (g1[name] - g2[name]).float().norm() < tol * scale, name
+            continue
         assert rel(g1[name], g2[name]) < tol, (name, rel(g1[name], g2[name]))

@@ -36,6 +36,10 @@ def _check_weight_grad(gw, ref, table_dtype):
         assert err < TOL[table_dtype], err
 
 
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def _grads(fn, values, idx, w, grad_out, sparse=False):
     values = values.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
@@ -75,8 +79,8 @@ def test_forward_and_dense_gradients(kernels, device, dtype, N, v, T, J):
 def test_backward_configs(kernels, device, cfg, dtype):
     from pkmem.ops.triton.gather import gather_backward
 
-    values, idx, w = _inputs(30, 33, 7, 11, device, dtype, seed=6)
-    go = torch.randn(7, 33, generator=torch.Generator().manual_seed(7)).to(device)
+    values, idx, w = _inputs(16, 20, 5, 7, device, dtype, seed=6)
+    go = torch.randn(5, 20, generator=torch.Generator().manual_seed(7)).to(device)
     gv, gw = gather_backward(go, values, idx, w, config=cfg)
     _, gv2, gw2 = _grads(reference.weighted_gather, values.double(), idx, w.double(), go.double())
     tol = TOL[dtype]
@@ -204,8 +208,9 @@ def test_paper_size_gpu(kernels, N, dtype, v):
     # oracle in float32 (for a bf16 table the reference would accumulate repeated rows in bf16)
     vv, ww = values.float().requires_grad_(), w.clone().requires_grad_()
     (reference.weighted_gather(vv, idx, ww) * go).sum().backward()
-    if dtype == torch.bfloat16:
-        torch.testing.assert_close(gv.float(), vv.grad, atol=1e-2, rtol=1e-2)
+    if dtype == torch.bfloat16:  # grad_out read in bf16 (G16): compare in norm, and the hot row alone
+        hot = idx[0, 0]
+        assert _rel(gv, vv.grad) < 1e-2 and _rel(gv[hot], vv.grad[hot]) < 1e-2
     else:  # sums of up to 8192 float32 terms in another order
         torch.testing.assert_close(gv, vv.grad, atol=1e-4, rtol=1e-4)
     if dtype == torch.float32:

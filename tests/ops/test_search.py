@@ -53,24 +53,23 @@ def test_forward_matches_brute_force(kernels, device, T, H, n, D, topk):
 
 
 @pytest.mark.parametrize(
-    "cfg",
+    "cfg,topk",
     [
-        {"BT": 16, "BN": 16, "NG": 16},  # several key chunks, threshold + compaction
-        {"BT": 16, "BN": 16, "NG": 8, "CAP": 4},  # every block overflows: streaming bitonic path
-        {"BT": 16, "BN": 16, "NG": 16, "BD": 16, "FUSED": True},  # scores by tl.dot in the kernel
-        {"BT": 16, "BN": 32, "NG": 16, "BD": 16, "FUSED": True, "CAP": 8},
-        {"BT": 16, "BN": 16, "NG": 16, "CAP": 8, "TOPK": 0},  # tl.topk's bitonic network
+        ({"BT": 16, "BN": 16, "NG": 16}, 4),  # several key chunks, threshold + compaction
+        ({"BT": 16, "BN": 16, "NG": 8, "CAP": 4}, 3),  # every block overflows: streaming bitonic path
+        ({"BT": 16, "BN": 16, "NG": 16, "BD": 16, "FUSED": True}, 3),  # scores by tl.dot in the kernel
+        ({"BT": 16, "BN": 32, "NG": 16, "BD": 16, "FUSED": True, "CAP": 8}, 4),
+        ({"BT": 16, "BN": 16, "NG": 16, "CAP": 8, "TOPK": 0}, 4),  # tl.topk's bitonic network
+        ({"BT": 16, "BN": 32, "NG": 16, "EXACT": True}, 3),  # final top-k on exact int64 keys
     ],
 )
-def test_kernel_paths(kernels, device, cfg):
+def test_kernel_paths(kernels, device, cfg, topk):
     """Every path of the search kernel: chunks, compaction, overflow fallback, fused scores."""
     from pkmem.ops.triton.search import search_forward
 
-    q, sk = _inputs(21, 2, 45, 4, device, seed=1)
-    scores, idx = search_forward(q, sk, 4, config=cfg)
-    _check_selection(q, sk, 4, scores, idx)
-    scores, idx = search_forward(q, sk, 3, config=cfg)  # topk not a power of two
-    _check_selection(q, sk, 3, scores, idx)
+    q, sk = _inputs(19, 1, 45, 4, device, seed=1)
+    scores, idx = search_forward(q, sk, topk, config=cfg)
+    _check_selection(q, sk, topk, scores, idx)
 
 
 def test_ties_select_equal_scores(kernels, device):

@@ -147,10 +147,9 @@ def _fwd_config(T: int, J: int, v: int) -> dict:
 
 
 def _bwd_config(n_rows: int, v: int) -> dict:
-    # grad_out rows gathered in the table's 16-bit dtype halve the dominant (L2) traffic; off by default
     # G16: for a 16-bit table, grad_out is read in the table's dtype (the value gradient is stored
     # in it anyway): half the bytes of the dominant grad_out gathers
-    cfg = {"BLOCK_V": 1024, "E": 2, "RPP": 1, "num_warps": 4, "G16": True, **TUNED_BWD}
+    cfg = {"BLOCK_V": 512, "E": 2, "RPP": 1, "num_warps": 2, "G16": True, **TUNED_BWD}
     cfg["BLOCK_V"] = min(next_pow2(v), cfg["BLOCK_V"])
     return cfg
 

@@ -262,6 +262,7 @@ def _search_fwd_kernel(
     PRECISION: tl.constexpr,
     TOPK: tl.constexpr,
     FUSED: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -297,11 +298,14 @@ def _search_fwd_kernel(
     cand = tl.gather(s1, ci, axis=1) + tl.gather(s2, cj, axis=1)
     slot = tl.gather(i1, ci, axis=1) * n + tl.gather(i2, cj, axis=1)
     cand = tl.where((cpos < C)[None, :], cand, float("-inf"))
-    # top-KP on int32 keys (candidate sums to 2**-(23 - log2 CP) relative, position in the low bits),
-    # then the exact sums of the chosen ones, sorted exactly
-    top = _topk(_trunc_key(cand, tl.broadcast_to(cpos[None, :], (BT, CP)), CP), KP, TOPK)
-    pos = top & (CP - 1)
-    final = _topk(pack(tl.gather(cand, pos, axis=1), tl.gather(slot, pos, axis=1)), KP, TOPK)
+    if EXACT:  # packed (sum, slot) int64 keys: the exact float32 top-k
+        final = _topk(pack(cand, slot), KP, TOPK)
+    else:
+        # top-KP on int32 keys (the sums to 2**-(23 - log2 CP) relative, the position in the low
+        # bits: near-ties closer than that are broken by position), then the chosen exact sums sorted
+        top = _topk(_trunc_key(cand, tl.broadcast_to(cpos[None, :], (BT, CP)), CP), KP, TOPK)
+        pos = top & (CP - 1)
+        final = _topk(pack(tl.gather(cand, pos, axis=1), tl.gather(slot, pos, axis=1)), KP, TOPK)
 
     jj = tl.arange(0, KP)
     out = rows[:, None] * (H * topk) + h * topk + jj[None, :]
@@ -366,13 +370,22 @@ def _matmul_precision(precision: str, device: torch.device):
         setattr(mm, name, old)
 
 
+def _per_half(x: torch.Tensor) -> torch.Tensor:
+    """``(T, H, k_dim)`` float32 as ``(H * 2, T, k_dim // 2)``: a strided view (no copy) if possible."""
+    T, H, kd = x.shape
+    x = x.float()
+    if x.stride(2) != 1 or x.stride(1) != kd:
+        x = x.contiguous()
+    return x.as_strided((H * 2, T, kd // 2), (kd // 2, x.stride(0), 1))
+
+
 def half_scores(query: torch.Tensor, subkeys: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
     """All half scores ``(H, 2, T, n)`` float32 by one batched matrix product (cuBLAS)."""
     T, H, kd = query.shape
-    D = kd // 2
-    q = query.reshape(T, H, 2, D).permute(1, 2, 0, 3).float()
+    H_, _, n, D = subkeys.shape
     with _matmul_precision(precision, query.device):
-        return torch.matmul(q, subkeys.float().transpose(-1, -2))
+        s = torch.bmm(_per_half(query), subkeys.float().reshape(H * 2, n, D).transpose(1, 2))
+    return s.view(H, 2, T, n)
 
 
 # block sizes measured best on an H200 (benchmarks/kernels.py); merged over the defaults below
@@ -382,13 +395,14 @@ TUNED: dict = {}
 def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
     bn = max(min(next_pow2(n), 128), KP, 16)
     cfg = {
-        "BT": 16,
+        # rows per program: 32 when that still gives a few programs per SM, else 16 (decode sizes)
+        "BT": 32 if T * H >= 32 * 512 else 16,
         "BN": bn,
         "BD": min(max(next_pow2(D), 16), 64),
         "NG": min(bn, max(KP, 64)),
         "CAP": max(2 * KP, 64),
         "FUSED": False,
-        "num_warps": 4,
+        "num_warps": 8,
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
     }
@@ -462,6 +476,7 @@ def search_forward(
         PRECISION=precision if cfg["FUSED"] else "tf32",  # only the fused tl.dot uses it
         TOPK=cfg["TOPK"],
         FUSED=cfg["FUSED"],
+        EXACT=cfg.get("EXACT", precision == "ieee"),
         num_warps=cfg["num_warps"],
     )
     return scores, indices
@@ -496,12 +511,14 @@ def search_backward(
             KP=max(next_pow2(topk), 2),
         )
     gq = gk = None
+    G = G.view(H * 2, T, n)
     with _matmul_precision(precision, query.device):
-        if need_query:  # (H, 2, T, n) @ (H, 2, n, D) -> (T, H, 2, D)
-            gq = torch.matmul(G, subkeys.float()).permute(2, 0, 1, 3).reshape(T, H, kd).to(query.dtype)
-        if need_subkeys:  # (H, 2, n, T) @ (H, 2, T, D)
-            q = query.reshape(T, H, 2, D).permute(1, 2, 0, 3).float()
-            gk = torch.matmul(G.transpose(-1, -2), q).to(subkeys.dtype)
+        if need_query:  # (H*2, T, n) @ (H*2, n, D), written straight into (T, H, k_dim)
+            gq = torch.empty(T, H, kd, device=query.device, dtype=torch.float32)
+            torch.bmm(G, subkeys.float().reshape(H * 2, n, D), out=_per_half(gq))
+            gq = gq.to(query.dtype)
+        if need_subkeys:  # (H*2, n, T) @ (H*2, T, D)
+            gk = torch.bmm(G.transpose(1, 2), _per_half(query)).view(H, 2, n, D).to(subkeys.dtype)
     return gq, gk
 
 
