@@ -402,6 +402,8 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
         "NG": min(bn, max(KP, 64)),
         "CAP": max(2 * KP, 64),
         "FUSED": False,
+        # final top-k on exact int64 (sum, slot) keys; False: int32 keys truncated by log2(CP) bits
+        "EXACT": True,
         "num_warps": 8,
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
@@ -476,7 +478,7 @@ def search_forward(
         PRECISION=precision if cfg["FUSED"] else "tf32",  # only the fused tl.dot uses it
         TOPK=cfg["TOPK"],
         FUSED=cfg["FUSED"],
-        EXACT=cfg.get("EXACT", precision == "ieee"),
+        EXACT=cfg["EXACT"],
         num_warps=cfg["num_warps"],
     )
     return scores, indices
