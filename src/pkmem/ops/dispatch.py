@@ -9,7 +9,6 @@ that is how CI tests them. Triton is imported lazily, on the first call that nee
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,14 +25,20 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=1)
+_KERNELS: tuple | None = None
+
+
 def _triton_module():
-    """``(pkmem.ops.triton, None)`` if the kernels import, else ``(None, reason)``."""
-    try:
-        import pkmem.ops.triton as kernels
-    except Exception as e:  # ImportError, or a triton too old for the kernels
-        return None, f"the Triton kernels do not import ({type(e).__name__}: {e})"
-    return kernels, None
+    """``(pkmem.ops.triton, None)`` if the kernels import, else ``(None, reason)`` (imported once)."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            import pkmem.ops.triton as kernels
+
+            _KERNELS = (kernels, None)
+        except Exception as e:  # ImportError, or a triton too old for the kernels
+            _KERNELS = (None, f"the Triton kernels do not import ({type(e).__name__}: {e})")
+    return _KERNELS
 
 
 def _interpreting() -> bool:
