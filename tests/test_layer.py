@@ -82,12 +82,22 @@ def test_gradcheck_float64(query_norm, sparse):
         out = f(*inputs)
         g = torch.randn_like(out)
         out.backward(g)
-        dense = ProductKeyMemory(5, **{**SMALL, "num_keys": 6, "topk": 3, "k_dim": 4, "query_norm": query_norm})
+        dense = ProductKeyMemory(
+            5, **{**SMALL, "num_keys": 6, "topk": 3, "k_dim": 4, "query_norm": query_norm}
+        )
         dense = dense.double()
         dense.load_state_dict(mem.state_dict())
         inputs2 = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
-        torch.func.functional_call(dense, {**dict(dense.named_parameters()), names[0]: inputs2[1],
-                                           "subkeys": inputs2[2], "values": inputs2[3]}, (inputs2[0],)).backward(g)
+        torch.func.functional_call(
+            dense,
+            {
+                **dict(dense.named_parameters()),
+                names[0]: inputs2[1],
+                "subkeys": inputs2[2],
+                "values": inputs2[3],
+            },
+            (inputs2[0],),
+        ).backward(g)
         assert inputs[3].grad.is_sparse
         torch.testing.assert_close(inputs[3].grad.to_dense(), inputs2[3].grad)
         for a, b in zip(inputs[:3], inputs2[:3]):
@@ -124,7 +134,10 @@ def test_mask_zeroes_outputs_and_drops_padding_everywhere(query_norm, sparse):
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
     x_pad = x.clone()
     x_pad[~mask] = 1e3  # padding content must not matter
-    a, b = _mem(query_norm=query_norm, sparse_values=sparse), _mem(query_norm=query_norm, sparse_values=sparse)
+    a, b = (
+        _mem(query_norm=query_norm, sparse_values=sparse),
+        _mem(query_norm=query_norm, sparse_values=sparse),
+    )
     out = a(x_pad, mask)
     assert (out[~mask] == 0).all()
     # real positions: same result as running on the real tokens alone (BatchNorm statistics too)
