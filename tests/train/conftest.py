@@ -10,7 +10,7 @@ WORDS = (
 ).split()
 
 
-def make_corpus(root: Path, n_docs: int = 60, seed: int = 0) -> Path:
+def make_corpus(root: Path, n_docs: int = 100, seed: int = 0) -> Path:
     """A directory of small deterministic text documents."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 import gzip
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_too_little_text_for_seq_len(tmp_path):
 # ---- sources and splits ---------------------------------------------------------------------------
 def test_text_sources_and_deterministic_split(corpus, tmp_path):
     c1 = load_corpus("text", str(corpus))
-    assert c1.info["documents"] == 60 and c1.info["split"] == "documents hashed"
+    assert c1.info["documents"] == 100 and c1.info["split"] == "documents hashed"
     assert all(c1.splits[s] for s in ("train", "valid", "test"))
     total = sum(len(t) for t in c1.splits.values())
     assert len(c1.splits["train"]) > 0.7 * total
@@ -97,9 +98,13 @@ def test_text_sources_and_deterministic_split(corpus, tmp_path):
     lines = [json.dumps({"text": p.read_text(), "id": i}) for i, p in enumerate(sorted(corpus.glob("*.txt")))]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines))
     c3 = load_corpus("text", str(tmp_path / "docs.jsonl"))
-    assert c3.info["documents"] == 60 and all(c3.splits[s] for s in c3.splits)
+    assert c3.info["documents"] == 100 and all(c3.splits[s] for s in c3.splits)
     for d in docs:
         assert sum(d in c3.splits[s] for s in c3.splits) == 1
+    # the split depends on the names relative to the corpus, not on where it lies
+    moved = tmp_path / "elsewhere" / "corpus"
+    shutil.copytree(corpus, moved)
+    assert load_corpus("text", str(moved)).splits == c1.splits
     # a single small file is cut by position, 90 / 5 / 5
     one = tmp_path / "one.txt"
     one.write_text("x" * 1000)

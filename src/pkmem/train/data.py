@@ -9,7 +9,8 @@ Sources (``TrainConfig.data``):
   first 90 % / next 5 % / last 5 % of the bytes (90M / 5M / 5M for the 10^8-byte file).
 - ``text``: a file, a directory (its ``.txt`` and ``.jsonl`` files, recursively) or a glob;
   ``.jsonl`` lines are objects with a ``"text"`` field. Documents (files, jsonl lines) go to a split
-  by a hash of their name; with too few documents for that, the concatenated text is cut 90/5/5 %.
+  by a hash of their path relative to the files' common directory (and line number); with too few
+  documents for that, the concatenated text is cut 90/5/5 %.
 
 Token ids are cached as raw numpy arrays (``<split>.bin``, read back with ``np.memmap``) in a
 directory named by a hash of the source and the tokenizer, under ``cache_dir``; ``meta.json`` is
@@ -186,11 +187,11 @@ def _decode(p: Path, raw: bytes) -> str:
         ) from None
 
 
-def _documents(p: Path) -> list[tuple[str, str]]:
-    """``(name, text)`` documents of one file: the file, or each line of a .jsonl."""
+def _documents(p: Path, name: str) -> list[tuple[str, str]]:
+    """``(name, text)`` documents of one file: the file, or each line of a .jsonl (``name:line``)."""
     text = _decode(p, p.read_bytes())
     if p.suffix.lower() != ".jsonl":
-        return [(str(p), text)] if text.strip() else []
+        return [(name, text)] if text.strip() else []
     docs = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -202,13 +203,15 @@ def _documents(p: Path) -> list[tuple[str, str]]:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f'data_path file {str(p)!r} line {n} has no string "text" field')
         if obj["text"].strip():
-            docs.append((f"{p}:{n}", obj["text"]))
+            docs.append((f"{name}:{n}", obj["text"]))
     return docs
 
 
 def _load_text(path: str) -> Corpus:
     files = _text_files(path)
-    docs = [d for f in files for d in _documents(f)]
+    # documents are named relative to the files' common directory: the split survives a move
+    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    docs = [d for f in files for d in _documents(f, f.resolve().relative_to(root).as_posix())]
     if not docs:
         raise ValueError(f"data_path={path!r} (data='text') is empty: its {len(files)} file(s) hold no text")
     parts = {s: [] for s in SPLITS}
@@ -217,7 +220,7 @@ def _load_text(path: str) -> Corpus:
     splits = {s: DOC_SEP.join(d) for s, d in parts.items()}
     total = sum(len(t) for t in splits.values())
     how = "documents hashed"
-    if len(docs) < MIN_HASH_DOCS or min(len(t) for t in splits.values()) < 0.02 * total:
+    if len(docs) < MIN_HASH_DOCS or min(len(t) for t in splits.values()) < 0.01 * total:
         splits, how = _positional_split(DOC_SEP.join(t for _, t in docs)), "cut by position"
     info = {"files": len(files), "documents": len(docs), "split": how}
     fp = "text-" + _file_fingerprint(files)
