@@ -93,8 +93,14 @@ def _plan_steps(args, work: Path, t0: float, out: Path) -> tuple[int, dict]:
     if args.steps is not None:
         return args.steps, {"how": "--steps"}
     if previous.is_file():
-        steps = json.loads(previous.read_text()).get("steps")
-        if steps:
+        old = json.loads(previous.read_text())
+        steps = old.get("steps")
+        same = (old.get("config"), old.get("overrides"), old.get("seed")) == (
+            args.config,
+            list(args.overrides),
+            args.seed,
+        )
+        if steps and same:
             _log(f"reusing {steps} steps from {previous} (equal steps for every variant; --steps overrides)")
             return int(steps), {"how": f"reused from {previous}"}
     timed = [v for v in ("memory", "baseline") if v in args.variants] or args.variants
@@ -230,8 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         steps, plan = _plan_steps(args, work, t0, out)
         previous = out / "results.json"
         results = json.loads(previous.read_text()) if previous.is_file() else {}
-        if results.get("steps") not in (None, steps):
-            _log(f"{previous} was made with {results['steps']} steps: starting a new results file")
+        same = (results.get("config"), results.get("overrides"), results.get("seed")) == (
+            args.config,
+            list(args.overrides),
+            args.seed,
+        )
+        if results and (results.get("steps") != steps or not same):
+            _log(f"{previous} was made with other steps or settings: starting a new results file")
             results = {}
         results.setdefault("variants", {})
         for variant in args.variants:
