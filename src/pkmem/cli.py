@@ -299,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"pkmem {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # an optional dependency of the train extra
+        print(
+            f"pkmem {args.command}: error: {e}: install the training extras with pip install 'pkmem[train]'",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as e:  # disk full, permissions, ...: the run keeps its last complete checkpoint
         print(f"pkmem {args.command}: error: {e}", file=sys.stderr)
         return 1
