@@ -294,6 +294,8 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log
         step = int(resumed["state"]["step"])
         _truncate_metrics(run_dir / METRICS, step)
         log(f"resuming {run_dir} from step {step} ({resumed['dir'].name})")
+        if step >= t.max_steps:
+            log(f"the run is already at step {step} >= max_steps={t.max_steps}: evaluating only")
     atomic_write_bytes(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
     forward = torch.compile(model) if t.compile else model
     n_params = model.num_parameters()
