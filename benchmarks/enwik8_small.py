@@ -5,7 +5,7 @@
 Variants (``--variants``, default ``memory,baseline``):
 
 - ``memory``: the ``enwik8-small`` preset (8 layers, dim 512, seq 512, a product-key memory with
-  128^2 slots, 4 heads, top-32 in place of the FFN of layer 5);
+  512^2 slots, 4 heads, top-32 in place of the FFN of layer 5);
 - ``baseline``: the same model without memory (layer 5 keeps its FFN);
 - ``product-key-memory``: product-key-memory 0.3.0's ``PKM`` in place of our layer (same sizes;
   query LayerNorm, as its own enwik8 script: its BatchNorm path normalises the wrong axis).

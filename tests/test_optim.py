@@ -358,3 +358,9 @@ def test_clip_errors():
         clip_grad_norm(3, 1.0)
     with pytest.raises(ValueError, match="model_or_params"):
         clip_grad_norm([torch.zeros(1), "x"], 1.0)
+
+
+def test_value_parameters_recognises_product_key_memory_0_3_0():
+    product_key_memory = pytest.importorskip("product_key_memory")
+    model = nn.Sequential(nn.Linear(8, 8), product_key_memory.PKM(8, heads=2, num_keys=4, topk=2, dim_head=4))
+    assert value_parameters(model) == [model[1].values.weight]

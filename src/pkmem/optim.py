@@ -11,10 +11,11 @@ its code (XLM) clips the values' gradients separately and uses SparseAdam for sp
     opt.step()
     opt.zero_grad()
 
-A memory is a module with an int ``num_slots`` and a value table: a ``values`` Parameter
-(``pkmem.ProductKeyMemory``) or a ``values`` module with a ``weight`` Parameter
-(``pkmem.compat.PKM``, an ``nn.EmbeddingBag``). Its table is sparse (row-sparse gradients) when the
-module has ``sparse_values=True`` or its ``values`` module has ``sparse=True``.
+A memory is a module with an int ``num_slots`` (or ``num_memories``, as product-key-memory 0.3.0's
+own ``PKM``) and a value table: a ``values`` Parameter (``pkmem.ProductKeyMemory``) or a ``values``
+module with a ``weight`` Parameter (``pkmem.compat.PKM``, an ``nn.EmbeddingBag``). Its table is
+sparse (row-sparse gradients) when the module has ``sparse_values=True`` or its ``values`` module has
+``sparse=True``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _memory_classes() -> tuple[type, ...]:
 
 def _value_table(module: nn.Module, classes: tuple[type, ...]) -> tuple[nn.Parameter, bool] | None:
     """``(table, sparse)`` if ``module`` is a memory, else None."""
-    if not (isinstance(module, classes) or isinstance(getattr(module, "num_slots", None), int)):
+    slots = getattr(module, "num_slots", getattr(module, "num_memories", None))  # num_memories: 0.3.0
+    if not (isinstance(module, classes) or isinstance(slots, int)):
         return None
     values = getattr(module, "values", None)
     if isinstance(values, nn.Parameter):

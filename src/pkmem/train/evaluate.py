@@ -72,6 +72,7 @@ def evaluate(
     a non-byte tokenizer), ``tokens``, ``seconds``, ``tokens_per_s``, ``words_per_s`` (if
     ``words_per_token`` is known) and ``memories``: ``[{"layer", "name", "usage", "kl", ...}]``.
     ``forward`` (default ``model``) is the callable that computes logits (e.g. a compiled model).
+    ``seconds`` and the speeds leave out the first batch when there are several (it compiles kernels).
     """
     forward = model if forward is None else forward
     starts = eval_windows(len(tokens), seq_len, max_tokens)
@@ -84,13 +85,16 @@ def evaluate(
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    count = timed = 0
     _sync(device)
     t0 = time.perf_counter()
     try:
         if tracker is not None:
             tracker.start()
         for i in range(0, len(starts), batch_size):
+            if i == batch_size:  # speed: time from the second batch on (the first compiles kernels)
+                _sync(device)
+                t0, timed = time.perf_counter(), count
             chunk = np.asarray(tokens[starts[i : i + batch_size, None] + offsets], dtype=np.int64)
             xy = torch.from_numpy(chunk).to(device, non_blocking=True)
             with autocast(device, precision):
@@ -115,8 +119,8 @@ def evaluate(
         "bpb": bits if is_bytes else None,
         "tokens": count,
         "seconds": seconds,
-        "tokens_per_s": count / max(seconds, 1e-9),
-        "words_per_s": (count / max(seconds, 1e-9)) * words_per_token if words_per_token else None,
+        "tokens_per_s": (count - timed) / max(seconds, 1e-9),
+        "words_per_s": ((count - timed) / max(seconds, 1e-9)) * words_per_token if words_per_token else None,
         "memories": memory_report(tracker, _layers(model)),
     }
     return out
