@@ -34,6 +34,25 @@ def _cast(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     return x if torch.is_autocast_enabled(x.device.type) else x.to(linear.weight.dtype)
 
 
+def check_input(x, dim: int) -> None:
+    """``x`` must be a floating-point tensor whose last dimension is ``dim``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x has dtype {what}: x must be a floating-point tensor (fp32, bf16, fp16)")
+    if x.dim() == 0 or x.shape[-1] != dim:
+        raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be dim={dim}")
+
+
+def check_bool_mask(name: str, mask, shape: tuple, shape_text: str, meaning: str) -> None:
+    """``mask`` must be a bool tensor of ``shape``; the error names ``name`` and what is allowed."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape):
+        got = (mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"{name}={got} is not allowed: {name} must be a bool tensor of shape "
+            f"{shape_text} = {tuple(shape)} ({meaning})"
+        )
+
+
 def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """BatchNorm over the rows of ``x`` (T, C) whose ``mask`` is True (all rows if None).
 
@@ -255,20 +274,9 @@ class ProductKeyMemory(nn.Module):
 
     # ---- steps ----------------------------------------------------------------------------------
     def _flatten(self, x: torch.Tensor, mask: torch.Tensor | None):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x has dtype {what}: x must be a floating-point tensor (fp32, bf16, fp16)")
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be dim={self.dim}")
+        check_input(x, self.dim)
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
-                got = (
-                    (mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                )
-                raise ValueError(
-                    f"mask={got} is not allowed: mask must be a bool tensor of shape "
-                    f"x.shape[:-1] = {tuple(x.shape[:-1])} (True = real token)"
-                )
+            check_bool_mask("mask", mask, x.shape[:-1], "x.shape[:-1]", "True = real token")
             mask = mask.reshape(-1).to(x.device)
         return x.reshape(-1, self.dim), mask
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkmem.layer import ProductKeyMemory as _LayerPKM
-from pkmem.layer import masked_batch_norm
+from pkmem.layer import check_bool_mask, check_input, masked_batch_norm
 from pkmem.ops import dispatch, reference
 
 __all__ = [
@@ -247,43 +247,15 @@ class PKM(nn.Module):
 
     # ---- steps ----------------------------------------------------------------------------------
     def _check_inputs(self, x, input_mask, trainable, noise_scale):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x has dtype {what}: x must be a floating-point tensor")
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be dim={self.dim}")
+        check_input(x, self.dim)
         mask = None
         if input_mask is not None:
-            if (
-                not isinstance(input_mask, torch.Tensor)
-                or input_mask.dtype != torch.bool
-                or input_mask.shape != x.shape[:-1]
-            ):
-                got = (
-                    (input_mask.dtype, tuple(input_mask.shape))
-                    if isinstance(input_mask, torch.Tensor)
-                    else type(input_mask).__name__
-                )
-                raise ValueError(
-                    f"input_mask={got} is not allowed: input_mask must be a bool tensor of shape "
-                    f"x.shape[:-1] = {tuple(x.shape[:-1])} (True = real token)"
-                )
+            check_bool_mask("input_mask", input_mask, x.shape[:-1], "x.shape[:-1]", "True = real token")
             mask = input_mask.reshape(-1).to(x.device)
         if trainable is not None:
-            if (
-                not isinstance(trainable, torch.Tensor)
-                or trainable.dtype != torch.bool
-                or tuple(trainable.shape) != (self.num_slots,)
-            ):
-                got = (
-                    (trainable.dtype, tuple(trainable.shape))
-                    if isinstance(trainable, torch.Tensor)
-                    else type(trainable).__name__
-                )
-                raise ValueError(
-                    f"mem_trainable_mask={got} is not allowed: mem_trainable_mask must be a bool tensor "
-                    f"of shape (num_keys**2,) = ({self.num_slots},) (True = slot is trained)"
-                )
+            check_bool_mask(
+                "mem_trainable_mask", trainable, (self.num_slots,), "(num_keys**2,)", "True = slot is trained"
+            )
             trainable = trainable.to(self.values.weight.device)
         if isinstance(noise_scale, torch.Tensor) and noise_scale.numel() == 1:
             noise_scale = noise_scale.item()
