@@ -444,7 +444,8 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log
             if pbar is not None:
                 pbar.update(1)
             out_of_time = t.max_time_s is not None and time.perf_counter() - loop_t0 >= t.max_time_s
-            last = step == t.max_steps or out_of_time or interrupt.requested
+            stop = interrupt.requested  # read once: a Ctrl-C arriving later is handled next step
+            last = step == t.max_steps or out_of_time or stop
             do_ckpt = last or (t.ckpt_every and step % t.ckpt_every == 0)
             do_eval_now = t.eval_every and step % t.eval_every == 0 and not last
             if step % t.log_every == 0 or do_ckpt or do_eval_now or last:
@@ -463,7 +464,7 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log
                 save(step)
                 last_saved = step
                 window_t0 = time.perf_counter()
-            if interrupt.requested:
+            if stop:
                 log(f"\ninterrupted at step {step}: checkpoint saved; continue with --out {run_dir} --resume")
                 raise KeyboardInterrupt
             if out_of_time:
