@@ -5,8 +5,11 @@ product-key-memory 0.3.0 (lucidrains) and the 4 x dim FFN that a memory layer re
 
 bf16 autocast with float32 parameters, as in training (pkmem is also timed with a bf16 value
 table, the dtype the issue's floor assumes). "fwd" is a training-mode forward with autograd on;
-"fwd+bwd" adds the backward of a random output gradient (input gradient included); the decode
-setting also times an eval-mode forward without autograd, eagerly and replayed from a CUDA graph.
+"fwd+bwd" adds the backward of a random output gradient (input gradient included). The kernel
+rows and the FFN are also timed replayed from CUDA graphs (training-mode forward and forward +
+backward through ``torch.cuda.make_graphed_callables``: device time without the host's launch
+overhead, which dominates eager times at small sizes and varies between machines); settings of at
+most 512 tokens also time an eval-mode forward without autograd, eagerly and from a CUDA graph.
 Each time is the median over repeats of CUDA-event timings after warm-up; floors use the copy
 bandwidth and the bf16 matrix rate measured in the same run (see docs/kernels.md).
 """
@@ -14,6 +17,7 @@ bandwidth and the bf16 matrix rate measured in the same run (see docs/kernels.md
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -54,7 +58,7 @@ def make(impl: str, num_keys: int) -> nn.Module:
         layer = ProductKeyMemory(DIM, HEADS, num_keys, TOPK, K_DIM, backend=backend)
         if "bf16 values" in impl:
             layer.values.data = layer.values.data.to(torch.bfloat16)
-        return layer
+        return torch.compile(layer) if "torch.compile" in impl else layer
     if impl == "product-key-memory 0.3.0":
         from product_key_memory import PKM
 
@@ -66,6 +70,7 @@ def make(impl: str, num_keys: int) -> nn.Module:
 
 IMPLS = [
     "pkmem triton (bf16 values)",
+    "pkmem triton (bf16 values, torch.compile)",  # inductor fuses the ops around the kernels
     "pkmem triton (fp32 values)",
     "pkmem reference (torch, fp32 values)",
     "product-key-memory 0.3.0",
@@ -102,6 +107,8 @@ def run_setting(name: str, T: int, num_keys: int, bw: float, rate: float, quick:
     for impl in IMPLS:
         if quick and impl != IMPLS[0] and impl != "FFN 4*dim":
             continue
+        if "torch.compile" in impl and T == 512:  # a compile per setting: the paper's sizes and decode
+            continue
         row = {"setting": name, "tokens": T, "num_keys": num_keys, "impl": impl}
         try:
             torch.manual_seed(0)
@@ -113,6 +120,7 @@ def run_setting(name: str, T: int, num_keys: int, bw: float, rate: float, quick:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         row["floor_fwd_ms"], row["floor_fwd_bwd_ms"] = floors(impl, T, num_keys, bw, rate)
         results.append(row)
+        gc.collect()  # frees the CUDA graphs' memory pools before the next row's peak measurement
         torch.cuda.empty_cache()
     return results
 
@@ -138,11 +146,18 @@ def measure(layer: nn.Module, lucid: bool, xs: list[torch.Tensor], gy: torch.Ten
         fwd().backward(gy[None] if lucid else gy)
 
     slow = lucid or getattr(layer, "backend", "") == "torch"
+    compiled = hasattr(layer, "_orig_mod")
     iters = 10 if slow else 20
     torch.cuda.reset_peak_memory_stats()
     row["fwd"] = cuda_time(fwd, iters=iters)
     row["fwd_bwd"] = cuda_time(fwd_bwd, iters=iters)
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if not slow and not compiled:
+        try:
+            row.update(graphed_train_times(layer, xs[0], gy))
+        except Exception as e:
+            traceback.print_exc(limit=3)
+            row["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     if xs[0].shape[0] <= 512:
         layer.eval()
         x0 = xs[0].detach()[None] if lucid else xs[0].detach()
@@ -152,9 +167,29 @@ def measure(layer: nn.Module, lucid: bool, xs: list[torch.Tensor], gy: torch.Ten
                 return layer(x0)
 
         row["fwd_eval_nograd"] = cuda_time(infer, iters=50)
-        if not slow:
+        if not slow and not hasattr(layer, "_orig_mod"):  # not for a torch.compile'd layer
             row["fwd_eval_cuda_graph"] = graph_time(layer, x0)
     return row
+
+
+def graphed_train_times(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> dict:
+    """Training-mode forward and forward+backward replayed from CUDA graphs
+    (``torch.cuda.make_graphed_callables``): the device time without the host's launch overhead."""
+    layer.train()
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(layer, (x,))
+
+    def fwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return graphed(x)
+
+    def fwd_bwd():  # as the eager fwd_bwd: gradients set to None first (no accumulation)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        fwd().backward(gy)
+
+    return {"fwd_graph": cuda_time(fwd, iters=50), "fwd_bwd_graph": cuda_time(fwd_bwd, iters=50)}
 
 
 def graph_time(layer: nn.Module, x: torch.Tensor) -> dict:
@@ -259,8 +294,10 @@ def main() -> None:
             continue
         f, fb = r["fwd"]["median_ms"], r["fwd_bwd"]["median_ms"]
         extra = ""
+        if "fwd_graph" in r:
+            extra = f"train graph {r['fwd_graph']['median_ms']:.3f} / {r['fwd_bwd_graph']['median_ms']:.3f}; "
         if "fwd_eval_nograd" in r:
-            extra = f"eval {r['fwd_eval_nograd']['median_ms']:.3f}"
+            extra += f"eval {r['fwd_eval_nograd']['median_ms']:.3f}"
             if "fwd_eval_cuda_graph" in r:
                 extra += f" / graph {r['fwd_eval_cuda_graph']['median_ms']:.3f}"
         rows.append(
@@ -273,7 +310,8 @@ def main() -> None:
                 extra,
             ]
         )
-    print(table(rows, ["setting", "impl", "fwd ms (/floor)", "fwd+bwd ms (/floor)", "peak GiB", "decode"]))
+    header = ["setting", "impl", "fwd ms (/floor)", "fwd+bwd ms (/floor)", "peak GiB", "CUDA graphs"]
+    print(table(rows, header))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ A minimal pre-LN decoder (dim 1024, 16 heads, 4 x dim FFN, causal flash attentio
 ``scaled_dot_product_attention``), transformer blocks only (no embedding or output layer), on
 random hidden states of batch 16 x 512 tokens, bf16 autocast with float32 parameters. In the
 memory models, block 6 (1-based) has a memory layer in place of its FFN, as in the paper.
-Forward tokens/s, timed two ways: training mode with autograd on, and eval mode without autograd;
-plus a decode-like batch of 64 sequences x 1 token (eval). Medians of CUDA-event timings.
+Forward tokens/s, timed three ways: training mode with autograd on, eval mode without autograd, and
+that eval forward replayed from a CUDA graph (device time: no host launch overhead, which varies
+between machines); plus a decode-like batch of 64 sequences x 1 token (eval). Medians of CUDA-event
+timings.
 """
 
 from __future__ import annotations
@@ -79,7 +81,30 @@ def measure(m: nn.Module, x: torch.Tensor, xd: torch.Tensor) -> dict:
     m.eval()
     row["eval_fwd"] = cuda_time(lambda: eval_fwd(x), iters=10)
     row["decode_64x1_eval_fwd"] = cuda_time(lambda: eval_fwd(xd), iters=20)
+    if not any(getattr(mod, "backend", "") == "torch" for mod in m.modules()):
+        try:  # the same eval forward replayed from a CUDA graph: no host launch overhead
+            row["eval_fwd_cuda_graph"] = graph_time(m, x)
+        except Exception as e:
+            traceback.print_exc(limit=3)
+            row["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row
+
+
+def graph_time(m: nn.Module, x: torch.Tensor) -> dict:
+    def f():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return m(x)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        f()
+    return cuda_time(graph.replay, iters=20)
 
 
 MODELS = [
@@ -90,6 +115,13 @@ MODELS = [
     ("12 + pkmem memory (torch reference)", 12, "torch"),
     ("12 + product-key-memory 0.3.0", 12, "lucidrains"),
 ]
+
+
+def _graph_cell(r: dict) -> str:
+    if "eval_fwd_cuda_graph_speedup_vs_24_dense" not in r:
+        return ""
+    g = r["eval_fwd_cuda_graph"]["median_ms"]
+    return f"{g:.2f} ({r['eval_fwd_cuda_graph_speedup_vs_24_dense']:.2f}x)"
 
 
 def main() -> None:
@@ -118,13 +150,16 @@ def main() -> None:
         write_json(out_path, data)
     tokens = BATCH * SEQ
     first = data["results"][0]
-    base = {k: first[k]["median_ms"] for k in ("train_fwd", "eval_fwd") if k in first}
+    keys = ("train_fwd", "eval_fwd", "eval_fwd_cuda_graph")
+    base = {k: first[k]["median_ms"] for k in keys if k in first}
     rows = []
     for r in data["results"]:
         if "error" in r:
             rows.append([r["model"], "error", r["error"][:60], "", "", ""])
             continue
-        for k in ("train_fwd", "eval_fwd"):
+        for k in keys:
+            if k not in r or k not in base:
+                continue
             r[f"{k}_tokens_per_s"] = tokens / (r[k]["median_ms"] * 1e-3)
             r[f"{k}_speedup_vs_24_dense"] = base[k] / r[k]["median_ms"]
         rows.append(
@@ -135,11 +170,13 @@ def main() -> None:
                 f"{r['eval_fwd']['median_ms']:.2f}",
                 f"{r['eval_fwd_tokens_per_s']:,.0f} ({r['eval_fwd_speedup_vs_24_dense']:.2f}x)",
                 f"{r['decode_64x1_eval_fwd']['median_ms']:.2f}",
+                _graph_cell(r),
             ]
         )
     write_json(out_path, data)
     print(f"wrote {out_path}")
     header = ["model", "train fwd ms", "tokens/s (vs 24)", "eval fwd ms", "tokens/s (vs 24)", "decode ms"]
+    header.append("eval fwd, CUDA graph ms (vs 24)")
     print(table(rows, header))
 
 

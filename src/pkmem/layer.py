@@ -17,10 +17,9 @@ from torch import nn
 
 from pkmem import ops
 from pkmem.ops.dispatch import check_backend
-from pkmem.ops.reference import acc_dtype
+from pkmem.ops.reference import SCORES, acc_dtype, score_weights
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
-SCORES = ("softmax", "relu", "none")
 GATES = (None, "swilu")
 
 
@@ -32,6 +31,11 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
 def _cast(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """``x`` in the linear layer's dtype, unless autocast decides the dtype."""
     return x if torch.is_autocast_enabled(x.device.type) else x.to(linear.weight.dtype)
+
+
+def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, skipped (no module call: host time per step) when it would be the identity."""
+    return module(x) if module.training and module.p > 0 else x
 
 
 def check_input(x, dim: int) -> None:
@@ -254,16 +258,16 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x (..., dim)``, ``mask (...)`` bool with True = real token -> ``(..., dim)``, x's dtype."""
         x2, m = self._flatten(x, mask)  # (T, dim), (T,)
-        x2 = self.input_dropout(x2)
+        x2 = _dropout(self.input_dropout, x2)
         w, idx = self._lookup(self._query(x2, m), m)  # (T, H, k) each
         if self.usage_stats is not None:
             self.usage_stats.update(idx, w)
-        w = self.score_dropout(w)
+        w = _dropout(self.score_dropout, w)
         T, J = x2.shape[0], self.heads * self.topk
         out = ops.weighted_gather(
             self.values, idx.reshape(T, J), w.reshape(T, J), self.sparse_values, self.backend
         )
-        out = self.value_dropout(out)  # (T, v_dim), float32
+        out = _dropout(self.value_dropout, out)  # (T, v_dim), float32
         if self.gate_proj is not None:
             out = out * F.silu(self.gate_proj(_cast(x2, self.gate_proj)).to(out.dtype))
         if self.out_proj is not None:
@@ -293,20 +297,16 @@ class ProductKeyMemory(nn.Module):
             )
         if self.normalize_query:
             q = F.normalize(q, dim=-1)
-        return self.query_dropout(q.flatten(-2))  # (T, H, k_dim)
+        return _dropout(self.query_dropout, q.flatten(-2))  # (T, H, k_dim)
 
     def _lookup(self, q: torch.Tensor, mask: torch.Tensor | None):
-        if self.product_keys:
-            scores, idx = ops.product_topk(q, self.subkeys, self.topk, self.backend)  # (T, H, k)
+        if self.product_keys:  # (T, H, k) each; the kernel applies the score function in registers
+            w, idx = ops.product_lookup(
+                q, self.subkeys, self.topk, self.score, self.temperature, self.backend
+            )
         else:
             scores, idx = ops.flat_topk(q, self.keys, self.topk, self.backend)
-        scores = scores / self.temperature
-        if self.score == "softmax":
-            w = scores.softmax(dim=-1)
-        elif self.score == "relu":
-            w = F.relu(scores)
-        else:
-            w = scores
+            w = score_weights(scores, self.score, self.temperature)
         if mask is not None:
             w = torch.where(mask[:, None, None], w, 0.0)
             idx = torch.where(mask[:, None, None], idx, -1)

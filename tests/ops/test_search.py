@@ -132,15 +132,51 @@ def test_custom_op_registration(kernels, device):
     sk.requires_grad_()
     torch.library.opcheck(
         search._product_topk_op,
-        (q, sk, 4, "tf32"),
+        (q, sk, 4, "tf32", "softmax", 0.5),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
-    scores, idx = search._product_topk_op(q, sk, 4, "tf32")
-    scores.sum().backward()
+    w, idx = search._product_topk_op(q, sk, 4, "tf32", "softmax", 0.5)
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(8)).to(device)
+    (w * g).sum().backward()
     ref_q, ref_k = q.detach().clone().requires_grad_(), sk.detach().clone().requires_grad_()
-    reference.product_topk(ref_q, ref_k, 4)[0].sum().backward()
+    (reference.product_lookup(ref_q, ref_k, 4, "softmax", 0.5)[0] * g).sum().backward()
     torch.testing.assert_close(q.grad, ref_q.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sk.grad, ref_k.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["softmax", "relu", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+@pytest.mark.parametrize("T,H,n,D,topk", [(7, 2, 37, 5, 5), (11, 1, 9, 3, 9)])
+def test_score_function_in_kernel_matches_reference(kernels, device, score, temperature, T, H, n, D, topk):
+    """product_lookup: the score function applied in the kernel (forward) and in the scatter kernel
+    (backward) equals the reference's score_weights after the reference search."""
+    q, sk = _inputs(T, H, n, D, device, seed=9)
+    if score == "relu":  # every score of even tokens < 0, of odd tokens > 0: both sides of relu
+        sk = -sk.abs()
+        q = q.abs() * torch.where(torch.arange(T, device=device) % 2 == 0, 1.0, -1.0)[:, None, None]
+    g = torch.randn(T, H, topk, generator=torch.Generator().manual_seed(10)).to(device)
+    out = []
+    for fn in (kernels.product_lookup, reference.product_lookup):
+        qq, kk = q.clone().requires_grad_(), sk.clone().requires_grad_()
+        w, idx = fn(qq, kk, topk, score, temperature)
+        (w * g).sum().backward()
+        out.append((w.detach(), idx, qq.grad, kk.grad))
+    (w1, i1, gq1, gk1), (w2, i2, gq2, gk2) = out
+    assert torch.equal(i1, i2)
+    for a, b in [(w1, w2), (gq1, gq2), (gk1, gk2)]:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if score == "relu":
+        assert (w1[0::2] == 0).all() and (w1[1::2] > 0).all() and (gq1[0::2] == 0).all()
+    # without autograd the forward alone runs (no graph), with the same result
+    with torch.no_grad():
+        w3, i3 = kernels.product_lookup(q, sk, topk, score, temperature)
+    assert torch.equal(w3, w1) and torch.equal(i3, i1) and not w3.requires_grad
+
+
+def test_lookup_dispatch_rejects_unknown_score(device):
+    q, sk = _inputs(2, 1, 8, 2, device)
+    with pytest.raises(ValueError, match="score='sigmoid'"):
+        dispatch.product_lookup(q, sk, 2, "sigmoid")
 
 
 def test_dispatch_errors(device):

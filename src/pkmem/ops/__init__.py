@@ -4,6 +4,6 @@
 fastest implementation available (``backend="auto" | "torch" | "triton"``).
 """
 
-from pkmem.ops.dispatch import BACKENDS, flat_topk, product_topk, weighted_gather
+from pkmem.ops.dispatch import BACKENDS, flat_topk, product_lookup, product_topk, weighted_gather
 
-__all__ = ["BACKENDS", "flat_topk", "product_topk", "weighted_gather"]
+__all__ = ["BACKENDS", "flat_topk", "product_lookup", "product_topk", "weighted_gather"]

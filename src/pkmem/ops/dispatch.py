@@ -46,8 +46,19 @@ def _interpreting() -> bool:
     return kernels is not None and kernels.INTERPRET
 
 
+_REASONS: dict[tuple, str | None] = {}
+
+
 def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
-    """Why the kernels cannot run on ``tensors`` (None if they can)."""
+    """Why the kernels cannot run on ``tensors`` (None if they can); remembered per device types,
+    dtypes and ``TRITON_INTERPRET`` (this runs on every op call)."""
+    key = (os.environ.get("TRITON_INTERPRET", "0"), *((t.device.type, t.dtype) for t in tensors))
+    if key not in _REASONS:
+        _REASONS[key] = _unavailable_reason(tensors)
+    return _REASONS[key]
+
+
+def _unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
     devices = {t.device.type for t in tensors}
     if len(devices) > 1:
         return f"the tensors are on several device types {sorted(devices)}"
@@ -95,8 +106,23 @@ def _check_topk(topk: int, n: int) -> None:
 
 def product_topk(query: torch.Tensor, subkeys: torch.Tensor, topk: int, backend: str = "auto"):
     """See :func:`pkmem.ops.reference.product_topk`."""
+    return product_lookup(query, subkeys, topk, "none", 1.0, backend)
+
+
+def product_lookup(
+    query: torch.Tensor,
+    subkeys: torch.Tensor,
+    topk: int,
+    score: str = "softmax",
+    temperature: float = 1.0,
+    backend: str = "auto",
+):
+    """See :func:`pkmem.ops.reference.product_lookup` (the kernel applies the score function to the
+    selected scores in registers, forward and backward)."""
+    if score not in reference.SCORES:
+        raise ValueError(f"score={score!r} is not allowed: score must be one of {reference.SCORES}")
     if resolve_backend(backend, query, subkeys) == "torch":
-        return reference.product_topk(query, subkeys, topk)
+        return reference.product_lookup(query, subkeys, topk, score, temperature)
     T, H, kd = query.shape
     if subkeys.dim() != 4 or subkeys.shape[0] != H or subkeys.shape[1] != 2 or 2 * subkeys.shape[3] != kd:
         raise ValueError(
@@ -108,7 +134,7 @@ def product_topk(query: torch.Tensor, subkeys: torch.Tensor, topk: int, backend:
     if n * n >= 2**31:
         raise ValueError(f"num_keys={n} is not allowed with backend='triton': num_keys**2 must be < 2**31")
     kernels, _ = _triton_module()
-    return kernels.product_topk(query, subkeys, topk)
+    return kernels.product_lookup(query, subkeys, topk, score, float(temperature))
 
 
 def flat_topk(query, keys, topk: int, backend: str = "auto"):

@@ -22,6 +22,8 @@ __all__ = [
     "subkey_scores",
     "topk_from_half_scores",
     "product_topk",
+    "score_weights",
+    "product_lookup",
     "flat_topk",
     "brute_force_product_topk",
     "weighted_gather",
@@ -93,6 +95,29 @@ def product_topk(query: torch.Tensor, subkeys: torch.Tensor, topk: int) -> tuple
         _, indices = topk_from_half_scores(half, topk)
     scores = half[..., 0, :].gather(-1, indices // n) + half[..., 1, :].gather(-1, indices % n)
     return scores, indices
+
+
+SCORES = ("softmax", "relu", "none")
+
+
+def score_weights(scores: torch.Tensor, score: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
+    """The weights of the selected slots: ``score`` ("softmax" over the last axis, "relu" or
+    "none") of ``scores / temperature``."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if score == "softmax":
+        return scores.softmax(dim=-1)
+    if score == "relu":
+        return F.relu(scores)
+    return scores
+
+
+def product_lookup(
+    query: torch.Tensor, subkeys: torch.Tensor, topk: int, score: str = "softmax", temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`product_topk`, then :func:`score_weights`: ``(weights, indices)``, each ``(T, H, topk)``."""
+    scores, indices = product_topk(query, subkeys, topk)
+    return score_weights(scores, score, temperature), indices
 
 
 def flat_topk(

@@ -6,6 +6,6 @@
 
 from pkmem.ops.triton._common import INTERPRET
 from pkmem.ops.triton.gather import weighted_gather
-from pkmem.ops.triton.search import product_topk
+from pkmem.ops.triton.search import product_lookup, product_topk
 
-__all__ = ["INTERPRET", "product_topk", "weighted_gather"]
+__all__ = ["INTERPRET", "product_lookup", "product_topk", "weighted_gather"]

@@ -140,10 +140,12 @@ TUNED_BWD: dict = {}
 
 def _fwd_config(T: int, J: int, v: int) -> dict:
     bv = min(next_pow2(v), 1024)
-    # few tokens (decode): narrower column blocks so that enough programs run at once
-    while bv > 128 and T * triton.cdiv(v, bv) < 1024:
+    # few tokens (decode): narrower column blocks so that enough programs run at once, one warp
+    # per 256 columns (H200, v 1024: 13 vs 46 us at 64 tokens, 37 vs 101 us at 512; 8192 tokens
+    # keep 1024 columns and 4 warps, at the bandwidth floor)
+    while bv > 128 and T * triton.cdiv(v, bv) < 8192:
         bv //= 2
-    return {"BLOCK_V": bv, "BLOCK_J": 8, "num_warps": 4, **TUNED_FWD}
+    return {"BLOCK_V": bv, "BLOCK_J": 8, "num_warps": max(1, bv // 256), **TUNED_FWD}
 
 
 def _bwd_config(n_rows: int, v: int) -> dict:
@@ -352,4 +354,6 @@ def weighted_gather(
     _check_inputs(values, indices, weights)
     if torch.compiler.is_compiling() and not sparse:
         return _gather_op(values, indices, weights)
-    return _WeightedGather.apply(values, indices, weights, sparse)
+    if torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad):
+        return _WeightedGather.apply(values, indices, weights, sparse)
+    return gather_forward(values, indices, weights)  # nothing to differentiate: no autograd node

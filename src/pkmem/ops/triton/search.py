@@ -46,7 +46,14 @@ from pkmem.ops.triton._common import (
     unpack_score,
 )
 
-__all__ = ["product_topk", "search_forward", "search_backward", "half_scores", "DEFAULT_PRECISION"]
+__all__ = [
+    "product_lookup",
+    "product_topk",
+    "search_forward",
+    "search_backward",
+    "half_scores",
+    "DEFAULT_PRECISION",
+]
 
 DEFAULT_PRECISION = check_precision(os.environ.get("PKMEM_SEARCH_PRECISION", "tf32"))
 
@@ -230,6 +237,33 @@ def _half_select(
     return best_s, best_i
 
 
+# score functions applied to the selected scores in the kernels (SCORE constexpr)
+SCORE_CODES = {"none": 0, "softmax": 1, "relu": 2}
+
+
+@triton.jit
+def _score_fn(s, valid, SCORE: tl.constexpr):
+    """Weights from the (temperature-scaled) selected scores (BT, KP); ``valid`` marks the k columns."""
+    if SCORE == 1:  # softmax over the k selected slots
+        s = tl.where(valid, s, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        s = e / tl.sum(e, axis=1)[:, None]
+    elif SCORE == 2:
+        s = tl.maximum(s, 0.0)
+    return s
+
+
+@triton.jit
+def _score_fn_backward(g, w, SCORE: tl.constexpr):
+    """Gradient of the scores from that of the weights ``g`` and the weights ``w`` (0 off the k
+    columns); the temperature is applied by the caller."""
+    if SCORE == 1:
+        g = w * (g - tl.sum(g * w, axis=1)[:, None])
+    elif SCORE == 2:
+        g = tl.where(w > 0, g, 0.0)
+    return g
+
+
 @triton.jit
 def _search_fwd_kernel(
     Q,
@@ -246,6 +280,7 @@ def _search_fwd_kernel(
     D,
     topk,
     C,
+    inv_temp,
     stride_qt,
     stride_qh,
     s_half,
@@ -263,6 +298,7 @@ def _search_fwd_kernel(
     TOPK: tl.constexpr,
     FUSED: tl.constexpr,
     EXACT: tl.constexpr,
+    SCORE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -310,24 +346,30 @@ def _search_fwd_kernel(
     jj = tl.arange(0, KP)
     out = rows[:, None] * (H * topk) + h * topk + jj[None, :]
     omask = row_mask[:, None] & (jj < topk)[None, :]
-    tl.store(S_OUT + out, unpack_score(final), mask=omask)
+    w = _score_fn(unpack_score(final) * inv_temp, (jj < topk)[None, :], SCORE)
+    tl.store(S_OUT + out, w, mask=omask)
     tl.store(I_OUT + out, unpack_payload(final).to(tl.int64), mask=omask)
 
 
 @triton.jit
 def _search_bwd_scatter_kernel(
     GS,
+    W,
     IDX,
     G,
     T,
     H,
     n,
     topk,
+    inv_temp,
     BT: tl.constexpr,
     KP: tl.constexpr,
+    BNZ: tl.constexpr,
+    SCORE: tl.constexpr,
 ):
-    """Dense half-score gradient G (H, 2, T, n) from the k selected scores' gradient: per token,
-    duplicated sub-key indices are summed in a fixed order and stored once (no atomics)."""
+    """Dense half-score gradient G (H, 2, T, n) from the k selected weights' gradient (through the
+    score function and the temperature): the program's rows are zeroed (no separate fill), then per
+    token the duplicated sub-key indices are summed in a fixed order and stored once (no atomics)."""
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -336,10 +378,19 @@ def _search_bwd_scatter_kernel(
     m = row_mask[:, None] & (jj < topk)[None, :]
     off = rows[:, None] * (H * topk) + h * topk + jj[None, :]
     g = tl.load(GS + off, mask=m, other=0.0).to(tl.float32)
+    if SCORE != 0:
+        g = _score_fn_backward(g, tl.load(W + off, mask=m, other=0.0), SCORE)
+    g = g * inv_temp
     idx = tl.load(IDX + off, mask=m, other=0)
     first = idx // n
     earlier = jj[None, None, :] < jj[None, :, None]  # [., j, j']: j' < j
     g_rows = (h * 2 * T + rows[:, None]).to(tl.int64) * n
+    zeros = tl.zeros((BT, BNZ), tl.float32)
+    for p in tl.static_range(2):
+        for c0 in range(0, n, BNZ):
+            cz = c0 + tl.arange(0, BNZ)
+            tl.store(G + g_rows + p * T * n + cz[None, :], zeros, mask=row_mask[:, None] & (cz < n)[None, :])
+    tl.debug_barrier()  # the zeros land before the program's own scattered stores
     for p in tl.static_range(2):
         if p == 0:
             hid = first
@@ -395,8 +446,9 @@ TUNED: dict = {}
 def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
     bn = max(min(next_pow2(n), 128), KP, 16)
     cfg = {
-        # rows per program: 32 when that still gives a few programs per SM, else 16 (decode sizes)
-        "BT": 32 if T * H >= 32 * 512 else 16,
+        # rows per program: 32 when that still gives a few programs per SM; else 4 (decode sizes:
+        # more, shorter programs; 18.6 vs 27.8 us at 64 tokens with 16 rows, 29 vs 34 at 512)
+        "BT": 32 if T * H >= 32 * 512 else 4,
         "BN": bn,
         "BD": min(max(next_pow2(D), 16), 64),
         "NG": min(bn, max(KP, 64)),
@@ -404,7 +456,7 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
         "FUSED": False,
         # final top-k on exact int64 (sum, slot) keys; False: int32 keys truncated by log2(CP) bits
         "EXACT": True,
-        "num_warps": 8,
+        "num_warps": 8 if T * H >= 32 * 512 else 4,
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
     }
@@ -419,8 +471,11 @@ def search_forward(
     topk: int,
     precision: str | None = None,
     config: dict | None = None,
+    score: str = "none",
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of the search: ``(T, H, k_dim), (H, 2, n, k_dim/2) -> scores fp32, indices int64``."""
+    """Forward of the search: ``(T, H, k_dim), (H, 2, n, k_dim/2) -> weights fp32, indices int64``
+    (the weights are ``score`` of the selected scores / ``temperature``; the raw scores for "none")."""
     precision = check_precision(precision or DEFAULT_PRECISION)
     T, H, kd = query.shape
     n, D = subkeys.shape[2], subkeys.shape[3]
@@ -462,6 +517,7 @@ def search_forward(
         D,
         topk,
         C,
+        1.0 / temperature,
         query.stride(0),
         query.stride(1),
         s_half,
@@ -479,6 +535,7 @@ def search_forward(
         TOPK=cfg["TOPK"],
         FUSED=cfg["FUSED"],
         EXACT=cfg["EXACT"],
+        SCORE=SCORE_CODES[score],
         num_warps=cfg["num_warps"],
     )
     return scores, indices
@@ -492,25 +549,35 @@ def search_backward(
     need_query: bool = True,
     need_subkeys: bool = True,
     precision: str | None = None,
+    weights: torch.Tensor | None = None,
+    score: str = "none",
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of the search with respect to ``query`` and ``subkeys`` (each in its own dtype)."""
+    """Gradients of the search with respect to ``query`` and ``subkeys`` (each in its own dtype),
+    from the gradient of its output (``weights``, the forward's output, is needed unless ``score``
+    is "none")."""
     precision = check_precision(precision or DEFAULT_PRECISION)
     T, H, kd = query.shape
     n, D = subkeys.shape[2], subkeys.shape[3]
     topk = indices.shape[-1]
-    G = torch.zeros(H, 2, T, n, device=query.device, dtype=torch.float32)
+    G = new_output(H, 2, T, n, device=query.device, dtype=torch.float32)  # every element is written
     if T > 0:
         BT = 8
+        grad_scores = grad_scores.contiguous()
         _search_bwd_scatter_kernel[(triton.cdiv(T, BT), H)](
-            grad_scores.contiguous(),
+            grad_scores,
+            grad_scores if weights is None else weights.contiguous(),
             indices.contiguous(),
             G,
             T,
             H,
             n,
             topk,
+            1.0 / temperature,
             BT=BT,
             KP=max(next_pow2(topk), 2),
+            BNZ=min(max(next_pow2(n), 16), 128),
+            SCORE=SCORE_CODES[score],
         )
     gq = gk = None
     G = G.view(H * 2, T, n)
@@ -527,15 +594,15 @@ def search_backward(
 # ---- autograd: a custom op (for torch.compile) and a plain Function (cheaper in eager) -------------
 
 
-@torch.library.custom_op("pkmem::product_topk", mutates_args=())
+@torch.library.custom_op("pkmem::product_lookup", mutates_args=())
 def _product_topk_op(
-    query: torch.Tensor, subkeys: torch.Tensor, topk: int, precision: str
+    query: torch.Tensor, subkeys: torch.Tensor, topk: int, precision: str, score: str, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return search_forward(query, subkeys, topk, precision)
+    return search_forward(query, subkeys, topk, precision, score=score, temperature=temperature)
 
 
 @_product_topk_op.register_fake
-def _(query, subkeys, topk, precision):
+def _(query, subkeys, topk, precision, score, temperature):
     T, H, _ = query.shape
     return (
         query.new_empty(T, H, topk, dtype=torch.float32),
@@ -543,35 +610,41 @@ def _(query, subkeys, topk, precision):
     )
 
 
-@torch.library.custom_op("pkmem::product_topk_backward", mutates_args=())
+@torch.library.custom_op("pkmem::product_lookup_backward", mutates_args=())
 def _product_topk_backward_op(
-    grad_scores: torch.Tensor,
+    grad_weights: torch.Tensor,
+    weights: torch.Tensor,
     query: torch.Tensor,
     subkeys: torch.Tensor,
     indices: torch.Tensor,
     precision: str,
+    score: str,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    gq, gk = search_backward(grad_scores, query, subkeys, indices, True, True, precision)
-    return gq, gk
+    return search_backward(
+        grad_weights, query, subkeys, indices, True, True, precision, weights, score, temperature
+    )
 
 
 @_product_topk_backward_op.register_fake
-def _(grad_scores, query, subkeys, indices, precision):
+def _(grad_weights, weights, query, subkeys, indices, precision, score, temperature):
     return torch.empty_like(query), torch.empty_like(subkeys)
 
 
 def _setup_context(ctx, inputs, output):
-    query, subkeys, topk, precision = inputs
-    ctx.save_for_backward(query, subkeys, output[1])
-    ctx.precision = precision
+    query, subkeys, topk, precision, score, temperature = inputs
+    ctx.save_for_backward(query, subkeys, output[1], output[0])
+    ctx.precision, ctx.score, ctx.temperature = precision, score, temperature
 
 
-def _backward(ctx, grad_scores, grad_indices):
-    query, subkeys, indices = ctx.saved_tensors
-    if grad_scores is None:
-        return None, None, None, None
-    gq, gk = _product_topk_backward_op(grad_scores, query, subkeys, indices, ctx.precision)
-    return gq, gk, None, None
+def _backward(ctx, grad_weights, grad_indices):
+    query, subkeys, indices, weights = ctx.saved_tensors
+    if grad_weights is None:
+        return None, None, None, None, None, None
+    gq, gk = _product_topk_backward_op(
+        grad_weights, weights, query, subkeys, indices, ctx.precision, ctx.score, ctx.temperature
+    )
+    return gq, gk, None, None, None, None
 
 
 _product_topk_op.register_autograd(_backward, setup_context=_setup_context)
@@ -579,28 +652,59 @@ _product_topk_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _ProductTopk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, subkeys, topk, precision):
-        scores, indices = search_forward(query, subkeys, topk, precision)
-        ctx.save_for_backward(query, subkeys, indices)
-        ctx.precision = precision
+    def forward(ctx, query, subkeys, topk, precision, score, temperature):
+        weights, indices = search_forward(
+            query, subkeys, topk, precision, score=score, temperature=temperature
+        )
+        ctx.save_for_backward(query, subkeys, indices, weights)
+        ctx.precision, ctx.score, ctx.temperature = precision, score, temperature
         ctx.mark_non_differentiable(indices)
-        return scores, indices
+        return weights, indices
 
     @staticmethod
-    def backward(ctx, grad_scores, grad_indices):
-        query, subkeys, indices = ctx.saved_tensors
+    def backward(ctx, grad_weights, grad_indices):
+        query, subkeys, indices, weights = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if grad_scores is None or not (need_q or need_k):
-            return None, None, None, None
-        gq, gk = search_backward(grad_scores, query, subkeys, indices, need_q, need_k, ctx.precision)
-        return gq, gk, None, None
+        if grad_weights is None or not (need_q or need_k):
+            return None, None, None, None, None, None
+        gq, gk = search_backward(
+            grad_weights,
+            query,
+            subkeys,
+            indices,
+            need_q,
+            need_k,
+            ctx.precision,
+            weights,
+            ctx.score,
+            ctx.temperature,
+        )
+        return gq, gk, None, None, None, None
+
+
+def product_lookup(
+    query: torch.Tensor,
+    subkeys: torch.Tensor,
+    topk: int,
+    score: str = "softmax",
+    temperature: float = 1.0,
+    precision: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact product-key search and the score function: see :func:`pkmem.ops.reference.product_lookup`."""
+    precision = check_precision(precision or DEFAULT_PRECISION)
+    if score not in SCORE_CODES:
+        raise ValueError(f"score={score!r} is not allowed: score must be one of {tuple(SCORE_CODES)}")
+    temperature = float(temperature)
+    if torch.compiler.is_compiling():
+        return _product_topk_op(query, subkeys, topk, precision, score, temperature)
+    if torch.is_grad_enabled() and (query.requires_grad or subkeys.requires_grad):
+        return _ProductTopk.apply(query, subkeys, topk, precision, score, temperature)
+    # nothing to differentiate: the forward alone (no autograd node, less host time per call)
+    return search_forward(query, subkeys, topk, precision, score=score, temperature=temperature)
 
 
 def product_topk(
     query: torch.Tensor, subkeys: torch.Tensor, topk: int, precision: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact product-key search: see :func:`pkmem.ops.reference.product_topk`."""
-    precision = check_precision(precision or DEFAULT_PRECISION)
-    if torch.compiler.is_compiling():
-        return _product_topk_op(query, subkeys, topk, precision)
-    return _ProductTopk.apply(query, subkeys, topk, precision)
+    return product_lookup(query, subkeys, topk, "none", 1.0, precision)
