@@ -250,18 +250,8 @@ def apply_tuned(path: str | None) -> dict:
         with open(path) as f:
             tuned = json.load(f).get("tuned", {})
         search.TUNED.update(tuned.get("search") or {})
-        best = dict(tuned.get("gather_bwd") or {})
-        if best.pop("DOT", False):
-            gather.TUNED_BWD_DOT.update(best)
-        elif best:  # the row kernel won: 16-bit tables take it too
-            gather.TUNED_BWD.update(best)
-            gather.TUNED_BWD_DOT.update({"DOT": False, **best})
-    return {
-        "search": dict(search.TUNED),
-        "gather_bwd": dict(gather.TUNED_BWD),
-        "gather_bwd_dot": dict(gather.TUNED_BWD_DOT),
-        "from": path,
-    }
+        gather.TUNED_BWD.update(tuned.get("gather_bwd") or {})
+    return {"search": dict(search.TUNED), "gather_bwd": dict(gather.TUNED_BWD), "from": path}
 
 
 def main() -> None:

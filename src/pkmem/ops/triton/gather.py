@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.triton._common import INTERPRET, new_output, next_pow2
+from pkmem.ops.triton._common import new_output, next_pow2
 
 __all__ = ["weighted_gather", "gather_forward", "gather_backward"]
 
@@ -130,96 +130,12 @@ def _gather_bwd_kernel(
             )
 
 
-@triton.jit
-def _gather_bwd_dot_kernel(
-    V,
-    G,
-    W,
-    PERM,
-    OFFS,
-    SK,
-    GV,
-    GW,
-    n_rows,
-    J,
-    v_dim,
-    stride_v,
-    stride_g,
-    TJ,
-    BLOCK_V: tl.constexpr,
-    R: tl.constexpr,
-    E: tl.constexpr,
-    NEED_GV: tl.constexpr,
-    NEED_GW: tl.constexpr,
-    F32DOT: tl.constexpr,
-):
-    """Dense gradient rows [pid * R, pid * R + R), columns of block ``vb``, on the tensor cores
-    (16-bit tables). The entries of those R rows are contiguous in the sorted order (SK: each
-    sorted entry's row); E at a time, their grad_out rows are gathered as one (E, BLOCK_V) tile and
-    reduced into the R gradient rows by a product with the (R, E) matrix holding each entry's
-    weight in its row (split into two 16-bit parts, hi + lo: ~16-bit weights, float32 sums). The
-    weight gradient <grad_out[t], V[row]> of each entry takes V[row] from the program's (R, BLOCK_V)
-    tile through the one-hot (E, R) product (exact). Many independent loads per program instead of
-    one short segment per program: the gathers' latency is hidden."""
-    pid = tl.program_id(0)
-    vb = tl.program_id(1)
-    r0 = pid * R
-    cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    cmask = cols < v_dim
-    rr = tl.arange(0, R)
-    rmask = (r0 + rr) < n_rows
-    start = tl.load(OFFS + r0)
-    end = tl.load(OFFS + tl.minimum(r0 + R, n_rows))
-    e_ar = tl.arange(0, E)
-    if NEED_GW:
-        vt = tl.load(
-            V + (r0 + rr)[:, None].to(tl.int64) * stride_v + cols[None, :],
-            mask=rmask[:, None] & cmask[None, :],
-            other=0.0,
-            eviction_policy="evict_first",
-        )
-    acc = tl.zeros((R, BLOCK_V), tl.float32)
-    for e0 in range(start, end, E):
-        ee = e0 + e_ar
-        em = ee < end
-        p = tl.load(PERM + ee, mask=em, other=0)
-        lr = tl.load(SK + ee, mask=em, other=-1) - r0  # the entry's row in the tile (-1: none)
-        t = p // J
-        g = tl.load(
-            G + t[:, None].to(tl.int64) * stride_g + cols[None, :],
-            mask=em[:, None] & cmask[None, :],
-            other=0.0,
-            eviction_policy="evict_last",
-        )  # (E, BLOCK_V), the table's dtype
-        hit = rr[:, None] == lr[None, :]  # (R, E)
-        # the interpreter's tl.dot mishandles bfloat16: there, the same (exact) operands in float32
-        dt = tl.float32 if F32DOT else g.dtype
-        if NEED_GV:
-            w = tl.load(W + p, mask=em, other=0.0).to(tl.float32)
-            w_hi = w.to(g.dtype)
-            w_lo = (w - w_hi.to(tl.float32)).to(g.dtype)
-            gd = g.to(dt)
-            acc = tl.dot(tl.where(hit, w_hi[None, :], 0.0).to(dt), gd, acc)
-            acc = tl.dot(tl.where(hit, w_lo[None, :], 0.0).to(dt), gd, acc)
-        if NEED_GW:
-            ve = tl.dot(tl.trans(hit).to(dt), vt.to(dt))  # (E, BLOCK_V): V[row] of each entry
-            tl.store(GW + vb * TJ + p, tl.sum(g.to(tl.float32) * ve, axis=1), mask=em)
-    if NEED_GV:
-        tl.store(
-            GV + (r0 + rr)[:, None].to(tl.int64) * v_dim + cols[None, :],
-            acc.to(GV.dtype.element_ty),
-            mask=rmask[:, None] & cmask[None, :],
-            eviction_policy="evict_first",
-        )
-
-
 # ---- launchers ------------------------------------------------------------------------------------
 
 
 # block sizes measured best on an H200 (benchmarks/kernels.py); merged over the defaults below
 TUNED_FWD: dict = {}
-TUNED_BWD: dict = {}  # the row-per-program kernel
-TUNED_BWD_DOT: dict = {}  # the tensor-core kernel (dense gradients of 16-bit tables)
+TUNED_BWD: dict = {}
 
 
 def _fwd_config(T: int, J: int, v: int) -> dict:
@@ -232,17 +148,11 @@ def _fwd_config(T: int, J: int, v: int) -> dict:
     return {"BLOCK_V": bv, "BLOCK_J": 8, "num_warps": max(1, bv // 256), **TUNED_FWD}
 
 
-def _bwd_config(n_rows: int, v: int, dtype: torch.dtype, sparse: bool) -> dict:
+def _bwd_config(n_rows: int, v: int) -> dict:
     # G16: for a 16-bit table, grad_out is read in the table's dtype (the value gradient is stored
-    # in it anyway): half the bytes of the dominant grad_out gathers.
-    # DOT: dense gradient of a 16-bit table by the tensor-core kernel (R rows, E entries per step)
-    dot = dtype in (torch.bfloat16, torch.float16) and not sparse
-    cfg = {"BLOCK_V": 512, "E": 2, "RPP": 1, "num_warps": 2, "G16": True, "DOT": dot}
-    if dot:
-        cfg.update({"BLOCK_V": 256, "E": 32, "R": 16, "num_warps": 4, **TUNED_BWD_DOT})
-    else:
-        cfg.update(TUNED_BWD)
-    cfg["BLOCK_V"] = max(min(next_pow2(v), cfg["BLOCK_V"]), 16 if cfg["DOT"] else 1)
+    # in it anyway): half the bytes of the dominant grad_out gathers
+    cfg = {"BLOCK_V": 512, "E": 2, "RPP": 1, "num_warps": 2, "G16": True, **TUNED_BWD}
+    cfg["BLOCK_V"] = min(next_pow2(v), cfg["BLOCK_V"])
     return cfg
 
 
@@ -287,20 +197,20 @@ def gather_forward(
 
 
 def _segments(indices: torch.Tensor, num_rows: int, sparse: bool):
-    """Stable sort of the flat indices: (perm, offsets (R+1), rows (R) or None, sorted indices)."""
+    """Stable sort of the flat indices: (perm, offsets (R+1), rows (R) or None)."""
     flat = indices.reshape(-1)
     keys = flat.to(torch.int32) if num_rows < 2**31 - 1 else flat
     sorted_keys, perm = torch.sort(keys, stable=True)
     if not sparse:
         bounds = torch.arange(num_rows + 1, device=flat.device, dtype=keys.dtype)
-        return perm, torch.searchsorted(sorted_keys, bounds), None, sorted_keys
+        return perm, torch.searchsorted(sorted_keys, bounds), None
     rows, counts = torch.unique_consecutive(sorted_keys, return_counts=True)  # synchronises
     ends = torch.cumsum(counts, 0)
     starts = ends - counts
     keep = rows >= 0
     rows, starts, ends = rows[keep], starts[keep], ends[keep]
     offsets = torch.cat([starts, ends[-1:]]) if rows.numel() else starts.new_zeros(1)
-    return perm, offsets, rows, sorted_keys
+    return perm, offsets, rows
 
 
 def gather_backward(
@@ -322,41 +232,15 @@ def gather_backward(
     indices, weights = indices.contiguous(), weights.contiguous()
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    cfg = dict(_bwd_config(N, v, values.dtype, sparse), **(config or {}))
-    if cfg["DOT"] and (sparse or values.dtype not in (torch.bfloat16, torch.float16) or not cfg["G16"]):
-        raise ValueError("config DOT needs a dense gradient of a bfloat16 / float16 table with G16")
-    perm, offsets, rows, sorted_keys = _segments(indices, N, sparse)
+    perm, offsets, rows = _segments(indices, N, sparse)
     n_rows = N if rows is None else rows.numel()
+    cfg = dict(_bwd_config(n_rows, v), **(config or {}))
     nvb = triton.cdiv(v, cfg["BLOCK_V"]) if v > 0 else 1
     gv = new_output(n_rows if need_values else 0, v, device=dev, dtype=values.dtype)
     gw = torch.zeros(nvb if need_weights else 0, T * J, device=dev, dtype=torch.float32)
     if cfg["G16"] and values.dtype in (torch.bfloat16, torch.float16):
         grad_out = grad_out.to(values.dtype)
-    if n_rows > 0 and v > 0 and (need_values or need_weights) and cfg["DOT"]:
-        _gather_bwd_dot_kernel[(triton.cdiv(n_rows, cfg["R"]), nvb)](
-            values,
-            grad_out,
-            weights,
-            perm,
-            offsets,
-            sorted_keys,
-            gv,
-            gw,
-            n_rows,
-            J,
-            v,
-            values.stride(0),
-            grad_out.stride(0),
-            T * J,
-            BLOCK_V=cfg["BLOCK_V"],
-            R=cfg["R"],
-            E=cfg["E"],
-            NEED_GV=need_values,
-            NEED_GW=need_weights,
-            F32DOT=INTERPRET,
-            num_warps=cfg["num_warps"],
-        )
-    elif n_rows > 0 and v > 0 and (need_values or need_weights):
+    if n_rows > 0 and v > 0 and (need_values or need_weights):
         grid = (triton.cdiv(n_rows, cfg["RPP"]), nvb)
         _gather_bwd_kernel[grid](
             values,
