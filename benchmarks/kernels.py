@@ -22,10 +22,12 @@ from pkmem.ops import reference  # noqa: E402
 from pkmem.ops.triton import gather, search  # noqa: E402
 
 SEARCH_CONFIGS = [
-    {"BT": 32, "BN": 128, "num_warps": 8},
-    {"BT": 32, "BN": 256, "num_warps": 8},
+    {"BT": 32, "BN": 128, "num_warps": 8, "KEY32": False},
+    {"BT": 32, "BN": 128, "num_warps": 8, "KEY32": True},
+    {"BT": 32, "BN": 128, "num_warps": 8, "KEY32": True, "EXACT": False},
+    {"BT": 16, "BN": 128, "num_warps": 4, "KEY32": True},
+    {"BT": 32, "BN": 256, "num_warps": 8, "KEY32": True},
     {"BT": 32, "BN": 128, "num_warps": 8, "BD": 64, "FUSED": True},
-    {"BT": 32, "BN": 128, "num_warps": 8, "EXACT": True},
 ]
 GATHER_BWD_CONFIGS = [
     {"BLOCK_V": 512, "E": 2, "RPP": 1, "num_warps": 2},
@@ -55,9 +57,17 @@ def bench_search(bw: float, T=8192, H=4, n=512, D=256, k=32, quick=False) -> dic
         p: _try(lambda p=p: search.half_scores(q, sk, p), iters=10) for p in ("tf32", "ieee")
     }
     res["forward"] = []
+    first = None
     for cfg in SEARCH_CONFIGS[:2] if quick else SEARCH_CONFIGS:
         t = _try(lambda c=cfg: search.search_forward(q, sk, k, "tf32", config=c), iters=20)
-        res["forward"].append({"config": cfg, "precision": "tf32", **t})
+        row = {"config": cfg, "precision": "tf32", **t}
+        if "median_ms" in t:  # (token, head) rows whose selected slots differ from the first config's
+            s_, i_ = search.search_forward(q, sk, k, "tf32", config=cfg)
+            if first is None:
+                first = (s_, i_.sort(-1).values)
+            row["rows_with_other_slots"] = int((i_.sort(-1).values != first[1]).any(-1).sum())
+            row["max_score_diff"] = (s_ - first[0]).abs().max().item()
+        res["forward"].append(row)
     ok = [r for r in res["forward"] if "median_ms" in r]
     best = min(ok, key=lambda r: r["median_ms"], default=None)
     res["best_forward_config"] = best["config"] if best else None
@@ -138,17 +148,18 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gather-only", action="store_true", help="skip the search sweeps")
+    ap.add_argument("--search-only", action="store_true", help="skip the gather sweeps")
     args = ap.parse_args()
     bw = copy_bandwidth()
     out = {"env": environment(), "copy_bandwidth_TBps": bw / 1e12}
     out["search"] = {"forward": [], "half_scores_ms": {}, "backward": {}} if args.gather_only else None
     out["search"] = out["search"] or bench_search(bw, quick=args.quick)
-    out["gather"] = bench_gather(bw, quick=args.quick)
+    out["gather"] = {} if args.search_only else bench_gather(bw, quick=args.quick)
     # BT is left to the launcher's heuristic (it depends on the number of tokens)
     best_search = {k: v for k, v in (out["search"].get("best_forward_config") or {}).items() if k != "BT"}
     out["tuned"] = {
         "search": best_search,
-        "gather_bwd": out["gather"]["bfloat16"]["best_backward_config"],
+        "gather_bwd": out["gather"]["bfloat16"]["best_backward_config"] if out["gather"] else None,
     }
     if args.out:
         write_json(args.out, out)
