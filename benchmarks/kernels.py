@@ -22,11 +22,10 @@ from pkmem.ops import reference  # noqa: E402
 from pkmem.ops.triton import gather, search  # noqa: E402
 
 SEARCH_CONFIGS = [
-    {"BT": 32, "BN": 128, "num_warps": 8, "KEY32": False},
-    {"BT": 32, "BN": 128, "num_warps": 8, "KEY32": True},
-    {"BT": 32, "BN": 128, "num_warps": 8, "KEY32": True, "EXACT": False},
-    {"BT": 16, "BN": 128, "num_warps": 4, "KEY32": True},
-    {"BT": 32, "BN": 256, "num_warps": 8, "KEY32": True},
+    {"BT": 32, "BN": 128, "num_warps": 8},
+    {"BT": 32, "BN": 128, "num_warps": 8, "EXACT": False},
+    {"BT": 16, "BN": 128, "num_warps": 4},
+    {"BT": 32, "BN": 256, "num_warps": 8},
     {"BT": 32, "BN": 128, "num_warps": 8, "BD": 64, "FUSED": True},
 ]
 GATHER_BWD_CONFIGS = [
@@ -58,6 +57,7 @@ def bench_search(bw: float, T=8192, H=4, n=512, D=256, k=32, quick=False) -> dic
     }
     res["forward"] = []
     first = None
+    search.search_forward(q, sk, k, "tf32")  # compiled and the clocks up before the first timing
     for cfg in SEARCH_CONFIGS[:2] if quick else SEARCH_CONFIGS:
         t = _try(lambda c=cfg: search.search_forward(q, sk, k, "tf32", config=c), iters=20)
         row = {"config": cfg, "precision": "tf32", **t}

@@ -61,8 +61,6 @@ def test_forward_matches_brute_force(kernels, device, T, H, n, D, topk):
         ({"BT": 16, "BN": 32, "NG": 16, "BD": 16, "FUSED": True, "CAP": 8}, 4),
         ({"BT": 16, "BN": 16, "NG": 16, "CAP": 8, "TOPK": 0}, 4),  # tl.topk's bitonic network
         ({"BT": 16, "BN": 32, "NG": 16, "EXACT": False}, 3),  # final top-k on truncated int32 keys
-        ({"BT": 16, "BN": 16, "NG": 16, "KEY32": False}, 4),  # per-half sort on exact int64 keys
-        ({"BT": 4, "BN": 16, "NG": 16, "CAP": 8, "KEY32": True}, 4),  # int32 keys, 4 rows per program
     ],
 )
 def test_kernel_paths(kernels, device, cfg, topk):

@@ -173,7 +173,6 @@ def _half_select(
     PRECISION: tl.constexpr,
     TOPK: tl.constexpr,
     FUSED: tl.constexpr,
-    KEY32: tl.constexpr,
 ):
     """Exact sorted top-KP (scores fp32, columns int32), each (BT, KP), of one query half.
 
@@ -215,11 +214,8 @@ def _half_select(
         valid = jj[None, :] < cnt[:, None]
         vals = tl.load(cv_base + lrows[:, None] * CAP + jj[None, :], mask=valid, other=float("-inf"))
         cc = tl.load(cc_base + lrows[:, None] * CAP + jj[None, :], mask=valid, other=0)
-        jb = tl.broadcast_to(jj[None, :], (BT, CAP))
-        if KEY32:  # int32 keys: the score to 2**-(23 - log2 CAP) relative, the slot in the low bits
-            pos = _topk(_trunc_key(vals, jb, CAP), KP, TOPK) & (CAP - 1)
-        else:  # int64 (score, slot) keys: exact
-            pos = unpack_payload(_topk(pack(vals, jb), KP, TOPK))
+        top = _topk(pack(vals, tl.broadcast_to(jj[None, :], (BT, CAP))), KP, TOPK)
+        pos = unpack_payload(top)
         best_s = tl.gather(vals, pos, axis=1)
         best_i = tl.gather(cc, pos, axis=1)
     else:  # more than CAP survivors in some row: streaming bitonic top-k over all scores
@@ -302,7 +298,6 @@ def _search_fwd_kernel(
     TOPK: tl.constexpr,
     FUSED: tl.constexpr,
     EXACT: tl.constexpr,
-    KEY32: tl.constexpr,
     SCORE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -325,7 +320,7 @@ def _search_fwd_kernel(
     for p in range(2):  # a loop, not unrolled: one copy of the selection code (compile time)
         bs, bi = _half_select(
             q_base + p * D, stride_qt, k_base + p * n * D, s0 + p * s_half, s_stride, cv_base, cc_base,
-            rows, row_mask, n, D, BT, BN, BD, KP, NG, CAP, BNS, PRECISION, TOPK, FUSED, KEY32,
+            rows, row_mask, n, D, BT, BN, BD, KP, NG, CAP, BNS, PRECISION, TOPK, FUSED,
         )  # fmt: skip
         s1 = tl.where(p == 0, bs, s1)
         i1 = tl.where(p == 0, bi, i1)
@@ -461,9 +456,6 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
         "FUSED": False,
         # final top-k on exact int64 (sum, slot) keys; False: int32 keys truncated by log2(CP) bits
         "EXACT": True,
-        # per-half sort on int32 keys (near-ties closer than 2**-17 relative ordered by position);
-        # None: int32 unless precision is "ieee" (tf32 half scores carry ~1e-3 error anyway)
-        "KEY32": None,
         "num_warps": 8 if T * H >= 32 * 512 else 4,
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
@@ -543,7 +535,6 @@ def search_forward(
         TOPK=cfg["TOPK"],
         FUSED=cfg["FUSED"],
         EXACT=cfg["EXACT"],
-        KEY32=cfg["KEY32"] if cfg["KEY32"] is not None else precision != "ieee",
         SCORE=SCORE_CODES[score],
         num_warps=cfg["num_warps"],
     )
