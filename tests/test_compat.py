@@ -463,6 +463,32 @@ def test_leading_shapes_and_dtypes():
     assert yb.dtype == torch.bfloat16 and torch.isfinite(yb.float()).all()
 
 
+def test_input_cast_to_the_modules_dtype():
+    """0.3.0 fails when x and the module differ in dtype; the drop-in casts (as ProductKeyMemory)."""
+    torch.manual_seed(0)
+    m = PKM(48, **ODD).eval()
+    x = torch.randn(3, 48)
+    y = m(x)
+    yb = m(x.to(torch.bfloat16))
+    assert yb.dtype == torch.bfloat16
+    close(yb.float(), m(x.to(torch.bfloat16).float()), "bf16 input", rtol=1e-2)
+    md = PKM(48, **ODD, concat_values_and_combine=True).double().eval()
+    assert md(x).dtype == torch.float32 and torch.isfinite(md(x)).all()
+    assert torch.isfinite(y).all()
+
+
+def test_nan_in_masked_rows_does_not_reach_batchnorm_statistics():
+    torch.manual_seed(0)
+    m = PKM(48, **ODD, use_layernorm=False)
+    x = torch.randn(2, 5, 48)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[:, -1] = False
+    x[:, -1] = float("nan")
+    y = m(x, input_mask=mask)
+    assert torch.isfinite(y[mask]).all()
+    assert all(torch.isfinite(b.float()).all() for b in m.buffers())
+
+
 def test_gradcheck_float64():
     torch.manual_seed(0)
     m = PKM(12, heads=2, num_keys=6, topk=3, dim_head=4, concat_values_and_combine=True).double().eval()

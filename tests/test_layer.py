@@ -348,6 +348,16 @@ def test_torch_compile_smoke():
         (dict(input_dropout=1.0), "input_dropout"),
         (dict(score_dropout=-0.1), "score_dropout"),
         (dict(query_hidden=(0,)), "query_hidden"),
+        (dict(query_hidden=16), "query_hidden"),
+        (dict(query_hidden=None), "query_hidden"),
+        (dict(query_hidden=(True,)), "query_hidden"),
+        (dict(temperature=True), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(product_keys="no"), "product_keys"),
+        (dict(sparse_values="yes"), "sparse_values"),
+        (dict(normalize_query=None), "normalize_query"),
+        (dict(query_bias="x"), "query_bias"),
+        (dict(zero_init_values=1), "zero_init_values"),
         (dict(backend="cuda"), "backend"),
         (dict(values=torch.nn.Parameter(torch.zeros(80, 10))), "values"),
         (dict(values=torch.zeros(81, 10)), "values"),
@@ -384,6 +394,41 @@ def test_invalid_inputs(x, mask, match):
         mem(x, mask)
     with pytest.raises(ValueError, match=match):
         mem.lookup(x, mask)
+
+
+@pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm", "none"])
+def test_nan_in_padded_rows_stays_there(query_norm):
+    """Padding may hold anything (NaN from a fully masked attention row): real tokens, the
+    BatchNorm statistics and the gradients stay finite and equal those without the padding."""
+    mem = _mem(query_norm=query_norm)
+    x = _x(2, 4, 10)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[:, -1] = False
+    xn = x.clone()
+    xn[:, -1] = float("nan")
+    ref = _mem(query_norm=query_norm)
+    y_ref = ref(x[mask])  # the real tokens alone
+    xn.requires_grad_()
+    y = mem(xn, mask)
+    torch.testing.assert_close(y[mask], y_ref)
+    assert (y[~mask] == 0).all()
+    y.sum().backward()
+    assert torch.isfinite(xn.grad).all() and all(torch.isfinite(p.grad).all() for p in mem.parameters())
+    for a, b in zip(mem.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_one_token_in_training():
+    """torch's BatchNorm refuses to train on one row; the layer treats it as the masked path does."""
+    a, b = _mem(), _mem()
+    x = _x(1, 10)
+    torch.testing.assert_close(a(x), b(x, torch.ones(1, dtype=torch.bool)))
+    assert a(_x(10)).shape == (10,)
+    assert a(_x(0, 10)).shape == (0, 10)
+    b(_x(10)[None], torch.ones(1, dtype=torch.bool))
+    b(_x(0, 10), torch.ones(0, dtype=torch.bool))
+    for p, q in zip(a.buffers(), b.buffers()):  # the same running statistics both ways
+        torch.testing.assert_close(p, q)
 
 
 @pytest.mark.slow

@@ -201,6 +201,8 @@ def test_stats_errors():
     with pytest.raises(ValueError, match="weights"):
         s.update(idx[0, 0], w[0, 0])  # no heads dimension
     with pytest.raises(ValueError, match="num_slots=8"):
+        s.update(torch.tensor([[8, 1]]), torch.ones(1, 2))  # a slot past the table
+    with pytest.raises(ValueError, match="num_slots=8"):
         s.merge(UsageStats(9))
     with pytest.raises(ValueError, match="num_slots"):
         s.load_state_dict(UsageStats(9).state_dict())

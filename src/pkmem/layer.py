@@ -28,6 +28,10 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _cast(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """``x`` in the linear layer's dtype, unless autocast decides the dtype."""
     return x if torch.is_autocast_enabled(x.device.type) else x.to(linear.weight.dtype)
@@ -63,14 +67,16 @@ def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor | 
     In training the statistics (and the running averages) use the real rows only, so padding does
     not shift them; in eval the running statistics are used. Computed in float32.
     """
-    if mask is None or (not bn.training and bn.track_running_stats):
+    few = bn.training and x.shape[0] <= 1  # torch's BatchNorm refuses to train on one row
+    if (mask is None and not few) or (not bn.training and bn.track_running_stats):
         with torch.autocast(x.device.type, enabled=False):
             return bn(x.to(bn.weight.dtype if bn.affine else torch.float32))
     x = x.to(acc_dtype(x))
-    m = mask.reshape(-1, 1).to(x.dtype)
-    n = m.sum()
-    mean = (x * m).sum(0) / n.clamp(min=1)
-    var = ((x - mean) ** 2 * m).sum(0) / n.clamp(min=1)
+    m = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1, 1)
+    n = m.sum().to(x.dtype)
+    # where, not a product: NaN / inf in padded rows must not reach the statistics
+    mean = torch.where(m, x, 0.0).sum(0) / n.clamp(min=1)
+    var = torch.where(m, x - mean, 0.0).pow(2).sum(0) / n.clamp(min=1)
     if bn.track_running_stats:  # a batch without real tokens leaves the running statistics alone
         with torch.no_grad():
             real = (n > 0).to(x.dtype)
@@ -166,22 +172,35 @@ class ProductKeyMemory(nn.Module):
             ("k_dim", k_dim),
             ("v_dim", v_dim),
         ]:
-            _check(
-                isinstance(val, int) and not isinstance(val, bool) and val > 0, name, val, "a positive int"
-            )
+            _check(_is_int(val) and val > 0, name, val, "a positive int")
         _check(k_dim % 2 == 0, "k_dim", k_dim, "even (each query is split into two halves)")
         max_k = num_keys if product_keys else num_keys**2
         _check(topk <= max_k, "topk", topk, f"<= {max_k} ({'num_keys' if product_keys else 'num_keys**2'})")
         _check(
-            all(isinstance(h, int) and h > 0 for h in query_hidden),
+            isinstance(query_hidden, (list, tuple)) and all(_is_int(h) and h > 0 for h in query_hidden),
             "query_hidden",
             query_hidden,
-            "a sequence of positive ints",
+            "a list or tuple of positive ints",
         )
+        for name, flag in [
+            ("query_bias", query_bias),
+            ("normalize_query", normalize_query),
+            ("product_keys", product_keys),
+            ("sparse_values", sparse_values),
+            ("zero_init_values", zero_init_values),
+        ]:
+            _check(isinstance(flag, bool), name, flag, "True or False")
         _check(query_norm in QUERY_NORMS, "query_norm", query_norm, f"one of {QUERY_NORMS}")
         _check(score in SCORES, "score", score, f"one of {SCORES}")
         _check(gate in GATES, "gate", gate, f"one of {GATES}")
-        _check(isinstance(temperature, (int, float)) and temperature > 0, "temperature", temperature, "> 0")
+        _check(
+            isinstance(temperature, (int, float))
+            and not isinstance(temperature, bool)
+            and 0 < temperature < math.inf,
+            "temperature",
+            temperature,
+            "a finite number > 0",
+        )
         for name, p in [
             ("input_dropout", input_dropout),
             ("query_dropout", query_dropout),
@@ -239,7 +258,11 @@ class ProductKeyMemory(nn.Module):
 
     # ---- inspection API -------------------------------------------------------------------------
     def query(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The normalised queries ``(..., heads, k_dim)`` (float32)."""
+        """The normalised queries ``(..., heads, k_dim)`` (float32; float64 for a float64 model).
+
+        Like :meth:`lookup`, in training mode this is a forward step of the query network: it
+        updates the BatchNorm running statistics and applies the query dropout (use ``eval()``
+        to inspect without side effects)."""
         x2, m = self._flatten(x, mask)
         return self._query(x2, m).reshape(*x.shape[:-1], self.heads, self.k_dim)
 
@@ -282,6 +305,9 @@ class ProductKeyMemory(nn.Module):
         if mask is not None:
             check_bool_mask("mask", mask, x.shape[:-1], "x.shape[:-1]", "True = real token")
             mask = mask.reshape(-1).to(x.device)
+            # padded rows read as zeros: whatever they hold (NaN from a fully masked attention row,
+            # say) cannot reach the real tokens or the gradients
+            return torch.where(mask[:, None], x.reshape(-1, self.dim), 0.0), mask
         return x.reshape(-1, self.dim), mask
 
     def _query(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

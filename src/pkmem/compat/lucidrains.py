@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkmem.layer import ProductKeyMemory as _LayerPKM
-from pkmem.layer import check_bool_mask, check_input, masked_batch_norm
+from pkmem.layer import _cast, check_bool_mask, check_input, masked_batch_norm
 from pkmem.ops import dispatch, reference
 
 __all__ = [
@@ -208,9 +208,10 @@ class PKM(nn.Module):
         mask, trainable, noise_scale = self._check_inputs(
             x, input_mask, mem_trainable_mask, gumbel_noise_scale
         )
-        lead = x.shape[:-1]
+        lead, in_dtype = x.shape[:-1], x.dtype
         T, H, n, k, D = math.prod(lead), self.heads, self.num_keys, self.topk, self.dim_head
 
+        x = _cast(x, self.to_queries)  # the module's dtype (0.3.0 fails on a mismatch), or autocast's
         x = self.pre_layernorm(x)
         x = self.input_dropout(x)
         q = self.to_queries(x).reshape(T, 2, H, D)  # (T, half, H, d)
@@ -243,7 +244,7 @@ class PKM(nn.Module):
         out = self.maybe_concat_combine(out)
         out = self.value_dropout(out)
         out = self.output_norm(out)
-        return out.to(x.dtype).reshape(*lead, self.dim)
+        return out.to(in_dtype).reshape(*lead, self.dim)
 
     # ---- steps ----------------------------------------------------------------------------------
     def _check_inputs(self, x, input_mask, trainable, noise_scale):
