@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -160,6 +162,9 @@ def _cmd_eval(args) -> int:
 
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens {args.max_tokens} is not allowed: it must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} is not allowed: it must be >= 1")
+    _check_output_file("--output", args.output)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     res = evaluate_run(
         args.run,
@@ -173,12 +178,12 @@ def _cmd_eval(args) -> int:
     )
     res["memories"] = [{k: m[k] for k in m} for m in res["memories"]]
     text = json.dumps(res, indent=1, allow_nan=True)
-    out = (
-        Path(args.output)
-        if args.output
-        else Path(res["checkpoint"]).parent.parent / f"eval_{args.split}.json"
-    )
-    if args.output or (out.parent / "metrics.jsonl").exists():
+    run_dir = Path(res["checkpoint"]).parent.parent
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # by default a new file in the run's evals/: never the training's own eval_valid.json
+    out = Path(args.output) if args.output else run_dir / "evals" / f"{args.split}-{res['data']}-{stamp}.json"
+    if args.output or (run_dir / "metrics.jsonl").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, text.encode())
     if args.json:
         print(text)
@@ -214,7 +219,14 @@ def _cmd_bench(args) -> int:
     from pkmem.train.evaluate import resolve_device
     from pkmem.train.tokenizer import atomic_write_bytes
 
-    extra = [f"seq_len={args.seq_len}"] if args.seq_len else []
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len {args.seq_len} is not allowed: it must be >= 1")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup} is not allowed: it must be >= 0")
+    if args.memories is not None and not args.memories:
+        raise ValueError("--memories '' is not allowed: give at least one memory count, e.g. 0,1")
+    _check_output_file("--out", args.out)
+    extra = [f"seq_len={args.seq_len}"] if args.seq_len is not None else []
     cfg = load_config(args.config, extra + list(args.overrides))
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
@@ -259,6 +271,13 @@ def _cmd_plot(args) -> int:
 def _cmd_generate(args) -> int:
     from pkmem.train.generate import generate_text
 
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature} is not allowed: it must be a finite number >= 0")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"--prompt {args.prompt!r} is not allowed: it must be valid UTF-8 text") from None
+
     print(
         generate_text(
             args.run,
@@ -271,6 +290,12 @@ def _cmd_generate(args) -> int:
         )
     )
     return 0
+
+
+def _check_output_file(flag: str, path: str | None) -> None:
+    """An output path must name a file (checked before any work is done)."""
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"{flag} {path!r} is a directory: it must be the path of a file to write")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ field's type (``mem_layers=[3,5]``, ``mem_gate=none``, ``compile=true``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -96,15 +97,19 @@ class TrainConfig:
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise _bad(name, getattr(self, name), f"one of {allowed}")
-        positive = ["batch_size", "grad_accum", "log_every", "eval_tokens", "keep_checkpoints"]
+        positive = ["batch_size", "grad_accum", "max_steps", "log_every", "eval_tokens", "keep_checkpoints"]
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise _bad(name, v, "a positive int")
-        for name in ("max_steps", "warmup_steps", "eval_every", "ckpt_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "ckpt_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise _bad(name, v, "an int >= 0")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise _bad("seed", self.seed, "an int in [0, 2**63)")
+        if self.data == "stdlib" and self.data_path is not None:
+            raise _bad("data_path", self.data_path, "null with data='stdlib' (pass data=text for your files)")
         for name in ("final_eval_tokens", "eval_batch_size", "lr_decay_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -113,14 +118,14 @@ class TrainConfig:
             raise _bad("bpe_vocab_size", self.bpe_vocab_size, "an int in (256, 2**20]")
         for name in ("lr", "value_lr", "eps", "grad_clip"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise _bad(name, v, "a number > 0")
+            if not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise _bad(name, v, "a finite number > 0")
         for name in ("weight_decay", "value_weight_decay"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0:
-                raise _bad(name, v, "a number >= 0")
-        if self.value_grad_clip is not None and not self.value_grad_clip > 0:
-            raise _bad("value_grad_clip", self.value_grad_clip, "a number > 0 or null")
+            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise _bad(name, v, "a finite number >= 0")
+        if self.value_grad_clip is not None and not 0 < self.value_grad_clip < math.inf:
+            raise _bad("value_grad_clip", self.value_grad_clip, "a finite number > 0 or null")
         if self.max_time_s is not None and not self.max_time_s > 0:
             raise _bad("max_time_s", self.max_time_s, "a number > 0 or null")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -313,7 +318,10 @@ def load_config(name_or_path: str | None = "tiny", overrides: Sequence[str] = ()
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"--config {name_or_path!r}: no such file")
-        text, source = path.read_text(), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--config {name_or_path!r} is not a UTF-8 text (YAML) file: {e}") from None
     else:
         text, source = _read_preset(name_or_path)
     try:

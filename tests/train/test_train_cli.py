@@ -103,7 +103,9 @@ def test_eval_json(run, capsys):
     assert res["tokens"] >= 256 and res["tokens_per_s"] > 0 and res["split"] == "valid"
     (mem,) = res["memories"]
     assert mem["layer"] == 2 and 0 < mem["usage"] <= 1 and mem["kl"] >= 0
-    assert json.loads((run / "eval_valid.json").read_text())["tokens"] == res["tokens"]
+    (saved,) = (run / "evals").glob("valid-stdlib-*.json")  # a new file: the training's own result stays
+    assert json.loads(saved.read_text())["tokens"] == res["tokens"]
+    assert json.loads((run / "eval_valid.json").read_text())["tokens"] != res["tokens"]
 
 
 def test_eval_table_on_test_split_and_other_data(run, corpus, capsys):
@@ -247,8 +249,10 @@ def test_real_pkmem_command(run, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, cache_dir):
-    """A real `pkmem train` interrupted with SIGINT stops after the step, checkpoints, exits 130."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, cache_dir, sig):
+    """A real `pkmem train` interrupted with SIGINT (Ctrl-C) or SIGTERM (kill, a job scheduler)
+    stops after the step, checkpoints, exits 130."""
     import signal
     import time
 
@@ -261,7 +265,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, cache_dir):
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     (ckpt,) = list_checkpoints(out)
@@ -269,3 +273,80 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, cache_dir):
     assert step >= 2 and "--resume" in stdout.decode()
     assert main(["train", "--out", str(out), "--resume", "--max-steps", str(step + 2), "--no-progress"]) == 0
     assert sorted(_step_losses(out)) == list(range(1, step + 3))
+
+
+def test_out_must_be_new_or_empty_and_is_never_overwritten(tmp_path, cache_dir, capsys):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "own"}')
+    assert _train(mine, cache_dir, "max_steps=2") == 2
+    assert "not empty and holds no run" in capsys.readouterr().err
+    assert (mine / "config.json").read_text() == '{"my": "own"}' and len(list(mine.iterdir())) == 1
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep")
+    assert _train(afile, cache_dir, "max_steps=2") == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "keep"
+    stopped = tmp_path / "stopped"  # a run killed before its first checkpoint
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text("")
+    assert _train(stopped, cache_dir, "max_steps=2") == 2
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+
+
+def test_relative_data_path_resumes_from_elsewhere_and_runs_inside_the_corpus_are_skipped(
+    tmp_path, corpus, monkeypatch
+):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(corpus, work / "texts")
+    monkeypatch.chdir(work)
+    argv = ["--data", "text", "--data-path", "texts"]
+    assert _train(work / "texts" / "run1", tmp_path / "cache", "max_steps=2", data=argv) == 0
+    saved = json.loads((work / "texts" / "run1" / "config.json").read_text())["train"]["data_path"]
+    assert saved == str(work / "texts")
+    # a second run on the same directory: the first run's metrics.jsonl is not training text
+    assert _train(tmp_path / "run2", tmp_path / "cache", "max_steps=2", data=argv) == 0
+    monkeypatch.chdir(tmp_path)
+    run1 = str(work / "texts" / "run1")
+    assert main(["train", "--out", run1, "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    assert main(["train", "--out", run1, "--resume", "--max-steps", "4", "--no-progress", "--data-path",
+                 "work/texts"]) == 0  # fmt: skip
+
+
+def test_finished_run_resumed_only_reports(run, capsys):
+    before = (run / "metrics.jsonl").read_text(), (run / "eval_valid.json").read_text()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert "evaluating only" in capsys.readouterr().out
+    assert ((run / "metrics.jsonl").read_text(), (run / "eval_valid.json").read_text()) == before
+
+
+def test_resume_with_the_same_named_config_file(tmp_path, cache_dir):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("name: myexp\nmodel:\n  dim: 32\n  n_heads: 2\n  n_layers: 2\n  seq_len: 32\n")
+    out = tmp_path / "named"
+    args = ["--no-progress", f"cache_dir={cache_dir}", "mem_layers=[]", "batch_size=4", "eval_tokens=256"]
+    args += ["final_eval_tokens=256", "max_time_s=null", "tensorboard=false", "warmup_steps=1"]
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--max-steps", "2", *args]) == 0
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--resume", "--max-steps", "3"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["eval", "{run}", "--batch-size", "0"], "--batch-size 0 is not allowed"),
+        (["eval", "{run}", "--output", "{tmp}"], "is a directory"),
+        (["generate", "{run}", "--temperature", "nan"], "--temperature nan is not allowed"),
+        (["generate", "{run}", "--prompt", "caf\udce9"], "--prompt"),
+        (["bench", "--seq-len", "0"], "--seq-len 0 is not allowed"),
+        (["bench", "--warmup", "-1"], "--warmup -1 is not allowed"),
+        (["bench", "--memories", ""], "--memories"),
+        (["bench", "--out", "{tmp}"], "is a directory"),
+        (["train", "--data", "stdlib", "--data-path", "x.txt", "--out", "{tmp}/x"], "data='stdlib'"),
+        (["train", "--out", "{tmp}/x", "mem_topk=100", "mem_num_keys=8"], "mem_topk=100 is not allowed"),
+    ],
+)
+def test_cli_input_errors(run, tmp_path, capsys, argv, match):
+    argv = [a.format(run=run, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err

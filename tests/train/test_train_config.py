@@ -66,6 +66,7 @@ def test_overrides_are_typed():
             "compile=true",
             "betas=[0.8, 0.9]",
             "max_time_s=none",
+            "data=text",
             "data_path=some/file.txt",
             "warmup_steps=1e2",
         ],
@@ -84,6 +85,13 @@ def test_overrides_are_typed():
     "override, match",
     [
         ("dimension=3", "unknown config key 'dimension'"),
+        ("lr=1e999", "lr=inf is not allowed: lr must be a finite number > 0"),
+        ("max_steps=0", "max_steps=0 is not allowed"),
+        ("seed=99999999999999999999", "seed=99999999999999999999 is not allowed"),
+        (
+            "data_path=corpus.txt",
+            "data_path='corpus.txt' is not allowed: data_path must be null with data='stdlib'",
+        ),
         ("model.lr=3", "model has no field 'lr'"),
         ("optim.lr=3", "unknown config section"),
         ("dim=abc", "dim='abc' is not allowed"),

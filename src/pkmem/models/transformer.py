@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,17 @@ def _make_memory(cfg: MemoryTransformerConfig, dim: int, values: nn.Parameter | 
         )
         _make_trackable(pkm, cfg.mem_heads, cfg.mem_topk)
         return pkm
+    try:
+        return _pkmem_memory(cfg, dim, values)
+    except ValueError as e:  # name the config keys the user sets (mem_topk), not the layer's (topk)
+        raise ValueError(_MEM_ARG.sub(r"mem_\1", str(e))) from None
+
+
+_MEM_ARGS = [f.name[4:] for f in dataclasses.fields(MemoryTransformerConfig) if f.name.startswith("mem_")]
+_MEM_ARG = re.compile(r"(?<![\w.])(" + "|".join(sorted(_MEM_ARGS, key=len, reverse=True)) + r")\b")
+
+
+def _pkmem_memory(cfg: MemoryTransformerConfig, dim: int, values: nn.Parameter | None) -> nn.Module:
     return ProductKeyMemory(
         dim,
         heads=cfg.mem_heads,

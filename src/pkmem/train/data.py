@@ -165,7 +165,13 @@ def _text_files(path: str) -> list[Path]:
             raise FileNotFoundError(f"data_path={path!r} (data='text'): the glob matches no file")
         return files
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        # pkmem's own run directories under the corpus (metrics.jsonl, ...) are not text to train on
+        runs = {m.parent for m in p.rglob("metrics.jsonl") if (m.parent / "config.json").is_file()}
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES and not runs.intersection(f.parents)
+        )
         if not files:
             raise FileNotFoundError(
                 f"data_path={path!r} (data='text'): the directory holds no {' or '.join(TEXT_SUFFIXES)} file"

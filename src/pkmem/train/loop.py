@@ -154,14 +154,33 @@ def _fmt_mem(memories: list[dict]) -> str:
     return " ".join(f"L{m['layer']}:{100 * m['usage']:.0f}%" for m in memories)
 
 
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
 FIXED_ON_RESUME = ("data", "data_path", "tokenizer", "bpe_vocab_size", "batch_size", "grad_accum", "seed")
+
+
+def _config_file_name(path: str) -> str | None:
+    """The ``name:`` a YAML config file gives itself, if it is a readable file that has one."""
+    try:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # not a file, not YAML: then the name is the preset's or the file's stem
+        return None
+    return data.get("name") if isinstance(data, dict) else None
 
 
 def _resume_config(saved: Config, overrides: list[str], config_name: str | None) -> Config:
     """The saved config with ``overrides`` of train settings that do not change what is computed."""
     from pkmem.config import apply_overrides, override_section
 
-    if config_name is not None and Path(config_name).stem != saved.name and config_name != saved.name:
+    if config_name is not None and saved.name not in (
+        config_name,
+        Path(config_name).stem,
+        _config_file_name(config_name),
+    ):
         raise ValueError(
             f"--config {config_name!r} differs from the run's config {saved.name!r}: a resumed run keeps its "
             "config (leave --config out with --resume)"
@@ -172,6 +191,9 @@ def _resume_config(saved: Config, overrides: list[str], config_name: str | None)
         if override_section(key) == "model":
             raise ValueError(f"--resume: {key} is a model setting and cannot change when a run is resumed")
     apply_overrides(saved, overrides)
+    if saved.train.data_path is not None and before["train"]["data_path"] is not None:
+        if _absolute(saved.train.data_path) == _absolute(before["train"]["data_path"]):
+            saved.train.data_path = before["train"]["data_path"]  # the same files, written another way
     for key in FIXED_ON_RESUME:
         if saved.train.to_dict()[key] != before["train"][key]:
             raise ValueError(
@@ -217,11 +239,25 @@ def train(
             cfg.train.max_steps = max_steps
             cfg.validate()
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-        if ckpt_lib.list_checkpoints(run_dir) or (run_dir / METRICS).exists():
+        if ckpt_lib.list_checkpoints(run_dir):
             raise ValueError(
                 f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it, "
                 "or choose another --out"
             )
+        if (run_dir / METRICS).exists():
+            raise ValueError(
+                f"--out {str(run_dir)!r} holds a run stopped before its first checkpoint (nothing to "
+                "resume): delete the directory or choose another --out"
+            )
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"--out {str(run_dir)!r} is a file: it must be a new or empty directory")
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise ValueError(
+                f"--out {str(run_dir)!r} is a directory that is not empty and holds no run: choose a new "
+                "or empty directory (pkmem writes config.json, tokenizer.json, plots/, ... there)"
+            )
+        if cfg.train.data_path is not None:  # absolute: the run resumes and evaluates from anywhere
+            cfg.train.data_path = _absolute(cfg.train.data_path)
     t = cfg.train
     if t.data != "stdlib":  # a missing --data-path is reported before anything is written
         source_fingerprint(t.data, t.data_path)
@@ -249,13 +285,16 @@ class _GracefulInterrupt:
         print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
 
     def install(self) -> _GracefulInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM (kill, schedulers) too
+            self._previous = {
+                sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
         return self
 
     def uninstall(self) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
             self._previous = None
 
 
@@ -296,6 +335,7 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log
         log(f"resuming {run_dir} from step {step} ({resumed['dir'].name})")
         if step >= t.max_steps:
             log(f"the run is already at step {step} >= max_steps={t.max_steps}: evaluating only")
+    finished_before = bool(resumed) and step >= t.max_steps  # its records are written already
     atomic_write_bytes(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
     forward = torch.compile(model) if t.compile else model
     n_params = model.num_parameters()
@@ -490,8 +530,9 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log
     res.update(
         {"step": step, "split": "valid", "train_seconds": train_seconds, "stopped_early": stopped_early}
     )
-    _append_jsonl(metrics_path, {"type": "eval", **res})
-    atomic_write_bytes(run_dir / "eval_valid.json", json.dumps(res, indent=1).encode())
+    if not finished_before:  # a resumed finished run only reports: its records stay as they are
+        _append_jsonl(metrics_path, {"type": "eval", **res})
+        atomic_write_bytes(run_dir / "eval_valid.json", json.dumps(res, indent=1).encode())
     if tb is not None:
         tb.add_scalar("valid/loss", res["loss"], step)
         tb.close()
@@ -555,7 +596,7 @@ def evaluate_run(
         model,
         data_obj.tokens(split),
         cfg.model.seq_len,
-        batch_size or cfg.train.eval_batch_size or cfg.train.batch_size,
+        batch_size if batch_size is not None else (cfg.train.eval_batch_size or cfg.train.batch_size),
         dev,
         precision or cfg.train.precision,
         max_tokens=max_tokens,
