@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
-    e.add_argument("--output", help="also write the JSON here (default: <run>/eval_<split>.json)")
+    e.add_argument(
+        "--output", help="write the JSON here (default: a new <run>/evals/<split>-<data>-<time>.json)"
+    )
 
     b = sub.add_parser("bench", help="inference speed of configurations side by side (paper Figure 4)")
     b.add_argument("--config", default="tiny", help="base preset or YAML file (default: tiny)")
