@@ -257,3 +257,19 @@ def test_compile_and_cuda_graph_gpu(kernels):
     graph.replay()
     torch.testing.assert_close(values.grad, ev, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w.grad, ew, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_range_index_is_an_error_and_skipped_entries_may_hold_anything(kernels, device):
+    values, idx, w = _inputs(10, 5, 3, 4, device, seed=15)
+    bad = idx.clone()
+    bad[0, 0] = 10
+    with pytest.raises(ValueError, match="values.shape"):
+        dispatch.weighted_gather(values, bad, w, backend="triton")
+    w = w.clone()
+    w[idx < 0] = float("nan")  # a skipped entry's weight is ignored, even NaN
+    out = kernels.weighted_gather(values, idx, w)
+    ref = reference.weighted_gather(values, idx, w)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    empty = reference.weighted_gather(values, idx[:, :0], w[:, :0])
+    assert empty.shape == (3, 5) and (empty == 0).all()

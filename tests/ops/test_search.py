@@ -259,3 +259,63 @@ def test_compile_and_cuda_graph_gpu(kernels):
     graph.replay()
     e2 = dispatch.product_topk(q2, sk, 32, backend="triton")
     assert torch.equal(gs, e2[0]) and torch.equal(gi, e2[1])
+
+
+def _distinct_in_range(idx, n):
+    assert ((idx >= 0) & (idx < n * n)).all(), "a slot index out of range"
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "a slot is selected twice"
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [None, {"TOPK": 0, "BT": 4}, {"BT": 16, "BN": 16, "NG": 16, "CAP": 4}, {"EXACT": False}],
+)
+def test_minus_inf_scores_give_real_distinct_slots(kernels, device, cfg):
+    """Fewer finite slots than topk: the rest are real -inf slots, never padding (columns past n,
+    unused scratch or candidate places), never twice; their scores are the brute-force ones."""
+    from pkmem.ops.triton.search import search_forward
+
+    g = torch.Generator().manual_seed(12)
+    n, topk = 20, 4
+    q = torch.ones(3, 1, 2).to(device)
+    sk = torch.randn(1, 2, n, 1, generator=g).to(device)
+    sk[0, 0, 1:] = float("-inf")  # one finite sub-key in the first half
+    sk[0, 1, 2:] = float("-inf")  # two in the second: two finite slots < topk
+    scores, idx = search_forward(q, sk, topk, config=cfg)
+    _distinct_in_range(idx, n)
+    best, _ = reference.brute_force_product_topk(q, sk, topk)
+    torch.testing.assert_close(scores, best)
+    if cfg is None:  # a whole half at -inf
+        sk[0, 0] = float("-inf")
+        scores, idx = search_forward(q, sk, 8)
+        _distinct_in_range(idx, n)
+        assert (scores == float("-inf")).all()
+
+
+def test_nan_scores_rank_first_on_real_distinct_slots(kernels, device):
+    """NaN half scores rank first (as in torch.topk), reported as +inf; slots stay real and distinct."""
+    q, sk = _inputs(5, 2, 11, 3, device, seed=13)
+    sk[0, 0, 4] = float("nan")
+    q[1, 1, 0] = float("nan")
+    scores, idx = kernels.product_topk(q, sk, 5)
+    _distinct_in_range(idx, 11)
+    assert (idx[:, 0, 0] // 11 == 4).all() and (scores[:, 0, 0] == float("inf")).all()
+    w, _ = kernels.product_lookup(q, sk, 5, "softmax")
+    assert torch.isnan(w[:, 0]).all()  # the NaN is not hidden: it reaches the weights
+
+
+def test_config_and_temperature_errors(kernels, device):
+    from pkmem.ops.triton.search import search_forward
+
+    q, sk = _inputs(4, 1, 70, 2, device, seed=14)
+    with pytest.raises(ValueError, match="NG=2"):
+        search_forward(q, sk, 3, config={"NG": 2})
+    with pytest.raises(ValueError, match="NG=64"):
+        search_forward(q, sk, 3, config={"BN": 16})
+    with pytest.raises(ValueError, match="BT=3"):
+        search_forward(q, sk, 3, config={"BT": 3})
+    for t in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="temperature"):
+            dispatch.product_lookup(q, sk, 3, "softmax", t, backend="triton")
+    with pytest.raises(ValueError, match="temperature"):
+        kernels.product_lookup(q, sk, 3, "softmax", 0.0)

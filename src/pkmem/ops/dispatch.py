@@ -9,6 +9,7 @@ that is how CI tests them. Triton is imported lazily, on the first call that nee
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -121,6 +122,14 @@ def product_lookup(
     selected scores in registers, forward and backward)."""
     if score not in reference.SCORES:
         raise ValueError(f"score={score!r} is not allowed: score must be one of {reference.SCORES}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 < temperature < math.inf
+    ):
+        raise ValueError(
+            f"temperature={temperature!r} is not allowed: temperature must be a finite number > 0"
+        )
     if resolve_backend(backend, query, subkeys) == "torch":
         return reference.product_lookup(query, subkeys, topk, score, temperature)
     T, H, kd = query.shape
@@ -147,5 +156,11 @@ def weighted_gather(values, indices, weights, sparse: bool = False, backend: str
     """See :func:`pkmem.ops.reference.weighted_gather`."""
     if resolve_backend(backend, values, indices, weights) == "torch":
         return reference.weighted_gather(values, indices, weights, sparse)
+    if indices.device.type == "cpu" and indices.numel() and int(indices.max()) >= values.shape[0]:
+        # (checked for CPU tensors only: on a GPU it would cost a host synchronisation per call)
+        raise ValueError(
+            f"indices has a maximum of {int(indices.max())}: indices must be < values.shape[0]="
+            f"{values.shape[0]} (or negative: skipped)"
+        )
     kernels, _ = _triton_module()
     return kernels.weighted_gather(values, indices, weights, sparse)

@@ -161,8 +161,10 @@ def weighted_gather(
     """
     T, J = indices.shape
     dt = acc_dtype(values, weights)
+    if J == 0:
+        return values.new_zeros(T, values.shape[1], dtype=dt)
     valid = indices >= 0
-    w = weights.to(dt) * valid
+    w = torch.where(valid, weights.to(dt), 0.0)  # a skipped entry's weight may be anything (NaN too)
     offsets = None
     flat_idx, flat_w = indices.clamp(min=0), w
     if sparse and not bool(valid.all()):  # skipped entries must not appear in a sparse gradient

@@ -67,3 +67,10 @@ def unpack_score(key):
 @triton.jit
 def unpack_payload(key):
     return (key & 0x7FFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def key_or_lowest(key, valid, BITS: tl.constexpr):
+    """``key`` where ``valid``, else the lowest ``BITS``-bit integer: padding (columns past n,
+    unused scratch slots, unused candidate pairs) never wins a tie against a real ``-inf`` score."""
+    return tl.where(valid, key, (tl.zeros_like(key) - 1) << (BITS - 1))

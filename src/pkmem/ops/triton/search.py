@@ -38,6 +38,7 @@ from pkmem.ops.triton._common import (
     INTERPRET,
     check_precision,
     from_orderable,
+    key_or_lowest,
     new_output,
     next_pow2,
     orderable,
@@ -70,15 +71,17 @@ def _candidate_table(topk: int, device: torch.device) -> tuple[torch.Tensor, int
 
 @triton.jit
 def _topk_iterative(x, KP: tl.constexpr):
-    """Sorted top-KP of unique integer keys along the last axis by KP max-reductions (used under
-    the interpreter, where tl.topk's bitonic network is very slow)."""
+    """Sorted top-KP of integer keys along the last axis by KP max-reductions (used under the
+    interpreter, where tl.topk's bitonic network is very slow). Keys are unique except for the
+    padding's lowest key, which may repeat (and then fills the remaining places)."""
     out = tl.zeros((x.shape[0], KP), x.dtype)
     cols = tl.arange(0, KP)
-    lo = tl.min(x, axis=1)[:, None] - 1
+    lo = tl.min(x, axis=1)[:, None]  # (not lo - 1: that overflows when lo is the lowest key)
+    taken = x < lo
     for r in tl.static_range(KP):
-        m = tl.max(x, axis=1)[:, None]
+        m = tl.max(tl.where(taken, lo, x), axis=1)[:, None]
         out = tl.where(cols[None, :] == r, m, out)
-        x = tl.where(x == m, lo, x)
+        taken = taken | (x == m)
     return out
 
 
@@ -137,6 +140,7 @@ def _scores(
                 k_base + cols[None, :] * D + dd[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0
             ).to(tl.float32)
             acc = tl.dot(q, kt, acc, input_precision=PRECISION)
+        acc = tl.where(acc == acc, acc, float("inf"))  # NaN ranks first (as in torch.topk), as +inf
         acc = tl.where(cmask[None, :], acc, float("-inf"))
         tl.store(s_base + lrows[:, None] * s_stride + cols[None, :], acc)
     elif FUSED:
@@ -147,6 +151,7 @@ def _scores(
             mask=row_mask[:, None] & cmask[None, :],
             other=float("-inf"),
         ).to(tl.float32)
+        acc = tl.where(acc == acc, acc, float("inf"))  # NaN ranks first (as in torch.topk), as +inf
     return acc, cols, cmask
 
 
@@ -214,7 +219,7 @@ def _half_select(
         valid = jj[None, :] < cnt[:, None]
         vals = tl.load(cv_base + lrows[:, None] * CAP + jj[None, :], mask=valid, other=float("-inf"))
         cc = tl.load(cc_base + lrows[:, None] * CAP + jj[None, :], mask=valid, other=0)
-        top = _topk(pack(vals, tl.broadcast_to(jj[None, :], (BT, CAP))), KP, TOPK)
+        top = _topk(key_or_lowest(pack(vals, tl.broadcast_to(jj[None, :], (BT, CAP))), valid, 64), KP, TOPK)
         pos = unpack_payload(top)
         best_s = tl.gather(vals, pos, axis=1)
         best_i = tl.gather(cc, pos, axis=1)
@@ -223,13 +228,19 @@ def _half_select(
             q_base, stride_qt, k_base, s_base, s_stride, rows, row_mask, lrows, 0, n, D,
             BT, BNS, BD, PRECISION, FUSED, False,
         )  # fmt: skip
-        best = _topk(pack(s, tl.broadcast_to(cols[None, :], (BT, BNS))), KP, TOPK)
+        best = _topk(
+            key_or_lowest(pack(s, tl.broadcast_to(cols[None, :], (BT, BNS))), cmask[None, :], 64), KP, TOPK
+        )
         for c0 in range(BNS, n, BNS):
             s, cols, cmask = _scores(
                 q_base, stride_qt, k_base, s_base, s_stride, rows, row_mask, lrows, c0, n, D,
                 BT, BNS, BD, PRECISION, FUSED, False,
             )  # fmt: skip
-            top = _topk(pack(s, tl.broadcast_to(cols[None, :], (BT, BNS))), KP, TOPK)
+            top = _topk(
+                key_or_lowest(pack(s, tl.broadcast_to(cols[None, :], (BT, BNS))), cmask[None, :], 64),
+                KP,
+                TOPK,
+            )
             best = _topk(tl.reshape(tl.join(best, top), (BT, 2 * KP)), KP, TOPK)
         best_s = unpack_score(best)
         best_i = unpack_payload(best)
@@ -333,13 +344,15 @@ def _search_fwd_kernel(
     cj = tl.broadcast_to(tl.load(CAND + CP + cpos)[None, :], (BT, CP))
     cand = tl.gather(s1, ci, axis=1) + tl.gather(s2, cj, axis=1)
     slot = tl.gather(i1, ci, axis=1) * n + tl.gather(i2, cj, axis=1)
-    cand = tl.where((cpos < C)[None, :], cand, float("-inf"))
+    used = (cpos < C)[None, :]
     if EXACT:  # packed (sum, slot) int64 keys: the exact float32 top-k
-        final = _topk(pack(cand, slot), KP, TOPK)
+        final = _topk(key_or_lowest(pack(cand, slot), used, 64), KP, TOPK)
     else:
         # top-KP on int32 keys (the sums to 2**-(23 - log2 CP) relative, the position in the low
         # bits: near-ties closer than that are broken by position), then the chosen exact sums sorted
-        top = _topk(_trunc_key(cand, tl.broadcast_to(cpos[None, :], (BT, CP)), CP), KP, TOPK)
+        top = _topk(
+            key_or_lowest(_trunc_key(cand, tl.broadcast_to(cpos[None, :], (BT, CP)), CP), used, 32), KP, TOPK
+        )
         pos = top & (CP - 1)
         final = _topk(pack(tl.gather(cand, pos, axis=1), tl.gather(slot, pos, axis=1)), KP, TOPK)
 
@@ -465,6 +478,18 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
     return cfg
 
 
+def _check_config(cfg: dict, KP: int) -> None:
+    """Block sizes given by hand: powers of two, and the group maxima must give a threshold."""
+    for name in ("BT", "BN", "BD", "NG", "CAP"):
+        v = cfg[name]
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"config {name}={v!r} is not allowed: {name} must be a power of two")
+    if not KP <= cfg["NG"] <= cfg["BN"]:
+        raise ValueError(
+            f"config NG={cfg['NG']} is not allowed: NG must be in [next_pow2(topk)={KP}, BN={cfg['BN']}]"
+        )
+
+
 def search_forward(
     query: torch.Tensor,
     subkeys: torch.Tensor,
@@ -489,6 +514,8 @@ def search_forward(
     if T == 0:
         return scores, indices
     cfg = dict(_fwd_config(T, H, n, D, KP), **(config or {}))
+    if config:
+        _check_config(cfg, KP)
     BT, BN = cfg["BT"], cfg["BN"]
     grid = (triton.cdiv(T, BT), H)
     progs = grid[0] * grid[1]
@@ -695,6 +722,10 @@ def product_lookup(
     if score not in SCORE_CODES:
         raise ValueError(f"score={score!r} is not allowed: score must be one of {tuple(SCORE_CODES)}")
     temperature = float(temperature)
+    if not 0 < temperature < float("inf"):
+        raise ValueError(
+            f"temperature={temperature!r} is not allowed: temperature must be a finite number > 0"
+        )
     if torch.compiler.is_compiling():
         return _product_topk_op(query, subkeys, topk, precision, score, temperature)
     if torch.is_grad_enabled() and (query.requires_grad or subkeys.requires_grad):
