@@ -33,6 +33,21 @@ def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3, min_ms
     return {"median_ms": med, "min_ms": min(times), "max_ms": max(times), "n": len(times)}
 
 
+def graph_time(fn: Callable[[], object], iters: int = 50) -> dict:
+    """:func:`cuda_time` of ``fn`` captured once in a CUDA graph (after warm-up on a side stream)
+    and replayed: the device time without the host's launch overhead."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time(graph.replay, iters=iters)
+
+
 def copy_bandwidth(gib: float = 2.0) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     n = int(gib * 2**30) // 4

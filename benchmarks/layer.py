@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     cuda_time,
     environment,
     gpu_slug,
+    graph_time,
     matmul_rate,
     table,
     write_json,
@@ -168,7 +169,7 @@ def measure(layer: nn.Module, lucid: bool, xs: list[torch.Tensor], gy: torch.Ten
 
         row["fwd_eval_nograd"] = cuda_time(infer, iters=50)
         if not slow and not hasattr(layer, "_orig_mod"):  # not for a torch.compile'd layer
-            row["fwd_eval_cuda_graph"] = graph_time(layer, x0)
+            row["fwd_eval_cuda_graph"] = eval_graph_time(layer, x0.clone())
     return row
 
 
@@ -192,24 +193,14 @@ def graphed_train_times(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> 
     return {"fwd_graph": cuda_time(fwd, iters=50), "fwd_bwd_graph": cuda_time(fwd_bwd, iters=50)}
 
 
-def graph_time(layer: nn.Module, x: torch.Tensor) -> dict:
+def eval_graph_time(layer: nn.Module, x: torch.Tensor, iters: int = 100) -> dict:
     """Eval forward (no autograd) captured once in a CUDA graph, timed by replays."""
-    static_x = x.clone()
 
     def f():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            return layer(static_x)
+            return layer(x)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        f()
-    return cuda_time(graph.replay, iters=100)
+    return graph_time(f, iters=iters)
 
 
 def breakdown(num_keys: int = 512, T: int = 8192) -> list[dict]:

@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cuda_time, environment, gpu_slug, table, write_json  # noqa: E402
+from layer import apply_tuned, eval_graph_time  # noqa: E402
 
 from pkmem import ProductKeyMemory  # noqa: E402
 
@@ -83,28 +84,11 @@ def measure(m: nn.Module, x: torch.Tensor, xd: torch.Tensor) -> dict:
     row["decode_64x1_eval_fwd"] = cuda_time(lambda: eval_fwd(xd), iters=20)
     if not any(getattr(mod, "backend", "") == "torch" for mod in m.modules()):
         try:  # the same eval forward replayed from a CUDA graph: no host launch overhead
-            row["eval_fwd_cuda_graph"] = graph_time(m, x)
+            row["eval_fwd_cuda_graph"] = eval_graph_time(m, x, iters=20)
         except Exception as e:
             traceback.print_exc(limit=3)
             row["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row
-
-
-def graph_time(m: nn.Module, x: torch.Tensor) -> dict:
-    def f():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            return m(x)
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        f()
-    return cuda_time(graph.replay, iters=20)
 
 
 MODELS = [
@@ -129,8 +113,6 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/model-<gpu>.json)")
     ap.add_argument("--tuned", default=None, help="kernels.py JSON whose best block sizes to use")
     args = ap.parse_args()
-    from layer import apply_tuned
-
     tuned = apply_tuned(args.tuned)
     out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"model-{gpu_slug()}.json")
     data = {"env": environment(), "config": dict(dim=DIM, heads=HEADS, batch=BATCH, seq=SEQ), "results": []}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cuda_time, environment, gpu_slug, write_json  # noqa: E402
+from common import cuda_time, environment, gpu_slug, graph_time, write_json  # noqa: E402
 
 import pkmem.ops.triton as kernels  # noqa: E402
 from pkmem import ProductKeyMemory  # noqa: E402
@@ -40,16 +40,20 @@ def host_us(fn, n: int = 200) -> float:
 
 
 def graph_ms(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return cuda_time(g.replay, iters=50)["median_ms"]
+    return graph_time(fn, iters=50)["median_ms"]
+
+
+def profile_calls(layer, x, activity, calls: int = 20):
+    """``torch.profiler`` events (key averages) of ``calls`` eval forwards of ``layer`` on ``x``
+    (bf16 autocast, no autograd): divide their totals by ``calls``."""
+    from torch.profiler import profile
+
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                layer(x)
+        torch.cuda.synchronize()
+    return prof.key_averages()
 
 
 def decode_sweep(layer) -> list[dict]:
@@ -165,17 +169,12 @@ def main() -> None:
 
     res["decode_sweep"] = decode_sweep(layer)
 
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     x = torch.randn(64, DIM, device="cuda")
     layer.eval()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            with torch.no_grad(), ac:
-                layer(x)
-        torch.cuda.synchronize()
     rows = []
-    for e in prof.key_averages():
+    for e in profile_calls(layer, x, ProfilerActivity.CUDA):
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0:
             rows.append({"kernel": e.key[:90], "us_per_call_of_layer": t / 20, "count": e.count / 20})
@@ -184,15 +183,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['us_per_call_of_layer']:8.1f} us  x{r['count']:.0f}  {r['kernel']}")
 
-    x = torch.randn(64, DIM, device="cuda")
-    layer.eval()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(20):
-            with torch.no_grad(), ac:
-                layer(x)
-        torch.cuda.synchronize()
     rows = []
-    for e in prof.key_averages():
+    for e in profile_calls(layer, x, ProfilerActivity.CPU):
         us = e.self_cpu_time_total / 20
         rows.append({"op": e.key[:80], "self_cpu_us_per_call_of_layer": us, "count": e.count / 20})
     rows.sort(key=lambda r: -r["self_cpu_us_per_call_of_layer"])
