@@ -17,7 +17,7 @@ from torch import nn
 
 from pkmem import ops
 from pkmem.ops.dispatch import check_backend
-from pkmem.ops.reference import SCORES, acc_dtype, score_weights
+from pkmem.ops.reference import acc_dtype, check_score, score_weights
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 GATES = (None, "swilu")
@@ -191,16 +191,8 @@ class ProductKeyMemory(nn.Module):
         ]:
             _check(isinstance(flag, bool), name, flag, "True or False")
         _check(query_norm in QUERY_NORMS, "query_norm", query_norm, f"one of {QUERY_NORMS}")
-        _check(score in SCORES, "score", score, f"one of {SCORES}")
+        temperature = check_score(score, temperature)  # the ops' own check of both
         _check(gate in GATES, "gate", gate, f"one of {GATES}")
-        _check(
-            isinstance(temperature, (int, float))
-            and not isinstance(temperature, bool)
-            and 0 < temperature < math.inf,
-            "temperature",
-            temperature,
-            "a finite number > 0",
-        )
         for name, p in [
             ("input_dropout", input_dropout),
             ("query_dropout", query_dropout),

@@ -9,7 +9,6 @@ that is how CI tests them. Triton is imported lazily, on the first call that nee
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -120,16 +119,7 @@ def product_lookup(
 ):
     """See :func:`pkmem.ops.reference.product_lookup` (the kernel applies the score function to the
     selected scores in registers, forward and backward)."""
-    if score not in reference.SCORES:
-        raise ValueError(f"score={score!r} is not allowed: score must be one of {reference.SCORES}")
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not 0 < temperature < math.inf
-    ):
-        raise ValueError(
-            f"temperature={temperature!r} is not allowed: temperature must be a finite number > 0"
-        )
+    temperature = reference.check_score(score, temperature)
     if resolve_backend(backend, query, subkeys) == "torch":
         return reference.product_lookup(query, subkeys, topk, score, temperature)
     T, H, kd = query.shape
@@ -143,7 +133,7 @@ def product_lookup(
     if n * n >= 2**31:
         raise ValueError(f"num_keys={n} is not allowed with backend='triton': num_keys**2 must be < 2**31")
     kernels, _ = _triton_module()
-    return kernels.product_lookup(query, subkeys, topk, score, float(temperature))
+    return kernels.product_lookup(query, subkeys, topk, score, temperature)
 
 
 def flat_topk(query, keys, topk: int, backend: str = "auto"):

@@ -14,6 +14,8 @@ against. Conventions shared by all backends:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,7 @@ __all__ = [
     "subkey_scores",
     "topk_from_half_scores",
     "product_topk",
+    "check_score",
     "score_weights",
     "product_lookup",
     "flat_topk",
@@ -98,6 +101,19 @@ def product_topk(query: torch.Tensor, subkeys: torch.Tensor, topk: int) -> tuple
 
 
 SCORES = ("softmax", "relu", "none")
+
+
+def check_score(score: str, temperature: float) -> float:
+    """``score`` must be one of :data:`SCORES` and ``temperature`` a finite number > 0 (returned
+    as a float)."""
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not allowed: score must be one of {SCORES}")
+    number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not number or not 0 < temperature < math.inf:
+        raise ValueError(
+            f"temperature={temperature!r} is not allowed: temperature must be a finite number > 0"
+        )
+    return float(temperature)
 
 
 def score_weights(scores: torch.Tensor, score: str = "softmax", temperature: float = 1.0) -> torch.Tensor:

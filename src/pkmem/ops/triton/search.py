@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pkmem.ops.reference import check_score
 from pkmem.ops.triton._common import (
     INTERPRET,
     check_precision,
@@ -719,13 +720,7 @@ def product_lookup(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact product-key search and the score function: see :func:`pkmem.ops.reference.product_lookup`."""
     precision = check_precision(precision or DEFAULT_PRECISION)
-    if score not in SCORE_CODES:
-        raise ValueError(f"score={score!r} is not allowed: score must be one of {tuple(SCORE_CODES)}")
-    temperature = float(temperature)
-    if not 0 < temperature < float("inf"):
-        raise ValueError(
-            f"temperature={temperature!r} is not allowed: temperature must be a finite number > 0"
-        )
+    temperature = check_score(score, temperature)
     if torch.compiler.is_compiling():
         return _product_topk_op(query, subkeys, topk, precision, score, temperature)
     if torch.is_grad_enabled() and (query.requires_grad or subkeys.requires_grad):
