@@ -141,7 +141,6 @@ def _scores(
                 k_base + cols[None, :] * D + dd[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0
             ).to(tl.float32)
             acc = tl.dot(q, kt, acc, input_precision=PRECISION)
-        acc = tl.where(acc == acc, acc, float("inf"))  # NaN ranks first (as in torch.topk), as +inf
         acc = tl.where(cmask[None, :], acc, float("-inf"))
         tl.store(s_base + lrows[:, None] * s_stride + cols[None, :], acc)
     elif FUSED:
@@ -152,7 +151,7 @@ def _scores(
             mask=row_mask[:, None] & cmask[None, :],
             other=float("-inf"),
         ).to(tl.float32)
-        acc = tl.where(acc == acc, acc, float("inf"))  # NaN ranks first (as in torch.topk), as +inf
+    acc = tl.where(acc == acc, acc, float("inf"))  # NaN ranks first (as in torch.topk), as +inf
     return acc, cols, cmask
 
 
