@@ -32,6 +32,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from pkmem.ops.reference import check_indices_below
+
 __all__ = [
     "UsageStats",
     "UsageTracker",
@@ -160,12 +162,7 @@ class UsageStats:
                 f"weights={what} is not allowed with indices of shape {tuple(indices.shape)}: both must "
                 "have the same shape (..., heads, topk)"
             )
-        if indices.device.type == "cpu" and indices.numel() and int(indices.max()) >= self.num_slots:
-            # (checked on the CPU only: on a GPU it would cost a host synchronisation per step)
-            raise ValueError(
-                f"indices has a maximum of {int(indices.max())}: indices must be < num_slots="
-                f"{self.num_slots} (or negative for masked entries)"
-            )
+        check_indices_below(indices, self.num_slots, "num_slots")
         if self.weight is None:
             self._init(indices.device)
         elif self.weight.device != indices.device:

@@ -146,11 +146,6 @@ def weighted_gather(values, indices, weights, sparse: bool = False, backend: str
     """See :func:`pkmem.ops.reference.weighted_gather`."""
     if resolve_backend(backend, values, indices, weights) == "torch":
         return reference.weighted_gather(values, indices, weights, sparse)
-    if indices.device.type == "cpu" and indices.numel() and int(indices.max()) >= values.shape[0]:
-        # (checked for CPU tensors only: on a GPU it would cost a host synchronisation per call)
-        raise ValueError(
-            f"indices has a maximum of {int(indices.max())}: indices must be < values.shape[0]="
-            f"{values.shape[0]} (or negative: skipped)"
-        )
+    reference.check_indices_below(indices, values.shape[0], "values.shape[0]")
     kernels, _ = _triton_module()
     return kernels.weighted_gather(values, indices, weights, sparse)

@@ -24,6 +24,7 @@ __all__ = [
     "subkey_scores",
     "topk_from_half_scores",
     "product_topk",
+    "check_indices_below",
     "check_score",
     "score_weights",
     "product_lookup",
@@ -101,6 +102,16 @@ def product_topk(query: torch.Tensor, subkeys: torch.Tensor, topk: int) -> tuple
 
 
 SCORES = ("softmax", "relu", "none")
+
+
+def check_indices_below(indices: torch.Tensor, bound: int, bound_name: str) -> None:
+    """Indices must be < ``bound`` (negative ones are skipped). Checked for CPU tensors only: on a
+    GPU it would cost a host synchronisation per call."""
+    if indices.device.type == "cpu" and indices.numel() and int(indices.max()) >= bound:
+        raise ValueError(
+            f"indices has a maximum of {int(indices.max())}: indices must be < {bound_name}={bound} "
+            "(or negative: skipped)"
+        )
 
 
 def check_score(score: str, temperature: float) -> float:
