@@ -11,7 +11,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pkmem.ops.triton import gather, search  # noqa: E402
+from pkmem.ops.triton import gather, norm, search  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -51,6 +51,27 @@ def main() -> int:
     w_types.update(n_rows=i32, J=i32, v_dim=i32, stride_v=i32, stride_g=i32, TJ=i32)
     consts = dict(BLOCK_V=g["BLOCK_V"], E=g["E"], RPP=g["RPP"], SPARSE=False, NEED_GV=True, NEED_GW=True)
     print("gather backward:", build(gather._gather_bwd_kernel, w_types, consts, g["num_warps"]))
+    # the query network's BatchNorm at the paper's setting: bf16 x, masked, training
+    c = norm._config(8192, 2048)
+    rows = dict(ROWS=c["ROWS"], BR=c["BR"], BC=c["BC"])
+    n_types = dict(
+        X="*bf16", MASK="*u8", PCNT="*fp32", PMEAN="*fp32", PM2="*fp32", T=i32, C=i32, stride_x=i32
+    )
+    print("batch norm statistics:", build(norm._bn_stats_kernel, n_types, dict(rows, HAS_MASK=True), 4))
+    n_types = dict(X="*bf16", PCNT="*fp32", PMEAN="*fp32", PM2="*fp32", RMEAN="*fp32", RVAR="*fp32")
+    n_types.update(W="*fp32", B="*fp32", Y="*fp32", MEAN="*fp32", VAR="*fp32", T=i32, C=i32, n_chunks=i32)
+    n_types.update(stride_x=i32, eps=f32)
+    consts = dict(rows, NCB=32, TRAINING=True, HAS_W=True, HAS_B=True)
+    print("batch norm normalise:", build(norm._bn_norm_kernel, n_types, consts, c["num_warps"]))
+    s_types = dict(DY="*fp32", X="*bf16", MASK="*u8", MEAN="*fp32", VAR="*fp32", PCNT="*fp32", P1="*fp32")
+    s_types.update(P2="*fp32", T=i32, C=i32, stride_dy=i32, stride_x=i32, eps=f32)
+    consts = dict(rows, HAS_MASK=True)
+    print("batch norm backward sums:", build(norm._bn_bwd_sums_kernel, s_types, consts, c["num_warps"]))
+    d_types = dict(DY="*fp32", X="*bf16", MASK="*u8", MEAN="*fp32", VAR="*fp32", W="*fp32", PCNT="*fp32")
+    d_types.update(P1="*fp32", P2="*fp32", DX="*bf16", DW="*fp32", DB="*fp32", T=i32, C=i32, n_chunks=i32)
+    d_types.update(stride_dy=i32, stride_x=i32, eps=f32)
+    consts = dict(rows, NCB=32, TRAINING=True, HAS_MASK=True, HAS_W=True, SUMS=True, NEED_DX=True)
+    print("batch norm backward dx:", build(norm._bn_bwd_dx_kernel, d_types, consts, c["num_warps"]))
     return 0
 
 

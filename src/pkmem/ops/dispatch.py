@@ -149,3 +149,25 @@ def weighted_gather(values, indices, weights, sparse: bool = False, backend: str
     reference.check_indices_below(indices, values.shape[0], "values.shape[0]")
     kernels, _ = _triton_module()
     return kernels.weighted_gather(values, indices, weights, sparse)
+
+
+def batch_norm(
+    x,
+    weight,
+    bias,
+    mask,
+    eps: float,
+    training: bool,
+    running_mean=None,
+    running_var=None,
+    backend: str = "auto",
+):
+    """See :func:`pkmem.ops.reference.batch_norm` (the kernels read x in its dtype, write a float32
+    output and the gradient of x in x's dtype)."""
+    used = [t for t in (weight, bias, mask) if t is not None]
+    if not training:
+        used += [t for t in (running_mean, running_var) if t is not None]
+    if resolve_backend(backend, x, *used) == "torch":
+        return reference.batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var)
+    kernels, _ = _triton_module()
+    return kernels.batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var)

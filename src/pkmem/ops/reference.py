@@ -31,6 +31,8 @@ __all__ = [
     "flat_topk",
     "brute_force_product_topk",
     "weighted_gather",
+    "check_batch_norm",
+    "batch_norm",
 ]
 
 
@@ -207,3 +209,71 @@ def weighted_gather(
         return torch.einsum("tj,tjv->tv", flat_w, rows)
     bag = torch.arange(T, device=indices.device).repeat_interleave(valid.sum(1))
     return rows.new_zeros(T, values.shape[1]).index_add(0, bag, rows * flat_w[:, None])
+
+
+def check_batch_norm(x, weight, bias, mask, training: bool, running_mean, running_var) -> None:
+    """``x`` (T, C); ``weight``, ``bias`` (C,) or None; ``mask`` bool with T elements or None; in
+    eval (``training`` False) the running statistics (C,)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x has shape {tuple(getattr(x, 'shape', ()))}: batch_norm needs x (T, C)")
+    T, C = x.shape
+    named = [("weight", weight), ("bias", bias)]
+    if not training:
+        named += [("running_mean", running_mean), ("running_var", running_var)]
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_norm in eval (training=False) needs running_mean and running_var")
+    for name, t in named:
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}: it must be (C,) = ({C},)")
+    if mask is not None and (mask.dtype != torch.bool or mask.numel() != T):
+        raise ValueError(
+            f"mask={(mask.dtype, tuple(mask.shape))} is not allowed: mask must be a bool tensor of "
+            f"T = {T} elements (True = real row)"
+        )
+
+
+def batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    eps: float,
+    training: bool,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm over the rows of ``x`` (T, C): ``(y, mean, var)``.
+
+    Training: ``mean`` and the biased ``var`` per column over the rows whose ``mask`` is True (all
+    rows if None; with no real row, mean 0 and var 0). Eval: the running statistics (copies).
+    ``y = (x - mean) * rsqrt(var + eps) * weight + bias`` for ALL rows (a None ``weight`` / ``bias``
+    is not applied). Computed and returned in float32 (float64 if an input is), whatever x's dtype
+    and autocast; ``mean`` and ``var`` are detached (they feed the running averages). Without a
+    mask (and in eval) ``y`` is torch's ``F.batch_norm``.
+    """
+    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var)
+    params = [t for t in (weight, bias) if t is not None]
+    dt = acc_dtype(x, *params, *(() if training else (running_mean, running_var)))
+    with _no_autocast(x.device):
+        x = x.to(dt)
+        w, b = (None if t is None else t.to(dt) for t in (weight, bias))
+        if not training:
+            mean, var = running_mean.to(dt, copy=True), running_var.to(dt, copy=True)
+            return F.batch_norm(x, mean, var, w, b, False, 0.0, eps), mean, var
+        if mask is None and x.shape[0] > 1:  # torch's BatchNorm refuses to train on one row
+            with torch.no_grad():
+                var, mean = torch.var_mean(x, 0, correction=0)
+            return F.batch_norm(x, None, None, w, b, True, 0.0, eps), mean, var
+        # where, not a product: NaN / inf in the other rows must not reach the statistics
+        m = (
+            torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+            if mask is None
+            else mask.reshape(-1, 1)
+        )
+        n = m.sum().to(dt).clamp(min=1)
+        mean = torch.where(m, x, 0.0).sum(0) / n
+        var = torch.where(m, x - mean, 0.0).pow(2).sum(0) / n
+        y = (x - mean) * torch.rsqrt(var + eps)
+        y = y if w is None else y * w
+        y = y if b is None else y + b
+    return y, mean.detach(), var.detach()

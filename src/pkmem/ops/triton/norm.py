@@ -1,0 +1,608 @@
+"""BatchNorm over the (masked) rows of ``x (T, C)`` (Triton), forward and backward.
+
+Twin of :func:`pkmem.ops.reference.batch_norm`. ``x`` is read in its own dtype (float32, bfloat16,
+float16), the output is float32 and the gradient of ``x`` is written in ``x``'s dtype: no casts
+around the op. The grid is (row chunk of ROWS rows, column block of BC columns); a program walks
+its chunk BR rows at a time.
+
+Forward, training (two launches, ``x`` read twice, ``y`` written once):
+
+1. ``_bn_stats_kernel``: per (chunk, column block) the count, mean and M2 (sum of squared
+   deviations) of the real rows: per tile of BR rows, two passes on registers (mean, then squared
+   deviations from it), merged into the chunk's running statistics with Chan's formula. Rows
+   outside the mask are never loaded (NaN / inf there cannot reach the statistics).
+2. ``_bn_norm_kernel``: each program merges all chunks' partials for its columns (NCB chunks at
+   a time: two passes over the tile, then Chan's formula), in the same fixed order in every
+   program (deterministic, no atomics: all programs get the same mean and variance), then
+   normalises its rows: ``y = (x - mean) * rsqrt(var + eps) * weight + bias`` for ALL rows. The
+   programs of chunk 0 store the mean and the biased variance.
+
+In eval the second kernel alone runs on the running statistics (one launch).
+
+Backward (``dx = weight * rstd * (dy - m_t / n * (S1 + xhat * S2))``, with ``S1 = sum dy`` and
+``S2 = sum dy * xhat`` over ALL rows, ``m_t`` the mask, ``n = max(#real rows, 1)``): one launch
+for the partial column sums per chunk (``dy`` and ``x`` read once), one to merge them and write
+``dx`` (``dy`` and ``x`` read again); ``dweight = S2``, ``dbias = S1``. In eval ``dx = weight *
+rstd * dy`` needs no sums (one launch when no parameter needs a gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pkmem.ops.reference import check_batch_norm
+from pkmem.ops.triton._common import new_output, next_pow2
+
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
+
+
+@triton.jit
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of two sets' (count, mean, M2); a set may be empty (count 0, mean 0)."""
+    n = n_a + n_b
+    f = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * f, m2_a + m2_b + delta * delta * (n_a * f)
+
+
+@triton.jit
+def _bn_stats_kernel(
+    X,
+    MASK,
+    PCNT,
+    PMEAN,
+    PM2,
+    T,
+    C,
+    stride_x,
+    ROWS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    cb = tl.program_id(1)
+    cols = cb * BC + tl.arange(0, BC)
+    cm = cols < C
+    n_a = tl.zeros((), tl.float32)
+    mean_a = tl.zeros((BC,), tl.float32)
+    m2_a = tl.zeros((BC,), tl.float32)
+    for r0 in range(0, ROWS, BR):
+        rows = chunk * ROWS + r0 + tl.arange(0, BR)
+        real = rows < T
+        if HAS_MASK:
+            real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
+        ok = real[:, None] & cm[None, :]
+        x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        x = x.to(tl.float32)
+        n_b = tl.sum(real.to(tl.float32), axis=0)
+        mean_b = tl.sum(x, axis=0) / tl.maximum(n_b, 1.0)
+        d = tl.where(ok, x - mean_b[None, :], 0.0)
+        n_a, mean_a, m2_a = _chan(n_a, mean_a, m2_a, n_b, mean_b, tl.sum(d * d, axis=0))
+    out = chunk.to(tl.int64) * C + cols
+    tl.store(PMEAN + out, mean_a, mask=cm)
+    tl.store(PM2 + out, m2_a, mask=cm)
+    tl.store(PCNT + chunk, n_a, mask=cb == 0)
+
+
+@triton.jit
+def _merge_stats(PCNT, PMEAN, PM2, n_chunks, C, cols, cm, BC: tl.constexpr, NCB: tl.constexpr):
+    """Mean and biased variance of the columns ``cols`` from the partials of ``n_chunks`` chunks:
+    NCB chunks at a time (weighted mean, then M2 plus the squared deviations of the chunk means),
+    merged in chunk order with Chan's formula."""
+    n_a = tl.zeros((), tl.float32)
+    mean_a = tl.zeros((BC,), tl.float32)
+    m2_a = tl.zeros((BC,), tl.float32)
+    for c0 in range(0, n_chunks, NCB):
+        ch = c0 + tl.arange(0, NCB)
+        chm = ch < n_chunks
+        ok = chm[:, None] & cm[None, :]
+        cnt = tl.load(PCNT + ch, mask=chm, other=0.0)
+        offs = ch.to(tl.int64)[:, None] * C + cols[None, :]
+        pm = tl.load(PMEAN + offs, mask=ok, other=0.0)
+        pq = tl.load(PM2 + offs, mask=ok, other=0.0)
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(pm * cnt[:, None], axis=0) / tl.maximum(n_b, 1.0)
+        d = tl.where(ok & (cnt[:, None] > 0), pm - mean_b[None, :], 0.0)
+        m2_b = tl.sum(pq + d * d * cnt[:, None], axis=0)
+        n_a, mean_a, m2_a = _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+    return mean_a, m2_a / tl.maximum(n_a, 1.0)
+
+
+@triton.jit
+def _bn_norm_kernel(
+    X,
+    PCNT,
+    PMEAN,
+    PM2,
+    RMEAN,
+    RVAR,
+    W,
+    B,
+    Y,
+    MEAN,
+    VAR,
+    T,
+    C,
+    n_chunks,
+    stride_x,
+    eps,
+    ROWS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    NCB: tl.constexpr,
+    TRAINING: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    cb = tl.program_id(1)
+    cols = cb * BC + tl.arange(0, BC)
+    cm = cols < C
+    if TRAINING:
+        mean, var = _merge_stats(PCNT, PMEAN, PM2, n_chunks, C, cols, cm, BC, NCB)
+    else:
+        mean = tl.load(RMEAN + cols, mask=cm, other=0.0).to(tl.float32)
+        var = tl.load(RVAR + cols, mask=cm, other=1.0).to(tl.float32)
+    tl.store(MEAN + cols, mean, mask=cm & (chunk + 0 * cols == 0))
+    tl.store(VAR + cols, var, mask=cm & (chunk + 0 * cols == 0))
+    rstd = tl.rsqrt(var + eps)
+    if HAS_W:
+        w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
+    for r0 in range(0, ROWS, BR):
+        rows = (chunk * ROWS + r0 + tl.arange(0, BR)).to(tl.int64)
+        ok = (rows < T)[:, None] & cm[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        y = (x - mean[None, :]) * rstd[None, :]
+        if HAS_W:
+            y = y * w[None, :]
+        if HAS_B:
+            y = y + b[None, :]
+        tl.store(Y + rows[:, None] * C + cols[None, :], y, mask=ok)
+
+
+@triton.jit
+def _bn_bwd_sums_kernel(
+    DY,
+    X,
+    MASK,
+    MEAN,
+    VAR,
+    PCNT,
+    P1,
+    P2,
+    T,
+    C,
+    stride_dy,
+    stride_x,
+    eps,
+    ROWS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    """Per (chunk, column block): ``sum dy``, ``sum dy * xhat`` over the chunk's rows (all of
+    them) and the chunk's number of real rows."""
+    chunk = tl.program_id(0)
+    cb = tl.program_id(1)
+    cols = cb * BC + tl.arange(0, BC)
+    cm = cols < C
+    mean = tl.load(MEAN + cols, mask=cm, other=0.0)
+    rstd = tl.rsqrt(tl.load(VAR + cols, mask=cm, other=1.0) + eps)
+    s1 = tl.zeros((BR, BC), tl.float32)
+    s2 = tl.zeros((BR, BC), tl.float32)
+    cnt = tl.zeros((BR,), tl.float32)
+    for r0 in range(0, ROWS, BR):
+        rows = chunk * ROWS + r0 + tl.arange(0, BR)
+        inside = rows < T
+        if HAS_MASK:
+            cnt += (inside & (tl.load(MASK + rows, mask=inside, other=0) != 0)).to(tl.float32)
+        else:
+            cnt += inside.to(tl.float32)
+        ok = inside[:, None] & cm[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        s1 += dy
+        s2 += dy * ((x - mean[None, :]) * rstd[None, :])
+    out = chunk.to(tl.int64) * C + cols
+    tl.store(P1 + out, tl.sum(s1, axis=0), mask=cm)
+    tl.store(P2 + out, tl.sum(s2, axis=0), mask=cm)
+    tl.store(PCNT + chunk, tl.sum(cnt, axis=0), mask=cb == 0)
+
+
+@triton.jit
+def _bn_bwd_dx_kernel(
+    DY,
+    X,
+    MASK,
+    MEAN,
+    VAR,
+    W,
+    PCNT,
+    P1,
+    P2,
+    DX,
+    DW,
+    DB,
+    T,
+    C,
+    n_chunks,
+    stride_dy,
+    stride_x,
+    eps,
+    ROWS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    NCB: tl.constexpr,
+    TRAINING: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_W: tl.constexpr,
+    SUMS: tl.constexpr,
+    NEED_DX: tl.constexpr,
+):
+    """Merges the partial sums (when ``SUMS``: chunk 0 stores ``dweight``, ``dbias``) and writes
+    ``dx`` for the chunk's rows (when ``NEED_DX``)."""
+    chunk = tl.program_id(0)
+    cb = tl.program_id(1)
+    cols = cb * BC + tl.arange(0, BC)
+    cm = cols < C
+    mean = tl.load(MEAN + cols, mask=cm, other=0.0)
+    rstd = tl.rsqrt(tl.load(VAR + cols, mask=cm, other=1.0) + eps)
+    if SUMS:
+        s1 = tl.zeros((BC,), tl.float32)
+        s2 = tl.zeros((BC,), tl.float32)
+        n = tl.zeros((), tl.float32)
+        for c0 in range(0, n_chunks, NCB):
+            ch = c0 + tl.arange(0, NCB)
+            chm = ch < n_chunks
+            offs = ch.to(tl.int64)[:, None] * C + cols[None, :]
+            ok = chm[:, None] & cm[None, :]
+            s1 += tl.sum(tl.load(P1 + offs, mask=ok, other=0.0), axis=0)
+            s2 += tl.sum(tl.load(P2 + offs, mask=ok, other=0.0), axis=0)
+            n += tl.sum(tl.load(PCNT + ch, mask=chm, other=0.0), axis=0)
+        tl.store(DW + cols, s2, mask=cm & (chunk + 0 * cols == 0))
+        tl.store(DB + cols, s1, mask=cm & (chunk + 0 * cols == 0))
+        inv_n = 1.0 / tl.maximum(n, 1.0)
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    if NEED_DX:
+        for r0 in range(0, ROWS, BR):
+            rows = chunk * ROWS + r0 + tl.arange(0, BR)
+            inside = rows < T
+            ok = inside[:, None] & cm[None, :]
+            rows64 = rows.to(tl.int64)[:, None]
+            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            if TRAINING:
+                x = tl.load(X + rows64 * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                xhat = (x - mean[None, :]) * rstd[None, :]
+                corr = (s1[None, :] + xhat * s2[None, :]) * inv_n
+                if HAS_MASK:
+                    real = tl.load(MASK + rows, mask=inside, other=0) != 0
+                    corr = tl.where(real[:, None], corr, 0.0)
+                dy = dy - corr
+            tl.store(DX + rows64 * C + cols[None, :], (dy * scale[None, :]).to(DX.dtype.element_ty), mask=ok)
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+
+
+# block sizes measured best on a GPU, merged over the defaults below (none measured yet)
+TUNED: dict = {}
+
+
+def _config(T: int, C: int) -> dict:
+    """Row chunks of 256 rows (more for long inputs, so that a program merges at most 64 chunks'
+    partials), 64 columns per program: 32 x 32 programs at T 8192, C 2048."""
+    bc = min(64, max(16, next_pow2(C)))
+    br = 32
+    rows = 256
+    while triton.cdiv(T, rows) > 64:
+        rows *= 2
+    rows = max(br, min(rows, next_pow2(T)))
+    return {"ROWS": rows, "BR": br, "BC": bc, "NCB": 64, "num_warps": 4, **TUNED}
+
+
+def _prepare(x: torch.Tensor, mask: torch.Tensor | None):
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if mask is not None:
+        mask = mask.reshape(-1).contiguous().view(torch.uint8)
+    return x, mask
+
+
+def _sizes(T: int, C: int, config: dict | None) -> tuple[dict, int, int, int]:
+    cfg = dict(_config(T, C), **(config or {}))
+    n_chunks = max(1, triton.cdiv(T, cfg["ROWS"]))
+    ncb = min(cfg["NCB"], next_pow2(n_chunks))
+    return cfg, n_chunks, triton.cdiv(C, cfg["BC"]), ncb
+
+
+def batch_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    eps: float,
+    training: bool,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y (T, C) float32, mean (C,), var (C,))``: batch statistics of the real rows in training
+    (biased variance), copies of the running statistics in eval."""
+    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var)
+    T, C = x.shape
+    dev = x.device
+    x, m = _prepare(x, mask)
+    y = new_output(T, C, device=dev, dtype=torch.float32)
+    mean = new_output(C, device=dev, dtype=torch.float32)
+    var = new_output(C, device=dev, dtype=torch.float32)
+    if C == 0:
+        return y, mean, var
+    cfg, n_chunks, n_cb, ncb = _sizes(T, C, config)
+    if training:
+        pcnt = new_output(n_chunks, device=dev, dtype=torch.float32)
+        pmean = new_output(n_chunks, C, device=dev, dtype=torch.float32)
+        pm2 = new_output(n_chunks, C, device=dev, dtype=torch.float32)
+        _bn_stats_kernel[(n_chunks, n_cb)](
+            x,
+            m if m is not None else x,
+            pcnt,
+            pmean,
+            pm2,
+            T,
+            C,
+            x.stride(0),
+            ROWS=cfg["ROWS"],
+            BR=cfg["BR"],
+            BC=cfg["BC"],
+            HAS_MASK=m is not None,
+            num_warps=cfg["num_warps"],
+        )
+    else:
+        pcnt = pmean = pm2 = mean  # unused
+    _bn_norm_kernel[(n_chunks, n_cb)](
+        x,
+        pcnt,
+        pmean,
+        pm2,
+        running_mean if not training else mean,
+        running_var if not training else var,
+        weight if weight is not None else mean,
+        bias if bias is not None else mean,
+        y,
+        mean,
+        var,
+        T,
+        C,
+        n_chunks,
+        x.stride(0),
+        float(eps),
+        ROWS=cfg["ROWS"],
+        BR=cfg["BR"],
+        BC=cfg["BC"],
+        NCB=ncb,
+        TRAINING=bool(training),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        num_warps=cfg["num_warps"],
+    )
+    return y, mean, var
+
+
+def batch_norm_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    training: bool,
+    need_x: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+    config: dict | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``x`` (in x's dtype), ``weight`` and ``bias`` (float32), from the forward's
+    float32 ``mean`` and ``var``."""
+    T, C = x.shape
+    dev = x.device
+    x, m = _prepare(x, mask)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    sums = need_weight or need_bias or (training and need_x)
+    dx = new_output(T if need_x else 0, C, device=dev, dtype=x.dtype)
+    dw = new_output(C if sums else 0, device=dev, dtype=torch.float32)
+    db = new_output(C if sums else 0, device=dev, dtype=torch.float32)
+    if C > 0 and (sums or need_x):
+        cfg, n_chunks, n_cb, ncb = _sizes(T, C, config)
+        if sums:
+            pcnt = new_output(n_chunks, device=dev, dtype=torch.float32)
+            p1 = new_output(n_chunks, C, device=dev, dtype=torch.float32)
+            p2 = new_output(n_chunks, C, device=dev, dtype=torch.float32)
+            _bn_bwd_sums_kernel[(n_chunks, n_cb)](
+                grad_out,
+                x,
+                m if m is not None else x,
+                mean,
+                var,
+                pcnt,
+                p1,
+                p2,
+                T,
+                C,
+                grad_out.stride(0),
+                x.stride(0),
+                float(eps),
+                ROWS=cfg["ROWS"],
+                BR=cfg["BR"],
+                BC=cfg["BC"],
+                HAS_MASK=m is not None,
+                num_warps=cfg["num_warps"],
+            )
+        else:
+            pcnt = p1 = p2 = mean  # unused
+        _bn_bwd_dx_kernel[(n_chunks if need_x else 1, n_cb)](
+            grad_out,
+            x,
+            m if m is not None else x,
+            mean,
+            var,
+            weight if weight is not None else mean,
+            pcnt,
+            p1,
+            p2,
+            dx,
+            dw,
+            db,
+            T,
+            C,
+            n_chunks,
+            grad_out.stride(0),
+            x.stride(0),
+            float(eps),
+            ROWS=cfg["ROWS"],
+            BR=cfg["BR"],
+            BC=cfg["BC"],
+            NCB=ncb,
+            TRAINING=bool(training),
+            HAS_MASK=m is not None,
+            HAS_W=weight is not None,
+            SUMS=sums,
+            NEED_DX=need_x,
+            num_warps=cfg["num_warps"],
+        )
+    return (dx if need_x else None), (dw if need_weight else None), (db if need_bias else None)
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pkmem::batch_norm", mutates_args=())
+def _bn_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    eps: float,
+    training: bool,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return batch_norm_forward(x, weight, bias, mask, eps, training, running_mean, running_var)
+
+
+@_bn_op.register_fake
+def _(x, weight, bias, mask, eps, training, running_mean, running_var):
+    C = x.shape[1]
+    return (
+        x.new_empty(x.shape, dtype=torch.float32),
+        x.new_empty(C, dtype=torch.float32),
+        x.new_empty(C, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("pkmem::batch_norm_backward", mutates_args=())
+def _bn_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    training: bool,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = batch_norm_backward(
+        grad_out, x, weight, mask, mean, var, eps, training, need_x, need_weight, need_bias
+    )
+    empty = mean.new_empty(0)
+    return (
+        (dx if dx is not None else x.new_empty(0)),
+        (dw if dw is not None else empty),
+        (db if db is not None else empty),
+    )
+
+
+@_bn_backward_op.register_fake
+def _(grad_out, x, weight, mask, mean, var, eps, training, need_x, need_weight, need_bias):
+    C = x.shape[1]
+    return (
+        torch.empty_like(x) if need_x else x.new_empty(0),
+        mean.new_empty(C if need_weight else 0),
+        mean.new_empty(C if need_bias else 0),
+    )
+
+
+def _grads(grad_out, saved, ctx, backward_fn):
+    """``(dx, dweight, dbias)`` for the inputs that need them (None for the others)."""
+    x, weight, bias, mask, mean, var = saved
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_out is None or not (need_x or need_w or need_b):
+        return None, None, None
+    dx, dw, db = backward_fn(
+        grad_out, x, weight, mask, mean, var, ctx.eps, ctx.training, need_x, need_w, need_b
+    )
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(bias.dtype) if need_b else None,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, mask, eps, training, _, _ = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, bias, mask, mean, var)
+    ctx.eps, ctx.training = eps, training
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    return *_grads(grad_out, ctx.saved_tensors, ctx, _bn_backward_op), None, None, None, None, None
+
+
+_bn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, eps, training, running_mean, running_var):
+        y, mean, var = batch_norm_forward(x, weight, bias, mask, eps, training, running_mean, running_var)
+        _setup_context(ctx, (x, weight, bias, mask, eps, training, None, None), (y, mean, var))
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        return *_grads(grad_out, ctx.saved_tensors, ctx, batch_norm_backward), None, None, None, None, None
+
+
+def batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    eps: float,
+    training: bool,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused BatchNorm: see :func:`pkmem.ops.reference.batch_norm` (``mean`` and ``var`` are not
+    differentiable)."""
+    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var)
+    args = (x, weight, bias, mask, float(eps), bool(training), running_mean, running_var)
+    if torch.compiler.is_compiling():
+        return _bn_op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _BatchNorm.apply(*args)
+    return batch_norm_forward(*args)  # nothing to differentiate: no autograd node

@@ -1,0 +1,276 @@
+"""The BatchNorm kernels against their reference twin: forward (output, mean, variance) and the
+gradients of x, weight and bias, in training (masked or not) and eval.
+
+On a CPU these run under Triton's interpreter (tests/ops/conftest.py) at small sizes; the tests
+marked ``gpu`` run the paper's size (8192 tokens, 2048 query features) on a CUDA device.
+"""
+
+import pytest
+import torch
+
+from pkmem.ops import dispatch, reference
+
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+EPS = 1e-5
+# gradient of x: written in x's dtype
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _inputs(T, C, device, dtype=torch.float32, masked=True, affine="both", seed=0, mean=2.0, std=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, C, generator=g) * std + mean).to(dtype)
+    w = torch.randn(C, generator=g) if affine in ("both", "weight") else None
+    b = torch.randn(C, generator=g) if affine in ("both", "bias") else None
+    mask = torch.rand(T, generator=g) > 0.3 if masked else None
+    rm, rv = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.5
+    dy = torch.randn(T, C, generator=g)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(x), to(w), to(b), to(mask), to(rm), to(rv), to(dy)
+
+
+def _run(fn, x, w, b, mask, training, rm, rv, dy):
+    """Outputs and gradients: ``(y, mean, var, dx, dweight, dbias)``."""
+    x = x.detach().clone().requires_grad_()
+    w = None if w is None else w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    y, mean, var = fn(x, w, b, mask, EPS, training, rm, rv)
+    (y * dy).sum().backward()
+    grad = lambda t: None if t is None else t.grad  # noqa: E731
+    return y.detach(), mean, var, x.grad, grad(w), grad(b)
+
+
+def _close(a, b, tol, name="", scale=None):
+    """Equal within ``tol`` relative to each element and to ``scale`` (default: the largest
+    magnitude of ``b``)."""
+    if b is None:
+        assert a is None, name
+        return
+    assert a.shape == b.shape, name
+    if scale is None:
+        scale = b.double().abs().max().item() if b.numel() else 0.0
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(scale, 1e-30), msg=name)
+
+
+def _check(got, want, x_dtype, dy, w, tol=1e-5):
+    """``dx`` is compared at the scale of its direct term ``w * rstd * dy``: the mean-removal terms
+    cancel it almost entirely at small T (two rows: dx is rounding noise)."""
+    names = ("y", "mean", "var", "dx", "dweight", "dbias")
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
+    assert got[3].dtype == x_dtype
+    rstd = torch.rsqrt(want[2].double() + EPS)
+    direct = dy.double().abs().amax(0) * rstd * (1.0 if w is None else w.double().abs())
+    dx_scale = direct.max().item() if direct.numel() else 0.0
+    for a, b, name in zip(got, want, names):
+        if name == "dx":
+            _close(a, b, TOL[x_dtype], name, max(dx_scale, b.double().abs().max().item() if b.numel() else 0))
+        else:
+            _close(a, b, tol, name)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 37, 300])
+@pytest.mark.parametrize("C", [3, 17, 64, 130])
+@pytest.mark.parametrize("masked", [False, True])
+def test_training_matches_reference(kernels, device, T, C, masked):
+    args = _inputs(T, C, device, masked=masked, seed=T * C)
+    x, w, b, mask, rm, rv, dy = args
+    got = _run(kernels.batch_norm, x, w, b, mask, True, rm, rv, dy)
+    want = _run(reference.batch_norm, x, w, b, mask, True, rm, rv, dy)
+    _check(got, want, torch.float32, dy, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", ["both", "none", "weight", "bias"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_dtypes_and_modes(kernels, device, dtype, training, affine, masked):
+    """16-bit x is read as is (the reference upcasts it exactly: same float32 forward); its gradient
+    is written in x's dtype, so it agrees to that dtype's precision."""
+    x, w, b, mask, rm, rv, dy = _inputs(37, 130, device, dtype, masked, affine, seed=3)
+    got = _run(kernels.batch_norm, x, w, b, mask, training, rm, rv, dy)
+    want = _run(reference.batch_norm, x, w, b, mask, training, rm, rv, dy)
+    _check(got, want, dtype, dy, w)
+    if not training:  # eval returns (copies of) the running statistics
+        assert torch.equal(got[1], rm) and torch.equal(got[2], rv) and got[1].data_ptr() != rm.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"ROWS": 16, "BR": 8, "BC": 16, "NCB": 4},  # 10 chunks merged 4 at a time, 5 column blocks
+        {"ROWS": 64, "BR": 16, "BC": 128, "NCB": 1, "num_warps": 2},  # one chunk per merge step
+        {"ROWS": 512, "BR": 64, "BC": 32, "NCB": 64},  # one chunk, larger than T
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_block_configs(kernels, device, config, dtype, training):
+    from pkmem.ops.triton.norm import batch_norm_backward, batch_norm_forward
+
+    x, w, b, mask, rm, rv, dy = _inputs(150, 70, device, dtype, seed=4)
+    y, mean, var = batch_norm_forward(x, w, b, mask, EPS, training, rm, rv, config=config)
+    dx, dw, db = batch_norm_backward(dy, x, w, mask, mean, var, EPS, training, config=config)
+    want = _run(reference.batch_norm, x, w, b, mask, training, rm, rv, dy)
+    _check((y, mean, var, dx, dw, db), want, dtype, dy, w)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_all_rows_masked(kernels, device, training):
+    """No real row: mean 0 and variance 0 (the reference divides by max(n, 1)); every row keeps
+    only the direct term of the gradient."""
+    x, w, b, _, rm, rv, dy = _inputs(9, 20, device, seed=5)
+    mask = torch.zeros(9, dtype=torch.bool, device=device)
+    got = _run(kernels.batch_norm, x, w, b, mask, training, rm, rv, dy)
+    want = _run(reference.batch_norm, x, w, b, mask, training, rm, rv, dy)
+    _check(got, want, torch.float32, dy, w)
+    if training:
+        assert (got[1] == 0).all() and (got[2] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_in_masked_rows_stay_out_of_the_statistics(kernels, device, bad, dtype):
+    x, w, b, mask, rm, rv, dy = _inputs(70, 33, device, dtype, seed=6)
+    clean = torch.where(mask[:, None], x, 0.0)
+    dirty = torch.where(mask[:, None], x, bad)
+    y, mean, var = kernels.batch_norm(dirty, w, b, mask, EPS, True)
+    y2, mean2, var2 = reference.batch_norm(clean, w, b, mask, EPS, True)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
+    _close(mean, mean2, 1e-5, "mean")
+    _close(var, var2, 1e-5, "var")
+    _close(y[mask], y2[mask], 1e-5, "y of real rows")
+    assert not torch.isfinite(y[~mask]).any()  # the bad rows themselves are normalised as they are
+
+
+def test_large_mean_statistics_are_robust(kernels, device):
+    """|mean| = 1e4 >> std = 1: a one-pass sum / sum-of-squares loses the variance entirely in
+    float32 (errors ~ 1e8 * 2**-24 ~ 10); per-tile two-pass statistics merged with Chan's formula
+    keep it to ~1e-4, the resolution at which float32 holds the means (1e4 * 2**-24 ~ 6e-4 of std)."""
+    x, w, b, mask, rm, rv, dy = _inputs(300, 17, device, mean=1e4, std=1.0, seed=7)
+    y, mean, var = kernels.batch_norm(x, w, b, mask, EPS, True)
+    y64, mean64, var64 = reference.batch_norm(x.double(), w.double(), b.double(), mask, EPS, True)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-3, atol=0)
+    # x - mean is exact to float32's resolution at 1e4 (1e-3), scaled by rstd ~ 1 and |w| ~ 1
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=5e-3 * w.abs().max().item())
+    _, dmean, dvar, dx, dw, db = _run(kernels.batch_norm, x, w, b, mask, True, rm, rv, dy)
+    want = _run(reference.batch_norm, x.double(), w.double(), b.double(), mask, True, rm, rv, dy.double())
+    for a, r, name in zip((dx, dw, db), want[3:], ("dx", "dweight", "dbias")):
+        _close(a, r, 5e-3, name)
+
+
+def test_gradients_of_some_inputs_only(kernels, device):
+    x, w, b, mask, _, _, dy = _inputs(37, 17, device, seed=8)
+    for needs in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
+        leaves = [t.detach().clone().requires_grad_(need) for t, need in zip((x, w, b), needs)]
+        y, _, _ = kernels.batch_norm(*leaves, mask, EPS, True)
+        (y * dy).sum().backward()
+        ref = [t.detach().clone().requires_grad_(need) for t, need in zip((x, w, b), needs)]
+        y2, _, _ = reference.batch_norm(*ref, mask, EPS, True)
+        (y2 * dy).sum().backward()
+        for a, r in zip(leaves, ref):
+            assert (a.grad is None) == (r.grad is None)
+            if a.grad is not None:
+                _close(a.grad, r.grad, 1e-5)
+    with torch.no_grad():  # no autograd node
+        y, mean, var = kernels.batch_norm(x, w, b, mask, EPS, True)
+    assert y.grad_fn is None and not mean.requires_grad
+    _close(y, reference.batch_norm(x, w, b, mask, EPS, True)[0], 1e-5)
+
+
+def test_custom_op_registration(kernels, device):
+    from pkmem.ops.triton import norm
+
+    x, w, b, mask, rm, rv, dy = _inputs(37, 17, device, seed=9)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(norm._bn_op, (x, w, b, mask, EPS, True, None, None), test_utils=utils)
+    torch.library.opcheck(norm._bn_op, (x, None, None, None, EPS, False, rm, rv), test_utils=utils)
+    mean, var = x.detach().mean(0), x.detach().var(0)
+    args = (dy, x.detach(), w.detach(), mask, mean, var, EPS, True, True, False, True)
+    torch.library.opcheck(norm._bn_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+    for training in (True, False):
+        got = _run(norm._bn_op, x, w, b, mask, training, rm, rv, dy)
+        want = _run(reference.batch_norm, x, w, b, mask, training, rm, rv, dy)
+        _check(got, want, torch.float32, dy, w)
+
+
+def test_bad_inputs(kernels, device):
+    x, w, b, mask, rm, rv, _ = _inputs(6, 5, device)
+    for args, match in [
+        ((x[None], w, b, mask, EPS, True), "T, C"),
+        ((x, w[:3], b, mask, EPS, True), "weight"),
+        ((x, w, b, mask.float(), EPS, True), "mask"),
+        ((x, w, b, mask[:4], EPS, True), "mask"),
+        ((x, w, b, mask, EPS, False), "running_mean"),
+        ((x, w, b, mask, EPS, False, rm, rv[:2]), "running_var"),
+    ]:
+        for backend in ("torch", "triton"):
+            with pytest.raises(ValueError, match=match):
+                dispatch.batch_norm(*args, backend=backend)
+
+
+# ---- real sizes, on the GPU ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paper_size_gpu(kernels, masked, training, dtype):
+    """8192 tokens, 2048 features (heads 4 x k_dim 512), bf16 as under autocast: against the
+    reference in float32 (float64 for the statistics); deterministic run to run."""
+    from pkmem.ops.triton.norm import batch_norm_backward, batch_norm_forward
+
+    x, w, b, mask, rm, rv, dy = _inputs(8192, 2048, "cuda", dtype, masked, seed=10, mean=0.5, std=2.0)
+    got = _run(kernels.batch_norm, x, w, b, mask, training, rm, rv, dy)
+    want = _run(reference.batch_norm, x.float(), w, b, mask, training, rm, rv, dy)
+    _check(got[:3] + (got[3].float(),) + got[4:], want, torch.float32, dy, w, tol=1e-4)
+    _close(got[3], want[3], TOL[dtype], "dx")
+    stats64 = reference.batch_norm(x.double(), w.double(), b.double(), mask, EPS, training, rm, rv)
+    _close(got[1], stats64[1], 1e-6, "mean vs float64")
+    _close(got[2], stats64[2], 1e-5, "var vs float64")
+    y1, m1, v1 = batch_norm_forward(x, w, b, mask, EPS, training, rm, rv)
+    y2, m2, v2 = batch_norm_forward(x, w, b, mask, EPS, training, rm, rv)
+    assert torch.equal(y1, y2) and torch.equal(m1, m2) and torch.equal(v1, v2), "forward is not deterministic"
+    g1 = batch_norm_backward(dy, x, w, mask, m1, v1, EPS, training)
+    g2 = batch_norm_backward(dy, x, w, mask, m1, v1, EPS, training)
+    assert all(torch.equal(a, c) for a, c in zip(g1, g2)), "backward is not deterministic"
+
+
+for _mark in GPU:
+    test_paper_size_gpu = _mark(test_paper_size_gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_and_cuda_graph_gpu(kernels):
+    """Forward and backward inside torch.compile (the custom op) and in a captured CUDA graph."""
+    x, w, b, mask, _, _, dy = _inputs(1024, 512, "cuda", torch.bfloat16, seed=11)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+
+    def f(x_, w_, b_):
+        y, _, _ = dispatch.batch_norm(x_, w_, b_, mask, EPS, True, backend="triton")
+        return (y * dy).sum()
+
+    f(x, w, b).backward()
+    expected = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    torch.compile(f, fullgraph=True)(x, w, b).backward()
+    for t, e in zip((x, w, b), expected):
+        torch.testing.assert_close(t.grad, e, atol=1e-5, rtol=1e-5)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for t in (x, w, b):
+                t.grad = None
+            f(x, w, b).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    for t in (x, w, b):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        f(x, w, b).backward()
+    graph.replay()
+    for t, e in zip((x, w, b), expected):
+        torch.testing.assert_close(t.grad, e, atol=1e-5, rtol=1e-5)
