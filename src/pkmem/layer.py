@@ -61,33 +61,37 @@ def check_bool_mask(name: str, mask, shape: tuple, shape_text: str, meaning: str
         )
 
 
-def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked_batch_norm(
+    bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor | None, backend: str = "auto"
+) -> torch.Tensor:
     """BatchNorm over the rows of ``x`` (T, C) whose ``mask`` is True (all rows if None).
 
     In training the statistics (and the running averages) use the real rows only, so padding does
-    not shift them; in eval the running statistics are used. Computed in float32.
+    not shift them (one row trains too: torch's BatchNorm refuses to); in eval the running
+    statistics are used. Float32 output (:func:`pkmem.ops.reference.batch_norm`; on CUDA one
+    fused op reads x in its dtype).
     """
-    few = bn.training and x.shape[0] <= 1  # torch's BatchNorm refuses to train on one row
-    if (mask is None and not few) or (not bn.training and bn.track_running_stats):
-        with torch.autocast(x.device.type, enabled=False):
-            return bn(x.to(bn.weight.dtype if bn.affine else torch.float32))
-    x = x.to(acc_dtype(x))
-    m = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1, 1)
-    n = m.sum().to(x.dtype)
-    # where, not a product: NaN / inf in padded rows must not reach the statistics
-    mean = torch.where(m, x, 0.0).sum(0) / n.clamp(min=1)
-    var = torch.where(m, x - mean, 0.0).pow(2).sum(0) / n.clamp(min=1)
-    if bn.track_running_stats:  # a batch without real tokens leaves the running statistics alone
-        with torch.no_grad():
-            real = (n > 0).to(x.dtype)
-            bn.num_batches_tracked += real.to(bn.num_batches_tracked.dtype)
-            momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.clamp(min=1)
-            momentum = momentum * real
-            unbiased = var * (n / (n - 1).clamp(min=1))
-            bn.running_mean.add_(((mean - bn.running_mean) * momentum).to(bn.running_mean.dtype))
-            bn.running_var.add_(((unbiased - bn.running_var) * momentum).to(bn.running_var.dtype))
-    out = (x - mean) * torch.rsqrt(var + bn.eps)
-    return out * bn.weight + bn.bias if bn.affine else out
+    batch_stats = bn.training or not bn.track_running_stats
+    out, mean, var = ops.batch_norm(
+        x, bn.weight, bn.bias, mask, bn.eps, batch_stats, bn.running_mean, bn.running_var, backend
+    )
+    if bn.training and bn.track_running_stats:
+        _update_running_stats(bn, mean, var, x.shape[0] if mask is None else mask.sum())
+    return out
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, n) -> None:
+    """torch's BatchNorm update of the running averages (momentum, or the cumulative average when
+    it is None; unbiased variance) from the statistics of ``n`` real rows, an int or a tensor (kept
+    on the device: no synchronisation). A batch without real rows leaves them alone."""
+    real = n > 0
+    bn.num_batches_tracked += real
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.clamp(min=1)
+    momentum = momentum * real
+    unbiased = var * (n / (n - 1).clamp(min=1) if torch.is_tensor(n) else n / max(n - 1, 1))
+    bn.running_mean.add_(((mean - bn.running_mean) * momentum).to(bn.running_mean.dtype))
+    bn.running_var.add_(((unbiased - bn.running_var) * momentum).to(bn.running_var.dtype))
 
 
 class QueryNetwork(nn.Module):
@@ -100,11 +104,13 @@ class QueryNetwork(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(sizes, sizes[1:]))
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in sizes[1:]) if batchnorm else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto"
+    ) -> torch.Tensor:
         for i, linear in enumerate(self.linears):
             x = linear(_cast(x, linear))
             if self.norms is not None:
-                x = masked_batch_norm(self.norms[i], x, mask)
+                x = masked_batch_norm(self.norms[i], x, mask, backend)
             if i < len(self.linears) - 1:
                 x = F.relu(x)
         return x
@@ -303,7 +309,7 @@ class ProductKeyMemory(nn.Module):
         return x.reshape(-1, self.dim), mask
 
     def _query(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q = self.query_net(x, mask)
+        q = self.query_net(x, mask, self.backend)
         q = q.to(acc_dtype(q)).view(-1, self.heads, 2, self.k_dim // 2)  # (T, H, 2, half)
         if self.query_ln is not None:
             q = F.layer_norm(

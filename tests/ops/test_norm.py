@@ -7,7 +7,9 @@ marked ``gpu`` run the paper's size (8192 tokens, 2048 query features) on a CUDA
 
 import pytest
 import torch
+from torch import nn
 
+from pkmem.layer import masked_batch_norm
 from pkmem.ops import dispatch, reference
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -207,6 +209,39 @@ def test_bad_inputs(kernels, device):
         for backend in ("torch", "triton"):
             with pytest.raises(ValueError, match=match):
                 dispatch.batch_norm(*args, backend=backend)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_batch_norm_triton_equals_torch(kernels, device, masked, momentum, dtype):
+    """The layer's BatchNorm through both backends: outputs, gradients and running statistics over
+    training steps (one of them on one row, one without real rows), then eval."""
+    bns = [nn.BatchNorm1d(13, momentum=momentum).to(device) for _ in range(2)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.copy_(torch.linspace(0.5, 2, 13))
+            bn.bias.copy_(torch.linspace(-1, 1, 13))
+    steps = [(40, seed) for seed in range(3)] + [(1, 3), (5, 4)]
+    for step, (T, seed) in enumerate(steps):
+        x, _, _, mask, _, _, dy = _inputs(T, 13, device, dtype, masked, seed=seed)
+        if step == len(steps) - 1 and masked:
+            mask = torch.zeros_like(mask)  # no real row: running statistics stay
+        outs = []
+        for bn, backend in zip(bns, ("triton", "torch")):
+            bn.zero_grad()
+            xx = x.detach().clone().requires_grad_()
+            y = masked_batch_norm(bn, xx, mask, backend)
+            (y * dy).sum().backward()
+            outs.append((y.detach(), xx.grad, bn.weight.grad, bn.bias.grad))
+        for a, r in zip(*outs):
+            _close(a, r, TOL[dtype] if a.dtype != torch.float32 else 1e-5)
+        for a, r in zip(bns[0].buffers(), bns[1].buffers()):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    for bn in bns:
+        bn.eval()
+    x = _inputs(7, 13, device, dtype, seed=9)[0]
+    _close(masked_batch_norm(bns[0], x, None, "triton"), masked_batch_norm(bns[1], x, None, "torch"), 1e-5)
 
 
 # ---- real sizes, on the GPU ------------------------------------------------------------------------
