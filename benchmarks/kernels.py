@@ -22,17 +22,18 @@ from pkmem.ops import reference  # noqa: E402
 from pkmem.ops.triton import gather, search  # noqa: E402
 
 SEARCH_CONFIGS = [
-    {"BT": 32, "BN": 128, "num_warps": 8},
-    {"BT": 32, "BN": 128, "num_warps": 8, "EXACT": False},
-    {"BT": 16, "BN": 128, "num_warps": 4},
-    {"BT": 32, "BN": 256, "num_warps": 8},
-    {"BT": 32, "BN": 128, "num_warps": 8, "BD": 64, "FUSED": True},
+    {"BT": 8, "BN": 64, "num_warps": 4},  # the default at this size
+    {"BT": 4, "BN": 64, "num_warps": 4},
+    {"BT": 8, "BN": 128, "num_warps": 4},
+    {"BT": 32, "BN": 128, "num_warps": 8},  # the default before 2026-11-30 (one program per SM)
+    {"BT": 16, "BN": 64, "num_warps": 8, "BD": 64, "FUSED": True},
 ]
 GATHER_BWD_CONFIGS = [
-    {"BLOCK_V": 512, "E": 2, "RPP": 1, "num_warps": 2},
-    {"BLOCK_V": 1024, "E": 2, "RPP": 1, "num_warps": 4},
-    {"BLOCK_V": 512, "E": 4, "RPP": 1, "num_warps": 2},
-    {"BLOCK_V": 256, "E": 2, "RPP": 1, "num_warps": 1},
+    {"BLOCK_V": 512, "E": 1, "PREFETCH": True, "num_warps": 1},  # the default
+    {"BLOCK_V": 512, "E": 1, "PREFETCH": False, "num_warps": 1},
+    {"BLOCK_V": 1024, "E": 1, "PREFETCH": True, "num_warps": 1},
+    {"BLOCK_V": 256, "E": 1, "PREFETCH": True, "num_warps": 1},
+    {"BLOCK_V": 512, "E": 2, "PREFETCH": True, "num_warps": 1},
 ]
 
 
@@ -134,6 +135,9 @@ def _bench_gather_dtype(bw: float, T: int, J: int, N: int, v: int, dtype: torch.
                 del row["median_ms"]
         r["backward"].append(row)
     r["backward_sort_ms"] = _try(lambda: gather._segments(idx, N, False), iters=10)
+    # the default kernel's parts: value gradient only, weight gradient only
+    r["backward_values_only_ms"] = _try(lambda: gather.gather_backward(go, values, idx, w, True, False), iters=10)
+    r["backward_weights_only_ms"] = _try(lambda: gather.gather_backward(go, values, idx, w, False, True), iters=10)
     ok = [x for x in r["backward"] if "median_ms" in x and x["config"].get("G16", True)]
     best = min(ok, key=lambda x: x["median_ms"], default=None)
     r["best_backward_config"] = best["config"] if best else None

@@ -48,8 +48,9 @@ def main() -> int:
     w_types = dict(
         V="*bf16", G="*bf16", W="*fp32", PERM="*i64", OFFS="*i64", ROWS="*i64", GV="*bf16", GW="*fp32"
     )
-    w_types.update(n_rows=i32, J=i32, v_dim=i32, stride_v=i32, stride_g=i32, TJ=i32)
-    consts = dict(BLOCK_V=g["BLOCK_V"], E=g["E"], RPP=g["RPP"], SPARSE=False, NEED_GV=True, NEED_GW=True)
+    w_types.update(n_rows=i32, v_dim=i32, stride_v=i32, stride_g=i32, TJ=i32)
+    consts = dict(J=128, BLOCK_V=g["BLOCK_V"], E=g["E"], SPARSE=False, NEED_GV=True, NEED_GW=True)
+    consts.update(PREFETCH=g["PREFETCH"], POS=triton.language.int32)
     print("gather backward:", build(gather._gather_bwd_kernel, w_types, consts, g["num_warps"]))
     # the query network's BatchNorm at the paper's setting: bf16 x, masked, training
     c = norm._config(8192, 2048)

@@ -70,9 +70,10 @@ def test_forward_and_dense_gradients(kernels, device, dtype, N, v, T, J):
 @pytest.mark.parametrize(
     "cfg",
     [
-        {"BLOCK_V": 16, "RPP": 2, "E": 2, "G16": False},  # several column blocks: partial sums
-        {"BLOCK_V": 64, "RPP": 1, "E": 1, "num_warps": 1, "G16": False},
-        {"BLOCK_V": 16, "RPP": 3, "E": 8, "G16": True},  # grad_out read in the table's dtype
+        {"BLOCK_V": 16, "E": 2, "G16": False},  # several column blocks: partial sums
+        {"BLOCK_V": 64, "E": 1, "num_warps": 1, "G16": False, "PREFETCH": False},
+        {"BLOCK_V": 16, "E": 8, "G16": True},  # grad_out read in the table's dtype
+        {"BLOCK_V": 32, "E": 4, "PREFETCH": False, "G16": True},
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

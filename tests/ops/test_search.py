@@ -314,6 +314,8 @@ def test_config_and_temperature_errors(kernels, device):
         search_forward(q, sk, 3, config={"BN": 16})
     with pytest.raises(ValueError, match="BT=3"):
         search_forward(q, sk, 3, config={"BT": 3})
+    with pytest.raises(ValueError, match="BT=8.*FUSED"):
+        search_forward(q, sk, 3, config={"BT": 8, "FUSED": True})
     for t in (0, -1.0, float("inf"), True):
         with pytest.raises(ValueError, match="temperature"):
             dispatch.product_lookup(q, sk, 3, "softmax", t, backend="triton")

@@ -70,64 +70,70 @@ def _gather_bwd_kernel(
     GV,
     GW,
     n_rows,
-    J,
     v_dim,
     stride_v,
     stride_g,
     TJ,
+    J: tl.constexpr,
     BLOCK_V: tl.constexpr,
     E: tl.constexpr,
-    RPP: tl.constexpr,
     SPARSE: tl.constexpr,
     NEED_GV: tl.constexpr,
     NEED_GW: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    POS: tl.constexpr,
 ):
-    """Rows [pid * RPP, pid * RPP + RPP) of the value gradient, columns of block ``vb``: row r's
-    entries are OFFS[r]:OFFS[r+1] of the sorted order PERM, E at a time. Also writes the weight
-    gradient of those entries (partial over this column block). V rows and gradient rows stream
-    through once (evict first); grad_out rows are re-read by many rows (kept in L2)."""
-    pid = tl.program_id(0)
+    """Row ``r`` of the value gradient, columns of block ``vb``: the row's entries are
+    OFFS[r]:OFFS[r+1] of the sorted order PERM, E at a time, as (columns, entries) tiles: a
+    thread's columns of the E entries stay in its registers, the value gradient accumulates per
+    entry place with no reduction in the loop (summed once at the end, a fixed order), and only the
+    weight gradient (partial over this column block) reduces across the threads. The V row and the
+    gradient row stream through once (evict first); grad_out rows are re-read by many rows (kept
+    in L2). One warp per 512 columns: few instructions per element (the kernel is issue-bound)."""
+    r = tl.program_id(0)
     vb = tl.program_id(1)
     cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < v_dim
     e_ar = tl.arange(0, E)
-    for rr in tl.static_range(RPP):
-        r = pid * RPP + rr
-        ok = r < n_rows
-        okv = cmask & ((r + 0 * cols) < n_rows)
-        start = tl.load(OFFS + r, mask=ok, other=0)
-        end = tl.load(OFFS + r + 1, mask=ok, other=0)
-        if SPARSE:
-            row = tl.load(ROWS + r, mask=ok, other=0).to(tl.int64)
+    start = tl.load(OFFS + r)
+    end = tl.load(OFFS + r + 1)
+    if SPARSE:
+        row = tl.load(ROWS + r).to(tl.int64)
+    else:
+        row = r.to(tl.int64)
+    if NEED_GW:
+        vrow = tl.load(
+            V + row * stride_v + cols[:, None], mask=cmask[:, None], other=0.0, eviction_policy="evict_first"
+        ).to(tl.float32)
+    acc = tl.zeros((BLOCK_V, E), tl.float32)
+    # the next entries' positions are loaded one step ahead (off the loop's chain of loads)
+    p_next = tl.load(PERM + start + e_ar, mask=start + e_ar < end, other=0).to(POS)
+    for e0 in range(start, end, E):
+        ee = e0 + e_ar
+        em = ee < end
+        p = p_next
+        if PREFETCH:
+            p_next = tl.load(PERM + ee + E, mask=ee + E < end, other=0).to(POS)
         else:
-            row = r.to(tl.int64)
+            p = tl.load(PERM + ee, mask=em, other=0).to(POS)
+        t = p // J
+        w = tl.load(W + p, mask=em, other=0.0).to(tl.float32)
+        g = tl.load(
+            G + t[None, :].to(tl.int64) * stride_g + cols[:, None],
+            mask=em[None, :] & cmask[:, None],
+            other=0.0,
+            eviction_policy="evict_last",
+        ).to(tl.float32)
+        acc += g * w[None, :]
         if NEED_GW:
-            vrow = tl.load(V + row * stride_v + cols, mask=okv, other=0.0, eviction_policy="evict_first").to(
-                tl.float32
-            )
-        acc = tl.zeros((BLOCK_V,), tl.float32)
-        for e0 in range(start, end, E):
-            ee = e0 + e_ar
-            em = ee < end
-            p = tl.load(PERM + ee, mask=em, other=0)
-            t = p // J
-            w = tl.load(W + p, mask=em, other=0.0).to(tl.float32)
-            g = tl.load(
-                G + t[:, None] * stride_g + cols[None, :],
-                mask=em[:, None] & cmask[None, :],
-                other=0.0,
-                eviction_policy="evict_last",
-            ).to(tl.float32)
-            acc += tl.sum(g * w[:, None], axis=0)
-            if NEED_GW:
-                tl.store(GW + vb * TJ + p, tl.sum(g * vrow[None, :], axis=1), mask=em)
-        if NEED_GV:
-            tl.store(
-                GV + r.to(tl.int64) * v_dim + cols,
-                acc.to(GV.dtype.element_ty),
-                mask=okv,
-                eviction_policy="evict_first",
-            )
+            tl.store(GW + vb * TJ + p, tl.sum(g * vrow, axis=0), mask=em)
+    if NEED_GV:
+        tl.store(
+            GV + r.to(tl.int64) * v_dim + cols,
+            tl.sum(acc, axis=1).to(GV.dtype.element_ty),
+            mask=cmask,
+            eviction_policy="evict_first",
+        )
 
 
 # ---- launchers ------------------------------------------------------------------------------------
@@ -151,7 +157,10 @@ def _fwd_config(T: int, J: int, v: int) -> dict:
 def _bwd_config(n_rows: int, v: int) -> dict:
     # G16: for a 16-bit table, grad_out is read in the table's dtype (the value gradient is stored
     # in it anyway): half the bytes of the dominant grad_out gathers
-    cfg = {"BLOCK_V": 512, "E": 2, "RPP": 1, "num_warps": 2, "G16": True, **TUNED_BWD}
+    # one warp per 512 columns, one entry per step with the next position loaded ahead (H200, paper
+    # setting: 0.80 vs 1.26 ms for the previous (entries, columns) kernel on one machine, 0.63x;
+    # benchmarks/results/kernels-h200.json)
+    cfg = {"BLOCK_V": 512, "E": 1, "PREFETCH": True, "num_warps": 1, "G16": True, **TUNED_BWD}
     cfg["BLOCK_V"] = min(next_pow2(v), cfg["BLOCK_V"])
     return cfg
 
@@ -241,8 +250,7 @@ def gather_backward(
     if cfg["G16"] and values.dtype in (torch.bfloat16, torch.float16):
         grad_out = grad_out.to(values.dtype)
     if n_rows > 0 and v > 0 and (need_values or need_weights):
-        grid = (triton.cdiv(n_rows, cfg["RPP"]), nvb)
-        _gather_bwd_kernel[grid](
+        _gather_bwd_kernel[(n_rows, nvb)](
             values,
             grad_out,
             weights,
@@ -252,17 +260,18 @@ def gather_backward(
             gv,
             gw,
             n_rows,
-            J,
             v,
             values.stride(0),
             grad_out.stride(0),
             T * J,
+            J=J,
             BLOCK_V=cfg["BLOCK_V"],
             E=cfg["E"],
-            RPP=cfg["RPP"],
             SPARSE=rows is not None,
             NEED_GV=need_values,
             NEED_GW=need_weights,
+            PREFETCH=cfg["PREFETCH"],
+            POS=tl.int32 if T * J < 2**31 else tl.int64,  # entry positions (int32: fewer instructions)
             num_warps=cfg["num_warps"],
         )
     grad_values = grad_weights = None

@@ -457,11 +457,14 @@ TUNED: dict = {}
 
 
 def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
-    bn = max(min(next_pow2(n), 128), KP, 16)
+    many = T * H >= 32 * 512
+    # small programs, several resident per SM (the selection is latency-bound: at 32 rows and 8
+    # warps one program of 242 registers filled an SM, 12% occupancy). H200, paper setting, one
+    # machine: 8 rows x 64 columns, 4 warps 0.40 ms vs 0.59 for 32 x 128, 8 warps; decode sizes
+    # (below 16k token-heads): 4 rows, 4 warps (18.6 vs 27.8 us at 64 tokens with 16 rows)
+    bn = max(min(next_pow2(n), 64 if many else 128), KP, 16)
     cfg = {
-        # rows per program: 32 when that still gives a few programs per SM; else 4 (decode sizes:
-        # more, shorter programs; 18.6 vs 27.8 us at 64 tokens with 16 rows, 29 vs 34 at 512)
-        "BT": 32 if T * H >= 32 * 512 else 4,
+        "BT": 8 if many else 4,
         "BN": bn,
         "BD": min(max(next_pow2(D), 16), 64),
         "NG": min(bn, max(KP, 64)),
@@ -469,7 +472,7 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
         "FUSED": False,
         # final top-k on exact int64 (sum, slot) keys; False: int32 keys truncated by log2(CP) bits
         "EXACT": True,
-        "num_warps": 8 if T * H >= 32 * 512 else 4,
+        "num_warps": 4,
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
     }
@@ -484,6 +487,11 @@ def _check_config(cfg: dict, KP: int) -> None:
         v = cfg[name]
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"config {name}={v!r} is not allowed: {name} must be a power of two")
+    if cfg["FUSED"] and min(cfg["BT"], cfg["BN"], cfg["BD"]) < 16:
+        raise ValueError(
+            f"config BT={cfg['BT']}, BN={cfg['BN']}, BD={cfg['BD']} is not allowed with FUSED: "
+            "the fused half scores (tl.dot) need each of them >= 16"
+        )
     if not KP <= cfg["NG"] <= cfg["BN"]:
         raise ValueError(
             f"config NG={cfg['NG']} is not allowed: NG must be in [next_pow2(topk)={KP}, BN={cfg['BN']}]"
@@ -514,6 +522,8 @@ def search_forward(
     if T == 0:
         return scores, indices
     cfg = dict(_fwd_config(T, H, n, D, KP), **(config or {}))
+    if cfg["FUSED"] and "BT" not in (config or {}):
+        cfg["BT"] = max(cfg["BT"], 16)  # tl.dot needs 16 rows
     if config:
         _check_config(cfg, KP)
     BT, BN = cfg["BT"], cfg["BN"]
@@ -564,6 +574,7 @@ def search_forward(
         EXACT=cfg["EXACT"],
         SCORE=SCORE_CODES[score],
         num_warps=cfg["num_warps"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
     return scores, indices
 
