@@ -18,11 +18,11 @@ python3 -c "import torch, triton, triton.language as tl; print('torch', torch.__
 for s in $steps; do
   echo "=== $s ($(date +%T))"
   case $s in
-    tests) timeout 130 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
-             tests/ops/test_search.py tests/ops/test_gather.py tests/test_layer_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+    tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 tests 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
     kernels) timeout 200 python3 benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -60 ;;
     layer) timeout 330 python3 benchmarks/layer.py --tuned "$OUT/kernels.json" --out "$OUT/layer.json" 2>&1 | tee "$OUT/layer.log" | tail -45 ;;
     layerquick) timeout 120 python3 benchmarks/layer.py --quick --out "$OUT/layer-quick.json" 2>&1 | tee "$OUT/layer-quick.log" | tail -30 ;;
+    trace) timeout 120 python3 benchmarks/profile_layer.py trace > "$OUT/trace.txt" 2>&1; tail -3 "$OUT/trace.txt" ;;
     model) timeout 100 python3 benchmarks/model.py --tuned "$OUT/kernels.json" --out "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -15 ;;
     *) echo "unknown step $s" ;;
   esac

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import copy_bandwidth, cuda_time, environment, table, write_json  # noqa: E402
 
 from pkmem.ops import reference  # noqa: E402
-from pkmem.ops.triton import gather, search  # noqa: E402
+from pkmem.ops.triton import gather, norm, search  # noqa: E402
 
 SEARCH_CONFIGS = [
     {"BT": 8, "BN": 64, "num_warps": 4},  # the default at this size
@@ -34,6 +34,22 @@ GATHER_BWD_CONFIGS = [
     {"BLOCK_V": 1024, "E": 1, "PREFETCH": True, "num_warps": 1},
     {"BLOCK_V": 256, "E": 1, "PREFETCH": True, "num_warps": 1},
     {"BLOCK_V": 512, "E": 2, "PREFETCH": True, "num_warps": 1},
+]
+
+NORM_CONFIGS = [
+    {},  # the default (128 columns)
+    {"BC": 64},
+    {"BC": 128, "ROWS": 512},
+    {"BC": 256, "BR": 16},
+    {"BC": 128, "num_warps": 8},
+    {"BC": 128, "BR": 64, "num_warps": 8},
+]
+SCATTER_CONFIGS = [
+    {"BT": 8, "num_warps": 4},
+    {"BT": 4, "num_warps": 4},
+    {"BT": 8, "num_warps": 2},
+    {"BT": 16, "num_warps": 8},
+    {"BT": 4, "num_warps": 2},
 ]
 
 
@@ -92,6 +108,72 @@ def bench_search(bw: float, T=8192, H=4, n=512, D=256, k=32, quick=False) -> dic
     return res
 
 
+def bench_norm(bw: float, T=8192, C=2048) -> dict:
+    """The query BatchNorm (bf16 input as under autocast, training, no mask): forward and backward."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(T, C, device="cuda", generator=g).to(torch.bfloat16)
+    w, b = torch.rand(C, device="cuda", generator=g) + 0.5, torch.randn(C, device="cuda", generator=g)
+    dy = torch.randn(T, C, device="cuda", generator=g)
+    fwd_bytes, bwd_bytes = 2 * x.numel() * 2 + T * C * 4, 2 * (T * C * 4 + x.numel() * 2) + x.numel() * 2
+    res = {
+        "shape": dict(T=T, C=C),
+        "fwd_floor_ms": fwd_bytes / bw * 1e3,
+        "bwd_floor_ms": bwd_bytes / bw * 1e3,
+    }
+    res["rows"] = []
+    ref = None
+    for c in NORM_CONFIGS:
+        row = {"config": c}
+        row["forward"] = _try(
+            lambda c=c: norm.batch_norm_forward(x, w, b, None, 1e-5, True, config=c), iters=20
+        )
+        if "median_ms" in row["forward"]:
+            y, mean, var = norm.batch_norm_forward(x, w, b, None, 1e-5, True, config=c)
+            row["backward"] = _try(
+                lambda c=c, m=mean, v=var: norm.batch_norm_backward(
+                    dy, x, w, None, m, v, 1e-5, True, config=c
+                ),
+                iters=20,
+            )
+            dx = norm.batch_norm_backward(dy, x, w, None, mean, var, 1e-5, True, config=c)[0]
+            ref = ref or (y, dx)
+            row["same_result"] = bool(
+                torch.allclose(y, ref[0], atol=1e-5) and torch.allclose(dx, ref[1], rtol=1e-2, atol=1e-2)
+            )
+        res["rows"].append(row)
+    ok = [r for r in res["rows"] if r.get("same_result") and "median_ms" in r.get("backward", {})]
+    best = min(ok, key=lambda r: r["forward"]["median_ms"] + r["backward"]["median_ms"], default=None)
+    res["best_config"] = best["config"] if best else None
+    return res
+
+
+def bench_scatter(T=8192, H=4, n=512, D=256, k=32) -> dict:
+    """The search backward (softmax scores: the scatter kernel, the two tf32 products) by scatter config."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q = torch.randn(T, H, 2 * D, device="cuda", generator=g)
+    sk = torch.randn(H, 2, n, D, device="cuda", generator=g) / D**0.5
+    w, idx = search.search_forward(q, sk, k, score="softmax")
+    gs = torch.randn_like(w)
+    rows, first = [], None
+    for c in SCATTER_CONFIGS:
+        search.TUNED_BWD.clear()
+        search.TUNED_BWD.update(c)
+        row = {
+            "config": c,
+            **_try(lambda: search.search_backward(gs, q, sk, idx, weights=w, score="softmax"), iters=20),
+        }
+        if "median_ms" in row:
+            gq = search.search_backward(gs, q, sk, idx, weights=w, score="softmax")[0]
+            first = gq if first is None else first
+            row["same_result"] = bool(
+                torch.allclose(gq, first, rtol=1e-5, atol=1e-6)
+            )  # sum order of duplicates
+        rows.append(row)
+    search.TUNED_BWD.clear()
+    ok = [r for r in rows if r.get("same_result")]
+    return {"rows": rows, "best_config": min(ok, key=lambda r: r["median_ms"])["config"] if ok else None}
+
+
 def bench_gather(bw: float, T=8192, J=128, N=512**2, v=1024, quick=False) -> dict:
     res = {}
     for dtype in [torch.bfloat16, torch.float32]:
@@ -136,8 +218,12 @@ def _bench_gather_dtype(bw: float, T: int, J: int, N: int, v: int, dtype: torch.
         r["backward"].append(row)
     r["backward_sort_ms"] = _try(lambda: gather._segments(idx, N, False), iters=10)
     # the default kernel's parts: value gradient only, weight gradient only
-    r["backward_values_only_ms"] = _try(lambda: gather.gather_backward(go, values, idx, w, True, False), iters=10)
-    r["backward_weights_only_ms"] = _try(lambda: gather.gather_backward(go, values, idx, w, False, True), iters=10)
+    r["backward_values_only_ms"] = _try(
+        lambda: gather.gather_backward(go, values, idx, w, True, False), iters=10
+    )
+    r["backward_weights_only_ms"] = _try(
+        lambda: gather.gather_backward(go, values, idx, w, False, True), iters=10
+    )
     ok = [x for x in r["backward"] if "median_ms" in x and x["config"].get("G16", True)]
     best = min(ok, key=lambda x: x["median_ms"], default=None)
     r["best_backward_config"] = best["config"] if best else None
@@ -159,11 +245,15 @@ def main() -> None:
     out["search"] = {"forward": [], "half_scores_ms": {}, "backward": {}} if args.gather_only else None
     out["search"] = out["search"] or bench_search(bw, quick=args.quick)
     out["gather"] = {} if args.search_only else bench_gather(bw, quick=args.quick)
+    out["norm"] = bench_norm(bw)
+    out["scatter"] = bench_scatter()
     # BT is left to the launcher's heuristic (it depends on the number of tokens)
     best_search = {k: v for k, v in (out["search"].get("best_forward_config") or {}).items() if k != "BT"}
     out["tuned"] = {
         "search": best_search,
         "gather_bwd": out["gather"]["bfloat16"]["best_backward_config"] if out["gather"] else None,
+        "norm": out["norm"]["best_config"],
+        "search_bwd": out["scatter"]["best_config"],
     }
     if args.out:
         write_json(args.out, out)
@@ -186,6 +276,19 @@ def main() -> None:
             rows.append([f"gather bwd {name}", "", r["config"], _ms(r), f"{g['bwd_floor_ms']:.3f}"])
         rows.append([f"gather bwd {name}", "sort only", "-", _ms(g["backward_sort_ms"]), "-"])
         rows.append([f"gather bwd {name}", "sparse", "-", _ms(g["backward_sparse_ms"]), "-"])
+    for r in out["norm"]["rows"]:
+        t = f"{_ms(r['forward'])} + {_ms(r.get('backward', {}))}"
+        rows.append(
+            [
+                "batch norm fwd + bwd",
+                str(r.get("same_result")),
+                r["config"],
+                t,
+                f"{out['norm']['fwd_floor_ms']:.3f} + {out['norm']['bwd_floor_ms']:.3f}",
+            ]
+        )
+    for r in out["scatter"]["rows"]:
+        rows.append(["search bwd (softmax)", str(r.get("same_result")), r["config"], _ms(r), "-"])
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; torch search {_ms(s.get('torch_reference_ms', {}))} ms")
     print(f"tuned: {out['tuned']}")
     print(table(rows, ["kernel", "variant", "config", "ms", "floor ms"]))

@@ -235,14 +235,22 @@ def breakdown(num_keys: int = 512, T: int = 8192) -> list[dict]:
 
 def apply_tuned(path: str | None) -> dict:
     """Use the block sizes that benchmarks/kernels.py found best (and record what ran)."""
-    from pkmem.ops.triton import gather, search
+    from pkmem.ops.triton import gather, norm, search
 
     if path and os.path.exists(path):
         with open(path) as f:
             tuned = json.load(f).get("tuned", {})
         search.TUNED.update(tuned.get("search") or {})
+        search.TUNED_BWD.update(tuned.get("search_bwd") or {})
         gather.TUNED_BWD.update(tuned.get("gather_bwd") or {})
-    return {"search": dict(search.TUNED), "gather_bwd": dict(gather.TUNED_BWD), "from": path}
+        norm.TUNED.update(tuned.get("norm") or {})
+    return {
+        "search": dict(search.TUNED),
+        "search_bwd": dict(search.TUNED_BWD),
+        "gather_bwd": dict(gather.TUNED_BWD),
+        "norm": dict(norm.TUNED),
+        "from": path,
+    }
 
 
 def main() -> None:

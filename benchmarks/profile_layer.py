@@ -53,7 +53,7 @@ def trace(T: int) -> None:
     for t in (64, T):
         xe = torch.randn(t, DIM, device="cuda")
 
-        def infer():
+        def infer(xe=xe):
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
                 return layer(xe)
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from pkmem import ProductKeyMemory
 from pkmem.ops import reference as ref
@@ -236,6 +237,24 @@ def test_batchnorm_train_and_eval():
     out1, out2 = mem(x[:3]), mem(x[:3])
     torch.testing.assert_close(out1, out2)
     assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_masked_batch_norm_matches_torch_batchnorm(momentum):
+    """Without a mask: outputs, gradients and running statistics as torch's BatchNorm1d, over steps."""
+    from pkmem.layer import masked_batch_norm
+
+    bn, ref = nn.BatchNorm1d(6, momentum=momentum), nn.BatchNorm1d(6, momentum=momentum)
+    for step in range(4):
+        x = (torch.randn(9, 6, generator=torch.Generator().manual_seed(step)) * 3 + 1).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = masked_batch_norm(bn, x, None, "torch"), ref(x2)
+        torch.testing.assert_close(y, y2)
+        (y * y.detach()).sum().backward()
+        (y2 * y2.detach()).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+        for a, b in zip(bn.buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b)
 
 
 def test_query_mlp():

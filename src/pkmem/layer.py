@@ -85,6 +85,13 @@ def _update_running_stats(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Ten
     """torch's BatchNorm update of the running averages (momentum, or the cumulative average when
     it is None; unbiased variance) from the statistics of ``n`` real rows, an int or a tensor (kept
     on the device: no synchronisation). A batch without real rows leaves them alone."""
+    if not torch.is_tensor(n) and bn.momentum is not None:  # the common case: 4 small kernels
+        if n > 0:
+            m, c = bn.momentum, n / max(n - 1, 1)
+            bn.num_batches_tracked.add_(1)
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), m)
+            bn.running_var.mul_(1 - m).add_(var.to(bn.running_var.dtype), alpha=m * c)
+        return
     real = n > 0
     bn.num_batches_tracked += real
     momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.clamp(min=1)

@@ -258,8 +258,9 @@ def test_paper_size_gpu(kernels, masked, training, dtype):
     x, w, b, mask, rm, rv, dy = _inputs(8192, 2048, "cuda", dtype, masked, seed=10, mean=0.5, std=2.0)
     got = _run(kernels.batch_norm, x, w, b, mask, training, rm, rv, dy)
     want = _run(reference.batch_norm, x.float(), w, b, mask, training, rm, rv, dy)
-    _check(got[:3] + (got[3].float(),) + got[4:], want, torch.float32, dy, w, tol=1e-4)
-    _close(got[3], want[3], TOL[dtype], "dx")
+    # dx (stored in x's dtype) on its own below; everything else at float32 precision
+    _check(got[:3] + (want[3],) + got[4:], want, torch.float32, dy, w, tol=1e-4)
+    _close(got[3].float(), want[3], TOL[dtype], "dx")
     stats64 = reference.batch_norm(x.double(), w.double(), b.double(), mask, EPS, training, rm, rv)
     _close(got[1], stats64[1], 1e-6, "mean vs float64")
     _close(got[2], stats64[2], 1e-5, "var vs float64")

@@ -454,6 +454,7 @@ def half_scores(query: torch.Tensor, subkeys: torch.Tensor, precision: str = "ie
 
 # block sizes measured best on an H200 (benchmarks/kernels.py); merged over the defaults below
 TUNED: dict = {}
+TUNED_BWD: dict = {}  # the gradient scatter kernel
 
 
 def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
@@ -600,7 +601,8 @@ def search_backward(
     topk = indices.shape[-1]
     G = new_output(H, 2, T, n, device=query.device, dtype=torch.float32)  # every element is written
     if T > 0:
-        BT = 8
+        cfg = {"BT": 8, "num_warps": 4, **TUNED_BWD}
+        BT = cfg["BT"]
         grad_scores = grad_scores.contiguous()
         _search_bwd_scatter_kernel[(triton.cdiv(T, BT), H)](
             grad_scores,
@@ -616,6 +618,7 @@ def search_backward(
             KP=max(next_pow2(topk), 2),
             BNZ=min(max(next_pow2(n), 16), 128),
             SCORE=SCORE_CODES[score],
+            num_warps=cfg["num_warps"],
         )
     gq = gk = None
     G = G.view(H * 2, T, n)
