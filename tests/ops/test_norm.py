@@ -196,6 +196,23 @@ def test_custom_op_registration(kernels, device):
         _check(got, want, torch.float32, dy, w)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_parameters_and_running_statistics(kernels, device, training):
+    """weight, bias and the running statistics as strided (C,) views (the kernels read them with
+    unit stride): the same outputs and gradients as contiguous ones."""
+    x, w, b, mask, rm, rv, dy = _inputs(21, 9, device, seed=12)
+    want = _run(reference.batch_norm, x, w, b, mask, training, rm, rv, dy)
+    pairs = [torch.stack([t, torch.full_like(t, 7.0)], 1) for t in (w, b, rm, rv)]
+    wb = [p.requires_grad_() for p in pairs[:2]]
+    xx = x.clone().requires_grad_()
+    y, mean, var = kernels.batch_norm(
+        xx, wb[0][:, 0], wb[1][:, 0], mask, EPS, training, *(p[:, 0] for p in pairs[2:])
+    )
+    (y * dy).sum().backward()
+    got = (y.detach(), mean, var, xx.grad, wb[0].grad[:, 0], wb[1].grad[:, 0])
+    _check(got, want, torch.float32, dy, w)
+
+
 def test_bad_inputs(kernels, device):
     x, w, b, mask, rm, rv, _ = _inputs(6, 5, device)
     for args, match in [

@@ -317,6 +317,11 @@ def _prepare(x: torch.Tensor, mask: torch.Tensor | None):
     return x, mask
 
 
+def _unit_stride(*vectors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The (C,) vectors (weight, bias, statistics) as the kernels read them: contiguous."""
+    return [None if t is None else t.contiguous() for t in vectors]
+
+
 def _sizes(T: int, C: int, config: dict | None) -> tuple[dict, int, int, int]:
     cfg = dict(_config(T, C), **(config or {}))
     n_chunks = max(1, triton.cdiv(T, cfg["ROWS"]))
@@ -341,6 +346,7 @@ def batch_norm_forward(
     T, C = x.shape
     dev = x.device
     x, m = _prepare(x, mask)
+    weight, bias, running_mean, running_var = _unit_stride(weight, bias, running_mean, running_var)
     y = new_output(T, C, device=dev, dtype=torch.float32)
     mean = new_output(C, device=dev, dtype=torch.float32)
     var = new_output(C, device=dev, dtype=torch.float32)
@@ -416,6 +422,7 @@ def batch_norm_backward(
     T, C = x.shape
     dev = x.device
     x, m = _prepare(x, mask)
+    weight, mean, var = _unit_stride(weight, mean, var)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     sums = need_weight or need_bias or (training and need_x)
