@@ -196,6 +196,20 @@ def test_custom_op_registration(kernels, device):
         _check(got, want, torch.float32, dy, w)
 
 
+def test_custom_op_fake_strides_of_a_strided_x(kernels, device):
+    """x with column stride != 1 (a transposed view): the fake (meta) outputs have the strides of
+    the kernels' (contiguous) outputs, else torch.compile's stride assertions fail."""
+    from pkmem.ops.triton import norm
+
+    x, w, b, mask, _, _, dy = _inputs(37, 17, device, seed=13)
+    xt = x.t().contiguous().t()
+    assert xt.stride(-1) != 1
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(norm._bn_op, (xt, w, b, mask, EPS, True, None, None), test_utils=utils)
+    args = (dy, xt, w, mask, x.mean(0), x.var(0), EPS, True, True, True, True)
+    torch.library.opcheck(norm._bn_backward_op, args, test_utils=utils)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_strided_parameters_and_running_statistics(kernels, device, training):
     """weight, bias and the running statistics as strided (C,) views (the kernels read them with

@@ -546,7 +546,7 @@ def _bn_backward_op(
 def _(grad_out, x, weight, mask, mean, var, eps, training, need_x, need_weight, need_bias):
     C = x.shape[1]
     return (
-        torch.empty_like(x) if need_x else x.new_empty(0),
+        x.new_empty(x.shape) if need_x else x.new_empty(0),  # contiguous, like the kernel's dx
         mean.new_empty(C if need_weight else 0),
         mean.new_empty(C if need_bias else 0),
     )
