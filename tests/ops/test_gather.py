@@ -177,6 +177,19 @@ def test_custom_op_registration(kernels, device):
     torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_backward_op_fake_strides_of_strided_inputs(kernels, device):
+    """Transposed views of the values and weights: the fake (meta) gradients have the strides of
+    the real (contiguous) ones, else torch.compile's stride assertions fail."""
+    from pkmem.ops.triton import gather
+
+    values, idx, w = _inputs(20, 7, 4, 3, device, seed=5)
+    values_t, w_t = values.t().contiguous().t(), w.t().contiguous().t()
+    assert not values_t.is_contiguous() and not w_t.is_contiguous()
+    g = torch.randn(idx.shape[0], values.shape[1], device=device)
+    args = (g, values_t, idx, w_t, True, True)
+    torch.library.opcheck(gather._gather_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_bad_shapes(kernels, device):
     values, idx, w = _inputs(20, 7, 4, 3, device)
     with pytest.raises(ValueError, match="weights"):

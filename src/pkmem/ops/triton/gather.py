@@ -317,8 +317,9 @@ def _gather_backward_op(
 
 @_gather_backward_op.register_fake
 def _(grad_out, values, indices, weights, need_values, need_weights):
-    gv = torch.empty_like(values) if need_values else values.new_empty(0)
-    gw = torch.empty_like(weights) if need_weights else weights.new_empty(0)
+    # contiguous, as gather_backward writes them (empty_like would keep a strided input's strides)
+    gv = values.new_empty(values.shape) if need_values else values.new_empty(0)
+    gw = weights.new_empty(weights.shape) if need_weights else weights.new_empty(0)
     return gv, gw
 
 
