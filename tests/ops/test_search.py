@@ -144,6 +144,21 @@ def test_custom_op_registration(kernels, device):
     torch.testing.assert_close(sk.grad, ref_k.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_backward_op_fake_strides_of_a_strided_query(kernels, device):
+    """A strided query (tokens and heads swapped): the fake (meta) gradients have the strides of
+    the real (contiguous) ones, else torch.compile's stride assertions fail."""
+    from pkmem.ops.triton import search
+
+    q, sk = _inputs(3, 4, 5, 3, device, seed=9)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not q.is_contiguous()
+    w, idx = search.search_forward(q, sk, 3)
+    args = (torch.randn_like(w), w, q, sk, idx, "ieee", "none", 1.0)
+    torch.library.opcheck(
+        search._product_topk_backward_op, args, test_utils=("test_schema", "test_faketensor")
+    )
+
+
 @pytest.mark.parametrize("score", ["softmax", "relu", "none"])
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
 @pytest.mark.parametrize("T,H,n,D,topk", [(7, 2, 37, 5, 5), (11, 1, 9, 3, 9)])

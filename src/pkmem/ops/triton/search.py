@@ -669,7 +669,8 @@ def _product_topk_backward_op(
 
 @_product_topk_backward_op.register_fake
 def _(grad_weights, weights, query, subkeys, indices, precision, score, temperature):
-    return torch.empty_like(query), torch.empty_like(subkeys)
+    # contiguous, as search_backward writes them (empty_like would keep a strided input's strides)
+    return query.new_empty(query.shape), subkeys.new_empty(subkeys.shape)
 
 
 def _setup_context(ctx, inputs, output):
