@@ -196,6 +196,21 @@ def test_custom_op_registration(kernels, device):
         _check(got, want, torch.float32, dy, w)
 
 
+@pytest.mark.parametrize("affine", ["none", "both"])
+def test_backward_op_without_parameter_gradients(kernels, device, affine):
+    """Only dx (no weight and bias, or frozen ones), as torch.compile's backward asks for it: the
+    op's two empty parameter gradients must be distinct tensors (outputs may not alias)."""
+    from pkmem.ops.triton import norm
+
+    x, w, _, mask, _, _, dy = _inputs(37, 17, device, affine=affine, seed=14)
+    mean, var = x.mean(0), x.var(0, correction=0)
+    args = (dy, x, w, mask, mean, var, EPS, True, True, False, False)
+    dx, dw, db = norm._bn_backward_op(*args)
+    assert dw.numel() == db.numel() == 0
+    _close(dx, norm.batch_norm_backward(*args)[0], 1e-6, "dx")
+    torch.library.opcheck(norm._bn_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_custom_op_fake_strides_of_a_strided_x(kernels, device):
     """x with column stride != 1 (a transposed view): the fake (meta) outputs have the strides of
     the kernels' (contiguous) outputs, else torch.compile's stride assertions fail."""

@@ -534,11 +534,11 @@ def _bn_backward_op(
     dx, dw, db = batch_norm_backward(
         grad_out, x, weight, mask, mean, var, eps, training, need_x, need_weight, need_bias
     )
-    empty = mean.new_empty(0)
+    # one empty tensor per missing gradient: a custom op's outputs must not alias each other
     return (
         (dx if dx is not None else x.new_empty(0)),
-        (dw if dw is not None else empty),
-        (db if db is not None else empty),
+        (dw if dw is not None else mean.new_empty(0)),
+        (db if db is not None else mean.new_empty(0)),
     )
 
 
