@@ -95,6 +95,15 @@ def test_dtypes_and_modes(kernels, device, dtype, training, affine, masked):
         assert torch.equal(got[1], rm) and torch.equal(got[2], rv) and got[1].data_ptr() != rm.data_ptr()
 
 
+def test_bad_block_configs(kernels, device):
+    from pkmem.ops.triton.norm import batch_norm_forward
+
+    x, w, b, mask, rm, rv, _ = _inputs(20, 6, device, seed=4)
+    for cfg, match in [({"ROWS": 24}, "ROWS=24"), ({"ROWS": 8, "BR": 16}, "ROWS=8"), ({"BC": 0}, "BC=0")]:
+        with pytest.raises(ValueError, match=match):
+            batch_norm_forward(x, w, b, mask, EPS, True, rm, rv, config=cfg)
+
+
 @pytest.mark.parametrize(
     "config",
     [

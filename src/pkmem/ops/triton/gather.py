@@ -105,6 +105,7 @@ def _gather_bwd_kernel(
         vrow = tl.load(
             V + row * stride_v + cols[:, None], mask=cmask[:, None], other=0.0, eviction_policy="evict_first"
         ).to(tl.float32)
+    gw_base = GW + vb.to(tl.int64) * TJ  # this column block's partial weight gradients
     acc = tl.zeros((BLOCK_V, E), tl.float32)
     # the next entries' positions are loaded one step ahead (off the loop's chain of loads)
     p_next = tl.load(PERM + start + e_ar, mask=start + e_ar < end, other=0).to(POS)
@@ -126,7 +127,7 @@ def _gather_bwd_kernel(
         ).to(tl.float32)
         acc += g * w[None, :]
         if NEED_GW:
-            tl.store(GW + vb * TJ + p, tl.sum(g * vrow, axis=0), mask=em)
+            tl.store(gw_base + p, tl.sum(g * vrow, axis=0), mask=em)
     if NEED_GV:
         tl.store(
             GV + r.to(tl.int64) * v_dim + cols,

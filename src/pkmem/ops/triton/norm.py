@@ -324,6 +324,12 @@ def _unit_stride(*vectors: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 def _sizes(T: int, C: int, config: dict | None) -> tuple[dict, int, int, int]:
     cfg = dict(_config(T, C), **(config or {}))
+    for name in ("ROWS", "BR", "BC", "NCB"):
+        v = cfg[name]
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"config {name}={v!r} is not allowed: {name} must be a power of two")
+    if cfg["ROWS"] < cfg["BR"]:
+        raise ValueError(f"config ROWS={cfg['ROWS']} is not allowed: ROWS must be >= BR={cfg['BR']}")
     n_chunks = max(1, triton.cdiv(T, cfg["ROWS"]))
     ncb = min(cfg["NCB"], next_pow2(n_chunks))
     return cfg, n_chunks, triton.cdiv(C, cfg["BC"]), ncb
