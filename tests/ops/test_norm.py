@@ -260,6 +260,9 @@ def test_bad_inputs(kernels, device):
         ((x, w, b, mask[:4], EPS, True), "mask"),
         ((x, w, b, mask, EPS, False), "running_mean"),
         ((x, w, b, mask, EPS, False, rm, rv[:2]), "running_var"),
+        ((x, 1.0, b, mask, EPS, True), "weight=1.0"),
+        ((x, w, b, [True] * 6, EPS, True), "mask="),
+        ((x.tolist(), w, b, mask, EPS, True), "T, C"),
     ]:
         for backend in ("torch", "triton"):
             with pytest.raises(ValueError, match=match):

@@ -164,6 +164,7 @@ def batch_norm(
 ):
     """See :func:`pkmem.ops.reference.batch_norm` (the kernels read x in its dtype, write a float32
     output and the gradient of x in x's dtype)."""
+    reference.check_batch_norm(x, weight, bias, mask, training, running_mean, running_var)
     used = [t for t in (weight, bias, mask) if t is not None]
     if not training:
         used += [t for t in (running_mean, running_var) if t is not None]

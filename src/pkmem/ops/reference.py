@@ -222,6 +222,9 @@ def check_batch_norm(x, weight, bias, mask, training: bool, running_mean, runnin
         named += [("running_mean", running_mean), ("running_var", running_var)]
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm in eval (training=False) needs running_mean and running_var")
+    for name, t in named + [("mask", mask)]:
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}={t!r} is not allowed: {name} must be a tensor or None")
     for name, t in named:
         if t is not None and tuple(t.shape) != (C,):
             raise ValueError(f"{name} has shape {tuple(t.shape)}: it must be (C,) = ({C},)")
