@@ -612,8 +612,7 @@ def batch_norm(
     running_var: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused BatchNorm: see :func:`pkmem.ops.reference.batch_norm` (``mean`` and ``var`` are not
-    differentiable)."""
-    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var)
+    differentiable; the inputs are checked by batch_norm_forward)."""
     args = (x, weight, bias, mask, float(eps), bool(training), running_mean, running_var)
     if torch.compiler.is_compiling():
         return _bn_op(*args)
