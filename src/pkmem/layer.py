@@ -17,7 +17,7 @@ from torch import nn
 
 from pkmem import ops
 from pkmem.ops.dispatch import check_backend
-from pkmem.ops.reference import acc_dtype, check_score, score_weights
+from pkmem.ops.reference import acc_dtype, check_score, score_weights, update_running_stats
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 GATES = (None, "swilu")
@@ -72,33 +72,20 @@ def masked_batch_norm(
     fused op reads x in its dtype).
     """
     batch_stats = bn.training or not bn.track_running_stats
+    track = bn.training and bn.track_running_stats
+    # with a momentum the op updates the running statistics itself (in the kernel on CUDA)
+    momentum = bn.momentum if track else None
     out, mean, var = ops.batch_norm(
-        x, bn.weight, bn.bias, mask, bn.eps, batch_stats, bn.running_mean, bn.running_var, backend
+        x, bn.weight, bn.bias, mask, bn.eps, batch_stats, bn.running_mean, bn.running_var, backend, momentum
     )
-    if bn.training and bn.track_running_stats:
-        _update_running_stats(bn, mean, var, x.shape[0] if mask is None else mask.sum())
+    if track:  # num_batches_tracked counts batches with real rows (no synchronisation)
+        n = x.shape[0] if mask is None else mask.sum()
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(n > 0 if torch.is_tensor(n) else int(n > 0))
+            if bn.momentum is None:  # cumulative average
+                momentum = 1.0 / bn.num_batches_tracked.clamp(min=1)
+                update_running_stats(bn.running_mean, bn.running_var, mean, var, n, momentum)
     return out
-
-
-@torch.no_grad()
-def _update_running_stats(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, n) -> None:
-    """torch's BatchNorm update of the running averages (momentum, or the cumulative average when
-    it is None; unbiased variance) from the statistics of ``n`` real rows, an int or a tensor (kept
-    on the device: no synchronisation). A batch without real rows leaves them alone."""
-    if not torch.is_tensor(n) and bn.momentum is not None:  # the common case: 4 small kernels
-        if n > 0:
-            m, c = bn.momentum, n / max(n - 1, 1)
-            bn.num_batches_tracked.add_(1)
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), m)
-            bn.running_var.mul_(1 - m).add_(var.to(bn.running_var.dtype), alpha=m * c)
-        return
-    real = n > 0
-    bn.num_batches_tracked += real
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.clamp(min=1)
-    momentum = momentum * real
-    unbiased = var * (n / (n - 1).clamp(min=1) if torch.is_tensor(n) else n / max(n - 1, 1))
-    bn.running_mean.add_(((mean - bn.running_mean) * momentum).to(bn.running_mean.dtype))
-    bn.running_var.add_(((unbiased - bn.running_var) * momentum).to(bn.running_var.dtype))
 
 
 class QueryNetwork(nn.Module):

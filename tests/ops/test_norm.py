@@ -95,6 +95,38 @@ def test_dtypes_and_modes(kernels, device, dtype, training, affine, masked):
         assert torch.equal(got[1], rm) and torch.equal(got[2], rv) and got[1].data_ptr() != rm.data_ptr()
 
 
+@pytest.mark.parametrize("masked", [False, True, "none real"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_running_statistics_update(kernels, device, masked, strided):
+    """With a momentum the op updates the running statistics in place (the kernel in its
+    normalising pass; a copy-free fallback for strided buffers), as torch's BatchNorm does."""
+    x, w, b, mask, rm, rv, _ = _inputs(37, 9, device, masked=bool(masked), seed=12)
+    if masked == "none real":
+        mask = torch.zeros_like(mask)
+    m = 0.3
+    real = x if mask is None else x[mask]
+    if real.shape[0]:
+        want_m = (1 - m) * rm + m * real.double().mean(0).float()
+        want_v = (1 - m) * rv + m * real.double().var(0, correction=1).float()
+    else:
+        want_m, want_v = rm.clone(), rv.clone()
+    for backend in ("torch", "triton"):
+        if strided:
+            bm, bv = torch.zeros(9, 2, device=device), torch.zeros(9, 2, device=device)
+            bm[:, 0], bv[:, 0] = rm, rv
+            r_m, r_v = bm[:, 0], bv[:, 0]
+        else:
+            r_m, r_v = rm.clone(), rv.clone()
+        y, mean, var = dispatch.batch_norm(x, w, b, mask, EPS, True, r_m, r_v, backend=backend, momentum=m)
+        torch.testing.assert_close(r_m, want_m, rtol=1e-5, atol=1e-5, msg=backend)
+        torch.testing.assert_close(r_v, want_v, rtol=1e-5, atol=1e-5, msg=backend)
+    for bad in (-0.1, 1.5, True, "0.1"):
+        with pytest.raises(ValueError, match="momentum"):
+            dispatch.batch_norm(x, w, b, mask, EPS, True, rm, rv, backend="triton", momentum=bad)
+    with pytest.raises(ValueError, match="running_mean"):
+        dispatch.batch_norm(x, w, b, mask, EPS, True, backend="triton", momentum=0.1)
+
+
 def test_bad_block_configs(kernels, device):
     from pkmem.ops.triton.norm import batch_norm_forward
 

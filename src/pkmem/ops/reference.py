@@ -32,6 +32,7 @@ __all__ = [
     "brute_force_product_topk",
     "weighted_gather",
     "check_batch_norm",
+    "update_running_stats",
     "batch_norm",
 ]
 
@@ -211,17 +212,26 @@ def weighted_gather(
     return rows.new_zeros(T, values.shape[1]).index_add(0, bag, rows * flat_w[:, None])
 
 
-def check_batch_norm(x, weight, bias, mask, training: bool, running_mean, running_var) -> None:
+def check_batch_norm(x, weight, bias, mask, training: bool, running_mean, running_var, momentum=None) -> None:
     """``x`` (T, C); ``weight``, ``bias`` (C,) or None; ``mask`` bool with T elements or None; in
-    eval (``training`` False) the running statistics (C,)."""
+    eval (``training`` False), or with a ``momentum`` (a number in [0, 1]), the running
+    statistics (C,)."""
+    if momentum is not None:
+        number = isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+        if not number or not 0 <= momentum <= 1:
+            raise ValueError(
+                f"momentum={momentum!r} is not allowed: momentum must be a number in [0, 1] or None"
+            )
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x has shape {tuple(getattr(x, 'shape', ()))}: batch_norm needs x (T, C)")
     T, C = x.shape
     named = [("weight", weight), ("bias", bias)]
-    if not training:
+    if not training or momentum is not None:
         named += [("running_mean", running_mean), ("running_var", running_var)]
         if running_mean is None or running_var is None:
-            raise ValueError("batch_norm in eval (training=False) needs running_mean and running_var")
+            raise ValueError(
+                "batch_norm in eval (training=False) or with a momentum needs running_mean and running_var"
+            )
     for name, t in named + [("mask", mask)]:
         if t is not None and not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}={t!r} is not allowed: {name} must be a tensor or None")
@@ -235,6 +245,24 @@ def check_batch_norm(x, weight, bias, mask, training: bool, running_mean, runnin
         )
 
 
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mean, var, n, momentum) -> None:
+    """torch's BatchNorm update of running averages, in place: ``r += momentum * (stat - r)`` with
+    the unbiased variance ``var * n / (n - 1)`` of ``n`` real rows (an int, or a tensor kept on the
+    device); a batch without real rows leaves them alone. ``momentum``: a float or a tensor."""
+    if isinstance(n, int) and not torch.is_tensor(momentum):
+        if n > 0:
+            c = n / max(n - 1, 1)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * c)
+        return
+    n = torch.as_tensor(n, device=mean.device).to(mean.dtype)
+    momentum = momentum * (n > 0).to(mean.dtype)
+    unbiased = var * (n / (n - 1).clamp(min=1))
+    running_mean.add_(((mean - running_mean) * momentum).to(running_mean.dtype))
+    running_var.add_(((unbiased - running_var) * momentum).to(running_var.dtype))
+
+
 def batch_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -244,6 +272,7 @@ def batch_norm(
     training: bool,
     running_mean: torch.Tensor | None = None,
     running_var: torch.Tensor | None = None,
+    momentum: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchNorm over the rows of ``x`` (T, C): ``(y, mean, var)``.
 
@@ -252,9 +281,18 @@ def batch_norm(
     ``y = (x - mean) * rsqrt(var + eps) * weight + bias`` for ALL rows (a None ``weight`` / ``bias``
     is not applied). Computed and returned in float32 (float64 if an input is), whatever x's dtype
     and autocast; ``mean`` and ``var`` are detached (they feed the running averages). Without a
-    mask (and in eval) ``y`` is torch's ``F.batch_norm``.
+    mask (and in eval) ``y`` is torch's ``F.batch_norm``. With a ``momentum`` (training), the running
+    statistics are also updated in place (:func:`update_running_stats`).
     """
-    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var)
+    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum)
+    y, mean, var = _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var)
+    if training and momentum is not None:
+        n = x.shape[0] if mask is None else mask.reshape(-1).sum()
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+    return y, mean, var
+
+
+def _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var):
     params = [t for t in (weight, bias) if t is not None]
     dt = acc_dtype(x, *params, *(() if training else (running_mean, running_var)))
     with _no_autocast(x.device):

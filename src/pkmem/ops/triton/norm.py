@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.reference import check_batch_norm
+from pkmem.ops.reference import check_batch_norm, update_running_stats
 from pkmem.ops.triton._common import new_output, next_pow2
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
@@ -108,7 +108,7 @@ def _merge_stats(PCNT, PMEAN, PM2, n_chunks, C, cols, cm, BC: tl.constexpr, NCB:
         d = tl.where(ok & (cnt[:, None] > 0), pm - mean_b[None, :], 0.0)
         m2_b = tl.sum(pq + d * d * cnt[:, None], axis=0)
         n_a, mean_a, m2_a = _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
-    return mean_a, m2_a / tl.maximum(n_a, 1.0)
+    return n_a, mean_a, m2_a / tl.maximum(n_a, 1.0)
 
 
 @triton.jit
@@ -129,6 +129,7 @@ def _bn_norm_kernel(
     n_chunks,
     stride_x,
     eps,
+    momentum,
     ROWS: tl.constexpr,
     BR: tl.constexpr,
     BC: tl.constexpr,
@@ -136,18 +137,26 @@ def _bn_norm_kernel(
     TRAINING: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    UPDATE: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     cb = tl.program_id(1)
     cols = cb * BC + tl.arange(0, BC)
     cm = cols < C
     if TRAINING:
-        mean, var = _merge_stats(PCNT, PMEAN, PM2, n_chunks, C, cols, cm, BC, NCB)
+        n, mean, var = _merge_stats(PCNT, PMEAN, PM2, n_chunks, C, cols, cm, BC, NCB)
     else:
         mean = tl.load(RMEAN + cols, mask=cm, other=0.0).to(tl.float32)
         var = tl.load(RVAR + cols, mask=cm, other=1.0).to(tl.float32)
-    tl.store(MEAN + cols, mean, mask=cm & (chunk + 0 * cols == 0))
-    tl.store(VAR + cols, var, mask=cm & (chunk + 0 * cols == 0))
+    first = cm & (chunk + 0 * cols == 0)
+    tl.store(MEAN + cols, mean, mask=first)
+    tl.store(VAR + cols, var, mask=first)
+    if UPDATE:  # the running statistics (torch's rule, unbiased variance; untouched without real rows)
+        f = tl.where(n > 0, momentum, 0.0)
+        rm = tl.load(RMEAN + cols, mask=first, other=0.0).to(tl.float32)
+        rv = tl.load(RVAR + cols, mask=first, other=0.0).to(tl.float32)
+        tl.store(RMEAN + cols, rm + (mean - rm) * f, mask=first)
+        tl.store(RVAR + cols, rv + (var * (n / tl.maximum(n - 1.0, 1.0)) - rv) * f, mask=first)
     rstd = tl.rsqrt(var + eps)
     if HAS_W:
         w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
@@ -344,11 +353,19 @@ def batch_norm_forward(
     training: bool,
     running_mean: torch.Tensor | None = None,
     running_var: torch.Tensor | None = None,
+    momentum: float | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y (T, C) float32, mean (C,), var (C,))``: batch statistics of the real rows in training
-    (biased variance), copies of the running statistics in eval."""
-    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var)
+    (biased variance), copies of the running statistics in eval. With a ``momentum`` (training),
+    the normalising kernel also updates the running statistics in place."""
+    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum)
+    update = training and momentum is not None
+    if update and not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        y, mean, var = batch_norm_forward(x, weight, bias, mask, eps, training, config=config)
+        n = x.shape[0] if mask is None else mask.reshape(-1).sum()
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        return y, mean, var
     T, C = x.shape
     dev = x.device
     x, m = _prepare(x, mask)
@@ -385,8 +402,8 @@ def batch_norm_forward(
         pcnt,
         pmean,
         pm2,
-        running_mean if not training else mean,
-        running_var if not training else var,
+        running_mean if not training or update else mean,
+        running_var if not training or update else var,
         weight if weight is not None else mean,
         bias if bias is not None else mean,
         y,
@@ -397,6 +414,7 @@ def batch_norm_forward(
         n_chunks,
         x.stride(0),
         float(eps),
+        float(momentum or 0.0),
         ROWS=cfg["ROWS"],
         BR=cfg["BR"],
         BC=cfg["BC"],
@@ -404,6 +422,7 @@ def batch_norm_forward(
         TRAINING=bool(training),
         HAS_W=weight is not None,
         HAS_B=bias is not None,
+        UPDATE=update,
         num_warps=cfg["num_warps"],
     )
     return y, mean, var
@@ -591,14 +610,24 @@ _bn_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, eps, training, running_mean, running_var):
-        y, mean, var = batch_norm_forward(x, weight, bias, mask, eps, training, running_mean, running_var)
+    def forward(ctx, x, weight, bias, mask, eps, training, running_mean, running_var, momentum):
+        y, mean, var = batch_norm_forward(
+            x, weight, bias, mask, eps, training, running_mean, running_var, momentum
+        )
         _setup_context(ctx, (x, weight, bias, mask, eps, training, None, None), (y, mean, var))
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
-        return *_grads(grad_out, ctx.saved_tensors, ctx, batch_norm_backward), None, None, None, None, None
+        return (
+            *_grads(grad_out, ctx.saved_tensors, ctx, batch_norm_backward),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def batch_norm(
@@ -610,12 +639,17 @@ def batch_norm(
     training: bool,
     running_mean: torch.Tensor | None = None,
     running_var: torch.Tensor | None = None,
+    momentum: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused BatchNorm: see :func:`pkmem.ops.reference.batch_norm` (``mean`` and ``var`` are not
     differentiable; the inputs are checked by batch_norm_forward)."""
     args = (x, weight, bias, mask, float(eps), bool(training), running_mean, running_var)
-    if torch.compiler.is_compiling():
-        return _bn_op(*args)
+    if torch.compiler.is_compiling():  # the custom op stays functional: the update is traced ops
+        y, mean, var = _bn_op(*args)
+        if training and momentum is not None:
+            n = x.shape[0] if mask is None else mask.reshape(-1).sum()
+            update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        return y, mean, var
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _BatchNorm.apply(*args)
-    return batch_norm_forward(*args)  # nothing to differentiate: no autograd node
+        return _BatchNorm.apply(*args, momentum)
+    return batch_norm_forward(*args, momentum)  # nothing to differentiate: no autograd node
