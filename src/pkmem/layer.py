@@ -17,7 +17,7 @@ from torch import nn
 
 from pkmem import ops
 from pkmem.ops.dispatch import check_backend
-from pkmem.ops.reference import acc_dtype, check_score, score_weights, update_running_stats
+from pkmem.ops.reference import acc_dtype, check_score, real_rows, score_weights, update_running_stats
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 GATES = (None, "swilu")
@@ -79,7 +79,7 @@ def masked_batch_norm(
         x, bn.weight, bn.bias, mask, bn.eps, batch_stats, bn.running_mean, bn.running_var, backend, momentum
     )
     if track:  # num_batches_tracked counts batches with real rows (no synchronisation)
-        n = x.shape[0] if mask is None else mask.sum()
+        n = real_rows(x, mask)
         with torch.no_grad():
             bn.num_batches_tracked.add_(n > 0 if torch.is_tensor(n) else int(n > 0))
             if bn.momentum is None:  # cumulative average

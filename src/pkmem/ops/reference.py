@@ -32,6 +32,7 @@ __all__ = [
     "brute_force_product_topk",
     "weighted_gather",
     "check_batch_norm",
+    "real_rows",
     "update_running_stats",
     "batch_norm",
 ]
@@ -245,6 +246,12 @@ def check_batch_norm(x, weight, bias, mask, training: bool, running_mean, runnin
         )
 
 
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None):
+    """The number of rows of ``x`` whose ``mask`` is True: an int without a mask, else a tensor
+    (kept on the device: no synchronisation)."""
+    return x.shape[0] if mask is None else mask.reshape(-1).sum()
+
+
 @torch.no_grad()
 def update_running_stats(running_mean, running_var, mean, var, n, momentum) -> None:
     """torch's BatchNorm update of running averages, in place: ``r += momentum * (stat - r)`` with
@@ -287,8 +294,7 @@ def batch_norm(
     check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum)
     y, mean, var = _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var)
     if training and momentum is not None:
-        n = x.shape[0] if mask is None else mask.reshape(-1).sum()
-        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
     return y, mean, var
 
 

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.reference import check_batch_norm, update_running_stats
+from pkmem.ops.reference import check_batch_norm, real_rows, update_running_stats
 from pkmem.ops.triton._common import new_output, next_pow2
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
@@ -363,8 +363,7 @@ def batch_norm_forward(
     update = training and momentum is not None
     if update and not (running_mean.is_contiguous() and running_var.is_contiguous()):
         y, mean, var = batch_norm_forward(x, weight, bias, mask, eps, training, config=config)
-        n = x.shape[0] if mask is None else mask.reshape(-1).sum()
-        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
         return y, mean, var
     T, C = x.shape
     dev = x.device
@@ -647,8 +646,7 @@ def batch_norm(
     if torch.compiler.is_compiling():  # the custom op stays functional: the update is traced ops
         y, mean, var = _bn_op(*args)
         if training and momentum is not None:
-            n = x.shape[0] if mask is None else mask.reshape(-1).sum()
-            update_running_stats(running_mean, running_var, mean, var, n, momentum)
+            update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
         return y, mean, var
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _BatchNorm.apply(*args, momentum)
