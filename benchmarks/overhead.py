@@ -100,9 +100,44 @@ def decode_sweep(layer) -> list[dict]:
     return rows
 
 
+def micro_costs(layer) -> dict:
+    """Host microseconds of single steps the layer's call is made of."""
+    from pkmem.ops.triton.search import _matmul_precision
+
+    q = torch.randn(8192, HEADS, K_DIM, device="cuda")
+    lin = layer.query_net.linears[0]
+    x = torch.randn(64, DIM, device="cuda")
+    ac = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def autocast_linear():
+        with ac:
+            return lin(x)
+
+    def ctx():
+        with _matmul_precision("tf32", q.device):
+            pass
+
+    def enter_autocast():
+        with ac:
+            pass
+
+    res = {
+        "torch.empty": host_us(lambda: torch.empty(1024, device="cuda")),
+        "tensor.float() (fp32, no-op)": host_us(lambda: q.float()),
+        "reshape": host_us(lambda: q.reshape(-1, K_DIM)),
+        "autocast context enter/exit": host_us(enter_autocast),
+        "_matmul_precision context": host_us(ctx),
+        "linear under autocast (64 tokens)": host_us(autocast_linear),
+        "torch.add (small)": host_us(lambda: x + 1),
+    }
+    print("micro host us:", {k: round(v, 1) for k, v in res.items()})
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-sweep", action="store_true", help="skip the decode block-size sweep")
     args = ap.parse_args()
     torch.manual_seed(0)
     layer = ProductKeyMemory(DIM, HEADS, NUM_KEYS, TOPK, K_DIM, backend="triton").cuda()
@@ -167,7 +202,8 @@ def main() -> None:
         print(T, "host us:", {k: round(v, 1) for k, v in hv.items()})
         print(T, "device ms:", {k: round(v, 4) for k, v in dv.items()})
 
-    res["decode_sweep"] = decode_sweep(layer)
+    if not args.no_sweep:
+        res["decode_sweep"] = decode_sweep(layer)
 
     from torch.profiler import ProfilerActivity
 
@@ -205,6 +241,28 @@ def main() -> None:
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
     res["python_profile_eval_64"] = buf.getvalue()
+    print(buf.getvalue())
+    res["micro_host_us"] = micro_costs(layer)
+    x = torch.randn(8192, DIM, device="cuda", requires_grad=True)
+    layer.train()
+
+    def step():
+        with ac:
+            out = layer(x)
+        out.float().sum().backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(50):
+        step()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(45)
+    res["python_profile_train_8192_cumulative"] = buf.getvalue()
     print(buf.getvalue())
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"overhead-{gpu_slug()}.json")
     write_json(out, res)

@@ -186,8 +186,9 @@ def test_nan_and_inf_in_masked_rows_stay_out_of_the_statistics(kernels, device, 
 
 def test_large_mean_statistics_are_robust(kernels, device):
     """|mean| = 1e4 >> std = 1: a one-pass sum / sum-of-squares loses the variance entirely in
-    float32 (errors ~ 1e8 * 2**-24 ~ 10); per-tile two-pass statistics merged with Chan's formula
-    keep it to ~1e-4, the resolution at which float32 holds the means (1e4 * 2**-24 ~ 6e-4 of std)."""
+    float32 (errors ~ 1e8 * 2**-24 ~ 10); sums of values shifted by a first tile's mean, merged
+    with Chan's formula, keep it to ~1e-4, the resolution at which float32 holds the means
+    (1e4 * 2**-24 ~ 6e-4 of std)."""
     x, w, b, mask, rm, rv, dy = _inputs(300, 17, device, mean=1e4, std=1.0, seed=7)
     y, mean, var = kernels.batch_norm(x, w, b, mask, EPS, True)
     y64, mean64, var64 = reference.batch_norm(x.double(), w.double(), b.double(), mask, EPS, True)

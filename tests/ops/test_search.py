@@ -113,6 +113,43 @@ def test_gradients_match_reference(kernels, device, T, H, n, D, topk):
     torch.testing.assert_close(gk1, gk2, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("score", ["none", "softmax"])
+def test_16bit_backward_products(kernels, device, grad_dtype, score):
+    """grad_dtype (what autocast picks): 16-bit half-score gradient and product operands, float32
+    sums: the float32 backward's gradients to 16-bit precision, in the inputs' dtypes."""
+    from pkmem.ops.triton.search import search_backward, search_forward
+
+    T, H, n, D, topk = 21, 2, 37, 9, 6
+    q, sk = _inputs(T, H, n, D, device, seed=8)
+    w, idx = search_forward(q, sk, topk, score=score)
+    gw = torch.randn(T, H, topk, generator=torch.Generator().manual_seed(9)).to(device)
+    ref = search_backward(gw, q, sk, idx, weights=w, score=score, precision="ieee")
+    out = search_backward(gw, q, sk, idx, weights=w, score=score, grad_dtype=grad_dtype)
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.float32
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
+    gq, gk = search_backward(gw, q, sk, idx, weights=w, score=score, grad_dtype=grad_dtype, need_query=False)
+    assert gq is None and torch.equal(gk, out[1])
+
+
+def test_16bit_backward_choice_and_errors(kernels, device):
+    from pkmem.ops.triton.search import autocast_grad_dtype, search_backward
+
+    # no CUDA autocast (or "ieee" / "tf32x3" asked for): float32 products
+    assert autocast_grad_dtype(torch.device("cpu"), "tf32") == "float32"
+    assert autocast_grad_dtype(device, "tf32") == "float32"
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert autocast_grad_dtype(device, "tf32") == "bfloat16"
+            assert autocast_grad_dtype(device, "ieee") == "float32"
+            assert autocast_grad_dtype(device, "tf32x3") == "float32"
+    q, sk = _inputs(3, 1, 8, 2, device)
+    idx = torch.zeros(3, 1, 2, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="grad_dtype='float64' is not allowed"):
+        search_backward(torch.ones(3, 1, 2, device=device), q, sk, idx, grad_dtype="float64")
+
+
 def test_gradient_only_to_subkeys(kernels, device):
     q, sk = _inputs(4, 2, 10, 3, device, seed=6)
     sk = sk.requires_grad_()
@@ -153,10 +190,11 @@ def test_backward_op_fake_strides_of_a_strided_query(kernels, device):
     q = q.transpose(0, 1).contiguous().transpose(0, 1)
     assert not q.is_contiguous()
     w, idx = search.search_forward(q, sk, 3)
-    args = (torch.randn_like(w), w, q, sk, idx, "ieee", "none", 1.0)
-    torch.library.opcheck(
-        search._product_topk_backward_op, args, test_utils=("test_schema", "test_faketensor")
-    )
+    for grad_dtype in ("float32", "bfloat16"):
+        args = (torch.randn_like(w), w, q, sk, idx, "ieee", "none", 1.0, grad_dtype)
+        torch.library.opcheck(
+            search._product_topk_backward_op, args, test_utils=("test_schema", "test_faketensor")
+        )
 
 
 @pytest.mark.parametrize("score", ["softmax", "relu", "none"])
@@ -222,6 +260,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("precision,fused", [("tf32", False), ("ieee", False), ("tf32", True)])
 @pytest.mark.parametrize("topk", [32, 20])
 def test_paper_size_gpu(kernels, n, precision, fused, topk):
+    from pkmem.ops.triton import search
     from pkmem.ops.triton.search import search_backward, search_forward
 
     T, H, D = 8192, 4, 256
@@ -244,6 +283,10 @@ def test_paper_size_gpu(kernels, n, precision, fused, topk):
     (sel * gs).sum().backward()
     tol = 1e-5 if precision == "ieee" else 3e-3
     assert _rel(gq, qq.grad) < tol and _rel(gk, kk.grad) < tol, (_rel(gq, qq.grad), _rel(gk, kk.grad))
+    if precision == "tf32" and not fused:  # the products under bf16 autocast: 16-bit operands
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            gq, gk = search_backward(gs, q, sk, idx, grad_dtype=search.autocast_grad_dtype(q.device, "tf32"))
+        assert _rel(gq, qq.grad) < 1e-2 and _rel(gk, kk.grad) < 1e-2, (_rel(gq, qq.grad), _rel(gk, kk.grad))
 
 
 for _mark in GPU:

@@ -8,9 +8,10 @@ its chunk BR rows at a time.
 Forward, training (two launches, ``x`` read twice, ``y`` written once):
 
 1. ``_bn_stats_kernel``: per (chunk, column block) the count, mean and M2 (sum of squared
-   deviations) of the real rows: per tile of BR rows, two passes on registers (mean, then squared
-   deviations from it), merged into the chunk's running statistics with Chan's formula. Rows
-   outside the mask are never loaded (NaN / inf there cannot reach the statistics).
+   deviations) of the real rows, in one pass of elementwise sums of ``d = x - shift`` and ``d*d``
+   (``shift``: the mean of the chunk's first tile, so a large mean costs no precision; reduced
+   across rows once, at the end). Rows outside the mask are never loaded (NaN / inf there cannot
+   reach the statistics).
 2. ``_bn_norm_kernel``: each program merges all chunks' partials for its columns (NCB chunks at
    a time: two passes over the tile, then Chan's formula), in the same fixed order in every
    program (deterministic, no atomics: all programs get the same mean and variance), then
@@ -66,9 +67,19 @@ def _bn_stats_kernel(
     cb = tl.program_id(1)
     cols = cb * BC + tl.arange(0, BC)
     cm = cols < C
-    n_a = tl.zeros((), tl.float32)
-    mean_a = tl.zeros((BC,), tl.float32)
-    m2_a = tl.zeros((BC,), tl.float32)
+    # shift: the mean of the chunk's first tile (two passes there), so that the sums of squared
+    # shifted values below lose no precision to a large mean; then one pass of elementwise sums
+    # (no reduction in the loop: the kernel streams x once at the memory's pace)
+    rows = chunk * ROWS + tl.arange(0, BR)
+    real = rows < T
+    if HAS_MASK:
+        real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
+    ok = real[:, None] & cm[None, :]
+    x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    shift = tl.sum(x.to(tl.float32), axis=0) / tl.maximum(tl.sum(real.to(tl.float32), axis=0), 1.0)
+    s1 = tl.zeros((BR, BC), tl.float32)
+    s2 = tl.zeros((BR, BC), tl.float32)
+    cnt = tl.zeros((BR,), tl.float32)
     for r0 in range(0, ROWS, BR):
         rows = chunk * ROWS + r0 + tl.arange(0, BR)
         real = rows < T
@@ -76,11 +87,14 @@ def _bn_stats_kernel(
             real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
         ok = real[:, None] & cm[None, :]
         x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-        x = x.to(tl.float32)
-        n_b = tl.sum(real.to(tl.float32), axis=0)
-        mean_b = tl.sum(x, axis=0) / tl.maximum(n_b, 1.0)
-        d = tl.where(ok, x - mean_b[None, :], 0.0)
-        n_a, mean_a, m2_a = _chan(n_a, mean_a, m2_a, n_b, mean_b, tl.sum(d * d, axis=0))
+        d = tl.where(ok, x.to(tl.float32) - shift[None, :], 0.0)
+        s1 += d
+        s2 += d * d
+        cnt += real.to(tl.float32)
+    n_a = tl.sum(cnt, axis=0)
+    d1 = tl.sum(s1, axis=0)
+    mean_a = shift + d1 / tl.maximum(n_a, 1.0)
+    m2_a = tl.maximum(tl.sum(s2, axis=0) - d1 * d1 / tl.maximum(n_a, 1.0), 0.0)
     out = chunk.to(tl.int64) * C + cols
     tl.store(PMEAN + out, mean_a, mask=cm)
     tl.store(PM2 + out, m2_a, mask=cm)

@@ -580,6 +580,30 @@ def search_forward(
     return scores, indices
 
 
+GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_grad_dtype(device: torch.device, precision: str) -> str:
+    """The dtype of the backward's matrix products for a forward run now: the autocast dtype
+    under CUDA autocast with the default "tf32" precision (as torch's own matmuls under
+    autocast), else "float32" (no autocast, or "ieee" / "tf32x3" asked for)."""
+    if precision == "tf32" and device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        if dtype in (torch.bfloat16, torch.float16):
+            return str(dtype).removeprefix("torch.")
+    return "float32"
+
+
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (16-bit operands) accumulated and returned in float32 (into ``out`` if given)."""
+    if a.is_cuda:
+        if out is None:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        return torch.bmm(a, b, out_dtype=torch.float32, out=out)
+    r = torch.bmm(a.float(), b.float())  # CPU (interpreter tests): exact products, float32 sums
+    return r if out is None else out.copy_(r)
+
+
 def search_backward(
     grad_scores: torch.Tensor,
     query: torch.Tensor,
@@ -591,15 +615,23 @@ def search_backward(
     weights: torch.Tensor | None = None,
     score: str = "none",
     temperature: float = 1.0,
+    grad_dtype: str = "float32",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of the search with respect to ``query`` and ``subkeys`` (each in its own dtype),
     from the gradient of its output (``weights``, the forward's output, is needed unless ``score``
-    is "none")."""
+    is "none"). ``grad_dtype`` "bfloat16" / "float16" (what :func:`autocast_grad_dtype` picks
+    under autocast): the half-score gradient is stored in that dtype and the two matrix products
+    take 16-bit operands (float32 accumulation and results): half the bytes, twice the rate."""
     precision = check_precision(precision or DEFAULT_PRECISION)
+    if grad_dtype not in GRAD_DTYPES:
+        raise ValueError(
+            f"grad_dtype={grad_dtype!r} is not allowed: grad_dtype must be one of {tuple(GRAD_DTYPES)}"
+        )
+    g_dtype = GRAD_DTYPES[grad_dtype]
     T, H, kd = query.shape
     n, D = subkeys.shape[2], subkeys.shape[3]
     topk = indices.shape[-1]
-    G = new_output(H, 2, T, n, device=query.device, dtype=torch.float32)  # every element is written
+    G = new_output(H, 2, T, n, device=query.device, dtype=g_dtype)  # every element is written
     if T > 0:
         cfg = {"BT": 8, "num_warps": 4, **TUNED_BWD}
         BT = cfg["BT"]
@@ -622,6 +654,15 @@ def search_backward(
         )
     gq = gk = None
     G = G.view(H * 2, T, n)
+    if g_dtype != torch.float32:
+        if need_query:
+            gq = torch.empty(T, H, kd, device=query.device, dtype=torch.float32)
+            _bmm_fp32(G, subkeys.reshape(H * 2, n, D).to(g_dtype), out=_per_half(gq))
+            gq = gq.to(query.dtype)
+        if need_subkeys:
+            q16 = _per_half(query).to(g_dtype)
+            gk = _bmm_fp32(G.transpose(1, 2), q16).view(H, 2, n, D).to(subkeys.dtype)
+        return gq, gk
     with _matmul_precision(precision, query.device):
         if need_query:  # (H*2, T, n) @ (H*2, n, D), written straight into (T, H, k_dim)
             gq = torch.empty(T, H, kd, device=query.device, dtype=torch.float32)
@@ -661,14 +702,15 @@ def _product_topk_backward_op(
     precision: str,
     score: str,
     temperature: float,
+    grad_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return search_backward(
-        grad_weights, query, subkeys, indices, True, True, precision, weights, score, temperature
+        grad_weights, query, subkeys, indices, True, True, precision, weights, score, temperature, grad_dtype
     )
 
 
 @_product_topk_backward_op.register_fake
-def _(grad_weights, weights, query, subkeys, indices, precision, score, temperature):
+def _(grad_weights, weights, query, subkeys, indices, precision, score, temperature, grad_dtype):
     # contiguous, as search_backward writes them (empty_like would keep a strided input's strides)
     return query.new_empty(query.shape), subkeys.new_empty(subkeys.shape)
 
@@ -677,6 +719,7 @@ def _setup_context(ctx, inputs, output):
     query, subkeys, topk, precision, score, temperature = inputs
     ctx.save_for_backward(query, subkeys, output[1], output[0])
     ctx.precision, ctx.score, ctx.temperature = precision, score, temperature
+    ctx.grad_dtype = autocast_grad_dtype(query.device, precision)
 
 
 def _backward(ctx, grad_weights, grad_indices):
@@ -684,7 +727,15 @@ def _backward(ctx, grad_weights, grad_indices):
     if grad_weights is None:
         return None, None, None, None, None, None
     gq, gk = _product_topk_backward_op(
-        grad_weights, weights, query, subkeys, indices, ctx.precision, ctx.score, ctx.temperature
+        grad_weights,
+        weights,
+        query,
+        subkeys,
+        indices,
+        ctx.precision,
+        ctx.score,
+        ctx.temperature,
+        ctx.grad_dtype,
     )
     return gq, gk, None, None, None, None
 
@@ -700,6 +751,7 @@ class _ProductTopk(torch.autograd.Function):
         )
         ctx.save_for_backward(query, subkeys, indices, weights)
         ctx.precision, ctx.score, ctx.temperature = precision, score, temperature
+        ctx.grad_dtype = autocast_grad_dtype(query.device, precision)
         ctx.mark_non_differentiable(indices)
         return weights, indices
 
@@ -720,6 +772,7 @@ class _ProductTopk(torch.autograd.Function):
             weights,
             ctx.score,
             ctx.temperature,
+            ctx.grad_dtype,
         )
         return gq, gk, None, None, None, None
 
