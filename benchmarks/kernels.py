@@ -16,7 +16,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, cuda_time, environment, table, write_json  # noqa: E402
+from common import copy_bandwidth, cuda_time, environment, graph_time, table, write_json  # noqa: E402
 
 from pkmem.ops import reference  # noqa: E402
 from pkmem.ops.triton import gather, norm, search  # noqa: E402
@@ -30,6 +30,9 @@ SEARCH_CONFIGS = [
 ]
 GATHER_BWD_CONFIGS = [
     {"BLOCK_V": 512, "E": 1, "PREFETCH": True, "num_warps": 1},  # the default
+    {"BLOCK_V": 512, "E": 1, "PREFETCH": True, "num_warps": 1, "VPP": 2},
+    {"BLOCK_V": 256, "E": 1, "PREFETCH": True, "num_warps": 1, "VPP": 4},
+    {"BLOCK_V": 256, "E": 1, "PREFETCH": True, "num_warps": 1, "VPP": 2},
     {"BLOCK_V": 512, "E": 1, "PREFETCH": False, "num_warps": 1},
     {"BLOCK_V": 1024, "E": 1, "PREFETCH": True, "num_warps": 1},
     {"BLOCK_V": 256, "E": 1, "PREFETCH": True, "num_warps": 1},
@@ -39,8 +42,11 @@ GATHER_BWD_CONFIGS = [
 NORM_CONFIGS = [
     {},  # the default (128 columns)
     {"BC": 64},
+    {"BC": 128, "ROWS": 128},
+    {"BC": 64, "ROWS": 128},
     {"BC": 128, "ROWS": 512},
     {"BC": 256, "BR": 16},
+    {"BC": 128, "BR": 64},
     {"BC": 128, "num_warps": 8},
     {"BC": 128, "BR": 64, "num_warps": 8},
 ]
@@ -53,9 +59,17 @@ SCATTER_CONFIGS = [
 ]
 
 
-def _try(fn, **kw):
+def _try(fn, graph: bool = True, **kw):
+    """Device time of ``fn``: replays of a CUDA graph of it (no host launch gaps between its
+    kernels), or eager CUDA-event timing when it cannot be captured (or ``graph=False``)."""
     try:
-        return cuda_time(fn, **kw)
+        fn()  # compiled (and errors raised) outside the capture
+        if graph:
+            try:
+                return {**graph_time(fn, iters=kw.get("iters", 20)), "timing": "graph"}
+            except Exception:
+                torch.cuda.synchronize()
+        return {**cuda_time(fn, **kw), "timing": "eager"}
     except Exception as e:  # a configuration that does not compile or run is reported, not fatal
         traceback.print_exc(limit=2)
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -103,6 +117,10 @@ def bench_search(bw: float, T=8192, H=4, n=512, D=256, k=32, quick=False) -> dic
         p: _try(lambda p=p: search.search_backward(gs, q, sk, idx, precision=p), iters=10)
         for p in ["tf32", "ieee"]
     }
+    # under bf16 autocast: the half-score gradient and the products' operands in bf16
+    res["backward"]["tf32, bf16 products (autocast)"] = _try(
+        lambda: search.search_backward(gs, q, sk, idx, grad_dtype="bfloat16"), iters=10
+    )
     G = torch.empty(H, 2, T, n, device="cuda")
     res["backward_zero_fill_ms"] = cuda_time(lambda: G.zero_(), iters=10)["median_ms"]
     return res
@@ -137,9 +155,10 @@ def bench_norm(bw: float, T=8192, C=2048) -> dict:
             )
             dx = norm.batch_norm_backward(dy, x, w, None, mean, var, 1e-5, True, config=c)[0]
             ref = ref or (y, dx)
-            row["same_result"] = bool(
-                torch.allclose(y, ref[0], atol=1e-5) and torch.allclose(dx, ref[1], rtol=1e-2, atol=1e-2)
-            )
+            # against the first configuration (other chunkings sum in another order)
+            row["rel_diff_y"] = ((y - ref[0]).norm() / ref[0].norm()).item()
+            row["rel_diff_dx"] = ((dx.float() - ref[1].float()).norm() / ref[1].float().norm()).item()
+            row["same_result"] = row["rel_diff_y"] < 1e-5 and row["rel_diff_dx"] < 1e-2
         res["rows"].append(row)
     ok = [r for r in res["rows"] if r.get("same_result") and "median_ms" in r.get("backward", {})]
     best = min(ok, key=lambda r: r["forward"]["median_ms"] + r["backward"]["median_ms"], default=None)
@@ -227,7 +246,9 @@ def _bench_gather_dtype(bw: float, T: int, J: int, N: int, v: int, dtype: torch.
     ok = [x for x in r["backward"] if "median_ms" in x and x["config"].get("G16", True)]
     best = min(ok, key=lambda x: x["median_ms"], default=None)
     r["best_backward_config"] = best["config"] if best else None
-    r["backward_sparse_ms"] = _try(lambda: gather.gather_backward(go, values, idx, w, sparse=True), iters=5)
+    r["backward_sparse_ms"] = _try(
+        lambda: gather.gather_backward(go, values, idx, w, sparse=True), graph=False, iters=5
+    )
     if dtype == torch.float32:
         r["torch_embedding_bag_fwd_ms"] = _try(lambda: reference.weighted_gather(values, idx, w), iters=5)
     return r

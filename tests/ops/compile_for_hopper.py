@@ -50,8 +50,10 @@ def main() -> int:
     )
     w_types.update(n_rows=i32, v_dim=i32, stride_v=i32, stride_g=i32, TJ=i32)
     consts = dict(J=128, BLOCK_V=g["BLOCK_V"], E=g["E"], SPARSE=False, NEED_GV=True, NEED_GW=True)
-    consts.update(PREFETCH=g["PREFETCH"], POS=triton.language.int32)
+    consts.update(PREFETCH=g["PREFETCH"], POS=triton.language.int32, VPP=g["VPP"])
     print("gather backward:", build(gather._gather_bwd_kernel, w_types, consts, g["num_warps"]))
+    consts.update(VPP=2)
+    print("gather backward, 2 column blocks per program:", build(gather._gather_bwd_kernel, w_types, consts, 1))
     # the query network's BatchNorm at the paper's setting: bf16 x, masked, training
     c = norm._config(8192, 2048)
     rows = dict(ROWS=c["ROWS"], BR=c["BR"], BC=c["BC"])

@@ -74,6 +74,8 @@ def test_forward_and_dense_gradients(kernels, device, dtype, N, v, T, J):
         {"BLOCK_V": 64, "E": 1, "num_warps": 1, "G16": False, "PREFETCH": False},
         {"BLOCK_V": 16, "E": 8, "G16": True},  # grad_out read in the table's dtype
         {"BLOCK_V": 32, "E": 4, "PREFETCH": False, "G16": True},
+        {"BLOCK_V": 8, "VPP": 2, "G16": False},  # 3 column blocks, 2 per program: one padding block
+        {"BLOCK_V": 16, "VPP": 4, "G16": True},  # VPP above the number of blocks
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -92,6 +94,14 @@ def test_backward_configs(kernels, device, cfg, dtype):
         torch.testing.assert_close(gw.double(), gw2, atol=1e-5, rtol=1e-5)
     gvs, gws = gather_backward(go, values, idx, w, sparse=True, config=cfg)
     assert torch.equal(gvs.to_dense(), gv) and torch.equal(gws, gw)
+
+
+def test_backward_bad_vpp(kernels, device):
+    from pkmem.ops.triton.gather import gather_backward
+
+    values, idx, w = _inputs(16, 20, 5, 7, device, seed=6)
+    with pytest.raises(ValueError, match="VPP=0 is not allowed"):
+        gather_backward(torch.ones(5, 20, device=device), values, idx, w, config={"VPP": 0})
 
 
 def test_bf16_weights(kernels, device):

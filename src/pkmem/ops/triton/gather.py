@@ -82,6 +82,7 @@ def _gather_bwd_kernel(
     NEED_GW: tl.constexpr,
     PREFETCH: tl.constexpr,
     POS: tl.constexpr,
+    VPP: tl.constexpr,
 ):
     """Row ``r`` of the value gradient, columns of block ``vb``: the row's entries are
     OFFS[r]:OFFS[r+1] of the sorted order PERM, E at a time, as (columns, entries) tiles: a
@@ -89,52 +90,57 @@ def _gather_bwd_kernel(
     entry place with no reduction in the loop (summed once at the end, a fixed order), and only the
     weight gradient (partial over this column block) reduces across the threads. The V row and the
     gradient row stream through once (evict first); grad_out rows are re-read by many rows (kept
-    in L2). One warp per 512 columns: few instructions per element (the kernel is issue-bound)."""
+    in L2). One warp per 512 columns: few instructions per element (the kernel is issue-bound).
+    A program handles VPP column blocks of its row one after the other (its segment bounds read once)."""
     r = tl.program_id(0)
-    vb = tl.program_id(1)
-    cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    cmask = cols < v_dim
-    e_ar = tl.arange(0, E)
     start = tl.load(OFFS + r)
     end = tl.load(OFFS + r + 1)
     if SPARSE:
         row = tl.load(ROWS + r).to(tl.int64)
     else:
         row = r.to(tl.int64)
-    if NEED_GW:
-        vrow = tl.load(
-            V + row * stride_v + cols[:, None], mask=cmask[:, None], other=0.0, eviction_policy="evict_first"
-        ).to(tl.float32)
-    gw_base = GW + vb.to(tl.int64) * TJ  # this column block's partial weight gradients
-    acc = tl.zeros((BLOCK_V, E), tl.float32)
-    # the next entries' positions are loaded one step ahead (off the loop's chain of loads)
-    p_next = tl.load(PERM + start + e_ar, mask=start + e_ar < end, other=0).to(POS)
-    for e0 in range(start, end, E):
-        ee = e0 + e_ar
-        em = ee < end
-        p = p_next
-        if PREFETCH:
-            p_next = tl.load(PERM + ee + E, mask=ee + E < end, other=0).to(POS)
-        else:
-            p = tl.load(PERM + ee, mask=em, other=0).to(POS)
-        t = p // J
-        w = tl.load(W + p, mask=em, other=0.0).to(tl.float32)
-        g = tl.load(
-            G + t[None, :].to(tl.int64) * stride_g + cols[:, None],
-            mask=em[None, :] & cmask[:, None],
-            other=0.0,
-            eviction_policy="evict_last",
-        ).to(tl.float32)
-        acc += g * w[None, :]
+    for vi in tl.static_range(VPP):  # VPP column blocks per program, one after the other
+        vb = tl.program_id(1) * VPP + vi
+        cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        cmask = cols < v_dim
+        e_ar = tl.arange(0, E)
         if NEED_GW:
-            tl.store(gw_base + p, tl.sum(g * vrow, axis=0), mask=em)
-    if NEED_GV:
-        tl.store(
-            GV + r.to(tl.int64) * v_dim + cols,
-            tl.sum(acc, axis=1).to(GV.dtype.element_ty),
-            mask=cmask,
-            eviction_policy="evict_first",
-        )
+            vrow = tl.load(
+                V + row * stride_v + cols[:, None],
+                mask=cmask[:, None],
+                other=0.0,
+                eviction_policy="evict_first",
+            ).to(tl.float32)
+        gw_base = GW + vb.to(tl.int64) * TJ  # this column block's partial weight gradients
+        acc = tl.zeros((BLOCK_V, E), tl.float32)
+        # the next entries' positions are loaded one step ahead (off the loop's chain of loads)
+        p_next = tl.load(PERM + start + e_ar, mask=start + e_ar < end, other=0).to(POS)
+        for e0 in range(start, end, E):
+            ee = e0 + e_ar
+            em = ee < end
+            p = p_next
+            if PREFETCH:
+                p_next = tl.load(PERM + ee + E, mask=ee + E < end, other=0).to(POS)
+            else:
+                p = tl.load(PERM + ee, mask=em, other=0).to(POS)
+            t = p // J
+            w = tl.load(W + p, mask=em, other=0.0).to(tl.float32)
+            g = tl.load(
+                G + t[None, :].to(tl.int64) * stride_g + cols[:, None],
+                mask=em[None, :] & cmask[:, None],
+                other=0.0,
+                eviction_policy="evict_last",
+            ).to(tl.float32)
+            acc += g * w[None, :]
+            if NEED_GW:
+                tl.store(gw_base + p, tl.sum(g * vrow, axis=0), mask=em)
+        if NEED_GV:
+            tl.store(
+                GV + r.to(tl.int64) * v_dim + cols,
+                tl.sum(acc, axis=1).to(GV.dtype.element_ty),
+                mask=cmask,
+                eviction_policy="evict_first",
+            )
 
 
 # ---- launchers ------------------------------------------------------------------------------------
@@ -161,7 +167,7 @@ def _bwd_config(n_rows: int, v: int) -> dict:
     # one warp per 512 columns, one entry per step with the next position loaded ahead (H200, paper
     # setting: 0.80 vs 1.26 ms for the previous (entries, columns) kernel on one machine, 0.63x;
     # benchmarks/results/kernels-h200.json)
-    cfg = {"BLOCK_V": 512, "E": 1, "PREFETCH": True, "num_warps": 1, "G16": True, **TUNED_BWD}
+    cfg = {"BLOCK_V": 512, "E": 1, "PREFETCH": True, "num_warps": 1, "G16": True, "VPP": 1, **TUNED_BWD}
     cfg["BLOCK_V"] = min(next_pow2(v), cfg["BLOCK_V"])
     return cfg
 
@@ -246,12 +252,17 @@ def gather_backward(
     n_rows = N if rows is None else rows.numel()
     cfg = dict(_bwd_config(n_rows, v), **(config or {}))
     nvb = triton.cdiv(v, cfg["BLOCK_V"]) if v > 0 else 1
+    vpp = cfg["VPP"]
+    if not isinstance(vpp, int) or vpp < 1:
+        raise ValueError(f"config VPP={vpp!r} is not allowed: VPP must be a positive int")
+    vpp = min(vpp, nvb)
+    nvb = triton.cdiv(nvb, vpp) * vpp  # whole programs (the extra blocks' columns are masked)
     gv = new_output(n_rows if need_values else 0, v, device=dev, dtype=values.dtype)
     gw = torch.zeros(nvb if need_weights else 0, T * J, device=dev, dtype=torch.float32)
     if cfg["G16"] and values.dtype in (torch.bfloat16, torch.float16):
         grad_out = grad_out.to(values.dtype)
     if n_rows > 0 and v > 0 and (need_values or need_weights):
-        _gather_bwd_kernel[(n_rows, nvb)](
+        _gather_bwd_kernel[(n_rows, nvb // vpp)](
             values,
             grad_out,
             weights,
@@ -273,6 +284,7 @@ def gather_backward(
             NEED_GW=need_weights,
             PREFETCH=cfg["PREFETCH"],
             POS=tl.int32 if T * J < 2**31 else tl.int64,  # entry positions (int32: fewer instructions)
+            VPP=vpp,
             num_warps=cfg["num_warps"],
         )
     grad_values = grad_weights = None
