@@ -40,11 +40,11 @@ GATHER_BWD_CONFIGS = [
 ]
 
 NORM_CONFIGS = [
-    {},  # the default (128 columns)
+    {},  # the default (128 columns, 512-row chunks at 8192 tokens)
     {"BC": 64},
     {"BC": 128, "ROWS": 128},
     {"BC": 64, "ROWS": 128},
-    {"BC": 128, "ROWS": 512},
+    {"BC": 128, "ROWS": 256},  # the default before 2026-11-30 (third session)
     {"BC": 256, "BR": 16},
     {"BC": 128, "BR": 64},
     {"BC": 128, "num_warps": 8},

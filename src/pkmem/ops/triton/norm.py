@@ -320,12 +320,13 @@ TUNED: dict = {}
 
 
 def _config(T: int, C: int) -> dict:
-    """Row chunks of 256 rows (more for long inputs, so that a program merges at most 64 chunks'
-    partials), 128 columns per program: 32 x 16 programs at T 8192, C 2048 (H200: forward +
-    backward 0.25 ms vs 0.30 with 64 columns; benchmarks/results/kernels-h200.json)."""
+    """128 columns per program; row chunks of 512 rows where that still gives >= 256 programs,
+    else 256 (more for long inputs, so that a program merges at most 64 chunks' partials): 16 x 16
+    programs at T 8192, C 2048 (H200, CUDA graphs: forward + backward 0.057 + 0.072 ms vs 0.058 +
+    0.081 with 256 rows, 0.059 + 0.087 with 64 columns; benchmarks/results/kernels-h200.json)."""
     bc = min(128, max(16, next_pow2(C)))
     br = 32
-    rows = 256
+    rows = 512 if triton.cdiv(T, 512) * triton.cdiv(C, bc) >= 256 else 256
     while triton.cdiv(T, rows) > 64:
         rows *= 2
     rows = max(br, min(rows, next_pow2(T)))
