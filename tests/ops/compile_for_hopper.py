@@ -37,8 +37,9 @@ def main() -> int:
         print(
             "search forward", T, "tokens:", build(search._search_fwd_kernel, s_types, consts, c["num_warps"])
         )
-    b_types = dict(GS="*fp32", W="*fp32", IDX="*i64", G="*fp32", T=i32, H=i32, n=i32, topk=i32, inv_temp=f32)
-    consts = dict(BT=8, KP=32, BNZ=128, SCORE=1)
+    b_types = dict(GS="*fp32", W="*fp32", IDX="*i64", G="*bf16", T=i32, H=i32, n=i32, topk=i32, inv_temp=f32)
+    b_types.update(Q="*fp32", Q16="*bf16", stride_qt=i32, stride_qh=i32, kd=i32)
+    consts = dict(BT=8, KP=32, BNZ=128, SCORE=1, KDP=512, CAST_Q=True)
     print("search backward scatter:", build(search._search_bwd_scatter_kernel, b_types, consts, 4))
     g = gather._fwd_config(8192, 128, 1024)
     f_types = dict(V="*bf16", IDX="*i64", W="*fp32", OUT="*fp32", J=i32, v_dim=i32, stride_v=i32)
@@ -50,9 +51,9 @@ def main() -> int:
     )
     w_types.update(n_rows=i32, v_dim=i32, stride_v=i32, stride_g=i32, TJ=i32)
     consts = dict(J=128, BLOCK_V=g["BLOCK_V"], E=g["E"], SPARSE=False, NEED_GV=True, NEED_GW=True)
-    consts.update(PREFETCH=g["PREFETCH"], POS=triton.language.int32, VPP=g["VPP"])
+    consts.update(PREFETCH=g["PREFETCH"], POS=triton.language.int32, VPP=g["VPP"], GW_ADD=True)
     print("gather backward:", build(gather._gather_bwd_kernel, w_types, consts, g["num_warps"]))
-    consts.update(VPP=2)
+    consts.update(VPP=2, GW_ADD=False)
     print("gather backward, 2 column blocks per program:", build(gather._gather_bwd_kernel, w_types, consts, 1))
     # the query network's BatchNorm at the paper's setting: bf16 x, masked, training
     c = norm._config(8192, 2048)

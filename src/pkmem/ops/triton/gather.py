@@ -4,11 +4,14 @@ Twin of :func:`pkmem.ops.reference.weighted_gather`. Forward: one program per (t
 block) streams the token's J rows with float32 accumulation; entries with a negative index are
 skipped. Any ``v_dim`` (columns are masked), float32 / bfloat16 / float16 tables.
 
-Backward, deterministic (no float atomics): the flat indices are sorted (stable), so the entries
-that touch one row form a contiguous segment in token order. A program walks a row's segment (E
-entries per step): it reads the row of ``V`` once, gathers ``grad_out[t]`` of each entry,
-accumulates ``sum w * grad_out[t]`` into the row's gradient and writes ``<grad_out[t], V[row]>``
-as that entry's weight gradient. Each row of the dense gradient is written exactly once
+Backward, deterministic (no order-dependent float atomics): the flat indices are sorted
+(stable), so the entries that touch one row form a contiguous segment in token order. A program
+walks a row's segment (E entries per step): it reads the row of ``V`` once, gathers
+``grad_out[t]`` of each entry, accumulates ``sum w * grad_out[t]`` into the row's gradient and
+writes ``<grad_out[t], V[row]>`` (partial over its column block) as that entry's weight gradient:
+with at most two column blocks both partials are added onto zeros in place (``a + b == b + a``:
+the same bits in either order), else each block writes its own row of partials, summed in block
+order afterwards. Each row of the dense gradient is written exactly once
 (untouched rows get zeros), so no memset and no host synchronisation is needed (CUDA graphs
 work). For a bfloat16 / float16 table, grad_out is read rounded to the table's dtype (config
 ``G16``; the value gradient is stored in that dtype anyway): half the bytes of the gathers that
@@ -83,6 +86,7 @@ def _gather_bwd_kernel(
     PREFETCH: tl.constexpr,
     POS: tl.constexpr,
     VPP: tl.constexpr,
+    GW_ADD: tl.constexpr,
 ):
     """Row ``r`` of the value gradient, columns of block ``vb``: the row's entries are
     OFFS[r]:OFFS[r+1] of the sorted order PERM, E at a time, as (columns, entries) tiles: a
@@ -133,7 +137,10 @@ def _gather_bwd_kernel(
             ).to(tl.float32)
             acc += g * w[None, :]
             if NEED_GW:
-                tl.store(gw_base + p, tl.sum(g * vrow, axis=0), mask=em)
+                if GW_ADD:  # <= 2 column blocks: two float adds onto 0 give the same sum in any order
+                    tl.atomic_add(GW + p, tl.sum(g * vrow, axis=0), mask=em, sem="relaxed")
+                else:
+                    tl.store(gw_base + p, tl.sum(g * vrow, axis=0), mask=em)
         if NEED_GV:
             tl.store(
                 GV + r.to(tl.int64) * v_dim + cols,
@@ -258,7 +265,10 @@ def gather_backward(
     vpp = min(vpp, nvb)
     nvb = triton.cdiv(nvb, vpp) * vpp  # whole programs (the extra blocks' columns are masked)
     gv = new_output(n_rows if need_values else 0, v, device=dev, dtype=values.dtype)
-    gw = torch.zeros(nvb if need_weights else 0, T * J, device=dev, dtype=torch.float32)
+    # the weight gradient: with <= 2 column blocks their partials are added onto zeros in place
+    # (deterministic: a + b == b + a), else one row of partials per column block, summed after
+    gw_add = nvb <= 2
+    gw = torch.zeros((1 if gw_add else nvb) if need_weights else 0, T * J, device=dev, dtype=torch.float32)
     if cfg["G16"] and values.dtype in (torch.bfloat16, torch.float16):
         grad_out = grad_out.to(values.dtype)
     if n_rows > 0 and v > 0 and (need_values or need_weights):
@@ -285,6 +295,7 @@ def gather_backward(
             PREFETCH=cfg["PREFETCH"],
             POS=tl.int32 if T * J < 2**31 else tl.int64,  # entry positions (int32: fewer instructions)
             VPP=vpp,
+            GW_ADD=gw_add,
             num_warps=cfg["num_warps"],
         )
     grad_values = grad_weights = None
@@ -296,7 +307,7 @@ def gather_backward(
         else:
             grad_values = gv
     if need_weights:
-        grad_weights = (gw[0] if nvb == 1 else gw.sum(0)).reshape(T, J).to(weights.dtype)
+        grad_weights = (gw[0] if gw.shape[0] == 1 else gw.sum(0)).reshape(T, J).to(weights.dtype)
     return grad_values, grad_weights
 
 

@@ -375,18 +375,33 @@ def _search_bwd_scatter_kernel(
     n,
     topk,
     inv_temp,
+    Q,
+    Q16,
+    stride_qt,
+    stride_qh,
+    kd,
     BT: tl.constexpr,
     KP: tl.constexpr,
     BNZ: tl.constexpr,
     SCORE: tl.constexpr,
+    KDP: tl.constexpr,
+    CAST_Q: tl.constexpr,
 ):
     """Dense half-score gradient G (H, 2, T, n) from the k selected weights' gradient (through the
     score function and the temperature): the program's rows are zeroed (no separate fill), then per
-    token the duplicated sub-key indices are summed in a fixed order and stored once (no atomics)."""
+    token the duplicated sub-key indices are summed in a fixed order and stored once (no atomics).
+    With ``CAST_Q`` the program also writes its rows of the query in G's dtype (Q16, (T, H, kd)),
+    the operand of the sub-key gradient's 16-bit product (no separate cast kernel)."""
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
     row_mask = rows < T
+    if CAST_Q:
+        dd = tl.arange(0, KDP)
+        qm = row_mask[:, None] & (dd < kd)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        q = tl.load(Q + r64 * stride_qt + h * stride_qh + dd[None, :], mask=qm, other=0.0)
+        tl.store(Q16 + (r64 * H + h) * kd + dd[None, :], q.to(Q16.dtype.element_ty), mask=qm)
     jj = tl.arange(0, KP)
     m = row_mask[:, None] & (jj < topk)[None, :]
     off = rows[:, None] * (H * topk) + h * topk + jj[None, :]
@@ -434,10 +449,10 @@ def _matmul_precision(precision: str, device: torch.device):
         setattr(mm, name, old)
 
 
-def _per_half(x: torch.Tensor) -> torch.Tensor:
-    """``(T, H, k_dim)`` float32 as ``(H * 2, T, k_dim // 2)``: a strided view (no copy) if possible."""
+def _per_half(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(T, H, k_dim)`` in ``dtype`` as ``(H * 2, T, k_dim // 2)``: a strided view (no copy) if possible."""
     T, H, kd = x.shape
-    x = x.float()
+    x = x.to(dtype)
     if x.stride(2) != 1 or x.stride(1) != kd:
         x = x.contiguous()
     return x.as_strided((H * 2, T, kd // 2), (kd // 2, x.stride(0), 1))
@@ -632,6 +647,10 @@ def search_backward(
     n, D = subkeys.shape[2], subkeys.shape[3]
     topk = indices.shape[-1]
     G = new_output(H, 2, T, n, device=query.device, dtype=g_dtype)  # every element is written
+    cast_q = g_dtype != torch.float32 and need_subkeys
+    if cast_q and query.stride(-1) != 1:
+        query = query.contiguous()
+    q16 = torch.empty(T, H, kd, device=query.device, dtype=g_dtype) if cast_q else None
     if T > 0:
         cfg = {"BT": 8, "num_warps": 4, **TUNED_BWD}
         BT = cfg["BT"]
@@ -646,10 +665,17 @@ def search_backward(
             n,
             topk,
             1.0 / temperature,
+            query,
+            q16 if cast_q else G,
+            query.stride(0),
+            query.stride(1),
+            kd,
             BT=BT,
             KP=max(next_pow2(topk), 2),
             BNZ=min(max(next_pow2(n), 16), 128),
             SCORE=SCORE_CODES[score],
+            KDP=next_pow2(kd),
+            CAST_Q=cast_q,
             num_warps=cfg["num_warps"],
         )
     gq = gk = None
@@ -659,9 +685,8 @@ def search_backward(
             gq = torch.empty(T, H, kd, device=query.device, dtype=torch.float32)
             _bmm_fp32(G, subkeys.reshape(H * 2, n, D).to(g_dtype), out=_per_half(gq))
             gq = gq.to(query.dtype)
-        if need_subkeys:
-            q16 = _per_half(query).to(g_dtype)
-            gk = _bmm_fp32(G.transpose(1, 2), q16).view(H, 2, n, D).to(subkeys.dtype)
+        if need_subkeys:  # the query in G's dtype, written by the scatter kernel
+            gk = _bmm_fp32(G.transpose(1, 2), _per_half(q16, g_dtype)).view(H, 2, n, D).to(subkeys.dtype)
         return gq, gk
     with _matmul_precision(precision, query.device):
         if need_query:  # (H*2, T, n) @ (H*2, n, D), written straight into (T, H, k_dim)
