@@ -35,6 +35,49 @@ def host_us(fn, n: int = 1000) -> float:
     return min(best)
 
 
+def capture_launch(module, name: str, call):
+    """The kernel ``module.name`` as ``call()`` launches it: (jit, grid, args, kwargs)."""
+    jit = getattr(module, name)
+    seen = {}
+
+    class Capture:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(grid=grid, args=args, kwargs=kwargs)
+                return jit[grid](*args, **kwargs)
+
+            return launch
+
+    setattr(module, name, Capture())
+    try:
+        call()
+    finally:
+        setattr(module, name, jit)
+    return jit, seen["grid"], seen["args"], seen["kwargs"]
+
+
+def launch_paths(module, name: str, call) -> dict:
+    """Host microseconds of one kernel's launch through the JIT and through its compiled kernel
+    (all parameters in order), and of building a cache key from the arguments."""
+    jit, grid, args, kwargs = capture_launch(module, name, call)
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+    compiled = jit[grid](*args, **kwargs)
+    names = jit.arg_names
+    full = list(args) + [kwargs[n] for n in names[len(args) :]]
+    runner = compiled[grid3]
+
+    def key():
+        return tuple(
+            (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in full
+        ) + (kwargs.get("num_warps"),)
+
+    return {
+        f"{name}: {len(full)} parameters, JIT launch": host_us(lambda: jit[grid](*args, **kwargs)),
+        f"{name}: compiled[grid](...)": host_us(lambda: runner(*full)),
+        f"{name}: key of the arguments": host_us(key),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -107,8 +150,31 @@ def main() -> None:
         "half_scores (bmm)": host_us(lambda: search.half_scores(q, layer.subkeys, "tf32")),
         "search_forward": host_us(lambda: search.search_forward(q, layer.subkeys, 32)),
         "gather_forward": host_us(lambda: gather.gather_forward(V, idx2, w2)),
-        "layer eval forward (autocast)": host_us(lambda: (ac.__enter__(), layer(x), ac.__exit__(None, None, None))),
+        "layer eval forward (autocast)": host_us(
+            lambda: (ac.__enter__(), layer(x), ac.__exit__(None, None, None))
+        ),
     }
+    layer.train()
+    xt = torch.randn(8192, DIM, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        qt = layer.query(xt)
+        h = layer.query_net.linears[0](xt)
+    from pkmem.ops.triton import norm
+
+    bn = layer.query_net.norms[0]
+    res.update(
+        launch_paths(search, "_search_fwd_kernel", lambda: search.search_forward(qt, layer.subkeys, 32))
+    )
+    res.update(
+        launch_paths(
+            norm,
+            "_bn_norm_kernel",
+            lambda: norm.batch_norm_forward(
+                h, bn.weight, bn.bias, None, 1e-5, True, bn.running_mean, bn.running_var, 0.1
+            ),
+        )
+    )
+    res.update(launch_paths(gather, "_gather_fwd_kernel", lambda: gather.gather_forward(V, idx2, w2)))
     for k, v in res.items():
         print(f"{k:45s} {v if isinstance(v, bool) else round(v, 1)}")
     path = args.out or os.path.join(os.path.dirname(__file__), "results", f"launch-cost-{gpu_slug()}.json")

@@ -152,6 +152,23 @@ def test_16bit_backward_choice_and_errors(kernels, device):
         search_backward(torch.ones(3, 1, 2, device=device), q, sk, idx, grad_dtype="float64")
 
 
+def test_half_scores_float32_under_autocast_and_settings_restored(kernels, device):
+    """The half scores are float32 products under autocast; autocast and the float32 matmul
+    setting are as before afterwards (also for "ieee", which changes the setting inside)."""
+    from pkmem.ops.triton.search import half_scores
+
+    q, sk = _inputs(5, 2, 9, 4, device, seed=3)
+    mm = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(mm, "fp32_precision") else "allow_tf32"
+    before = getattr(mm, name)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        for precision in ("ieee", "tf32"):
+            s = half_scores(q, sk, precision)
+            assert s.dtype == torch.float32
+            assert torch.is_autocast_enabled(device.type) and getattr(mm, name) == before
+    torch.testing.assert_close(s, reference.subkey_scores(q, sk).permute(1, 2, 0, 3), atol=1e-2, rtol=1e-2)
+
+
 def test_gradient_only_to_subkeys(kernels, device):
     q, sk = _inputs(4, 2, 10, 3, device, seed=6)
     sk = sk.requires_grad_()

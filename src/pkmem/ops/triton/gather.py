@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.triton._common import new_output, next_pow2
+from pkmem.ops.triton._common import cdiv, new_output, next_pow2
 
 __all__ = ["weighted_gather", "gather_forward", "gather_backward"]
 
@@ -163,7 +163,7 @@ def _fwd_config(T: int, J: int, v: int) -> dict:
     # few tokens (decode): narrower column blocks so that enough programs run at once, one warp
     # per 256 columns (H200, v 1024: 13 vs 46 us at 64 tokens, 37 vs 101 us at 512; 8192 tokens
     # keep 1024 columns and 4 warps, at the bandwidth floor)
-    while bv > 128 and T * triton.cdiv(v, bv) < 8192:
+    while bv > 128 and T * cdiv(v, bv) < 8192:
         bv //= 2
     return {"BLOCK_V": bv, "BLOCK_J": 8, "num_warps": max(1, bv // 256), **TUNED_FWD}
 
@@ -203,7 +203,7 @@ def gather_forward(
     if J == 0:
         return out.zero_()
     cfg = dict(_fwd_config(T, J, v), **(config or {}))
-    grid = (T, triton.cdiv(v, cfg["BLOCK_V"]))
+    grid = (T, cdiv(v, cfg["BLOCK_V"]))
     _gather_fwd_kernel[grid](
         values,
         indices,
@@ -258,12 +258,12 @@ def gather_backward(
     perm, offsets, rows = _segments(indices, N, sparse)
     n_rows = N if rows is None else rows.numel()
     cfg = dict(_bwd_config(n_rows, v), **(config or {}))
-    nvb = triton.cdiv(v, cfg["BLOCK_V"]) if v > 0 else 1
+    nvb = cdiv(v, cfg["BLOCK_V"]) if v > 0 else 1
     vpp = cfg["VPP"]
     if not isinstance(vpp, int) or vpp < 1:
         raise ValueError(f"config VPP={vpp!r} is not allowed: VPP must be a positive int")
     vpp = min(vpp, nvb)
-    nvb = triton.cdiv(nvb, vpp) * vpp  # whole programs (the extra blocks' columns are masked)
+    nvb = cdiv(nvb, vpp) * vpp  # whole programs (the extra blocks' columns are masked)
     gv = new_output(n_rows if need_values else 0, v, device=dev, dtype=values.dtype)
     # the weight gradient: with <= 2 column blocks their partials are added onto zeros in place
     # (deterministic: a + b == b + a), else one row of partials per column block, summed after

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from pkmem.ops.reference import check_batch_norm, real_rows, update_running_stats
-from pkmem.ops.triton._common import new_output, next_pow2
+from pkmem.ops.triton._common import cdiv, new_output, next_pow2
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
@@ -326,8 +326,8 @@ def _config(T: int, C: int) -> dict:
     0.081 with 256 rows, 0.059 + 0.087 with 64 columns; benchmarks/results/kernels-h200.json)."""
     bc = min(128, max(16, next_pow2(C)))
     br = 32
-    rows = 512 if triton.cdiv(T, 512) * triton.cdiv(C, bc) >= 256 else 256
-    while triton.cdiv(T, rows) > 64:
+    rows = 512 if cdiv(T, 512) * cdiv(C, bc) >= 256 else 256
+    while cdiv(T, rows) > 64:
         rows *= 2
     rows = max(br, min(rows, next_pow2(T)))
     return {"ROWS": rows, "BR": br, "BC": bc, "NCB": 64, "num_warps": 4, **TUNED}
@@ -354,9 +354,9 @@ def _sizes(T: int, C: int, config: dict | None) -> tuple[dict, int, int, int]:
             raise ValueError(f"config {name}={v!r} is not allowed: {name} must be a power of two")
     if cfg["ROWS"] < cfg["BR"]:
         raise ValueError(f"config ROWS={cfg['ROWS']} is not allowed: ROWS must be >= BR={cfg['BR']}")
-    n_chunks = max(1, triton.cdiv(T, cfg["ROWS"]))
+    n_chunks = max(1, cdiv(T, cfg["ROWS"]))
     ncb = min(cfg["NCB"], next_pow2(n_chunks))
-    return cfg, n_chunks, triton.cdiv(C, cfg["BC"]), ncb
+    return cfg, n_chunks, cdiv(C, cfg["BC"]), ncb
 
 
 def batch_norm_forward(

@@ -37,6 +37,7 @@ import triton.language as tl
 from pkmem.ops.reference import check_score
 from pkmem.ops.triton._common import (
     INTERPRET,
+    cdiv,
     check_precision,
     from_orderable,
     key_or_lowest,
@@ -436,17 +437,25 @@ def _search_bwd_scatter_kernel(
 @contextlib.contextmanager
 def _matmul_precision(precision: str, device: torch.device):
     """float32 matrix products, never autocast, in tf32 ("tf32", "tf32x3") or exact float32
-    ("ieee") for the block."""
+    ("ieee") for the block (the global setting and autocast are touched only where they differ:
+    host time per call)."""
     mm = torch.backends.cuda.matmul
     name = "fp32_precision" if hasattr(mm, "fp32_precision") else "allow_tf32"
     old = getattr(mm, name)
     tf32 = precision != "ieee"
-    setattr(mm, name, ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32)
+    want = ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32
+    if old != want:
+        setattr(mm, name, want)
+    autocast = torch.is_autocast_enabled(device.type)
+    if autocast:
+        torch.set_autocast_enabled(device.type, False)
     try:
-        with torch.autocast(device.type, enabled=False):
-            yield
+        yield
     finally:
-        setattr(mm, name, old)
+        if autocast:
+            torch.set_autocast_enabled(device.type, True)
+        if old != want:
+            setattr(mm, name, old)
 
 
 def _per_half(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -543,10 +552,10 @@ def search_forward(
     if config:
         _check_config(cfg, KP)
     BT, BN = cfg["BT"], cfg["BN"]
-    grid = (triton.cdiv(T, BT), H)
+    grid = (cdiv(T, BT), H)
     progs = grid[0] * grid[1]
     if cfg["FUSED"]:
-        npad = triton.cdiv(n, BN) * BN
+        npad = cdiv(n, BN) * BN
         S = torch.empty(progs * BT * npad, device=query.device, dtype=torch.float32)
         s_half, s_stride, s_block = 0, npad, BT * npad
     else:
@@ -655,7 +664,7 @@ def search_backward(
         cfg = {"BT": 8, "num_warps": 4, **TUNED_BWD}
         BT = cfg["BT"]
         grad_scores = grad_scores.contiguous()
-        _search_bwd_scatter_kernel[(triton.cdiv(T, BT), H)](
+        _search_bwd_scatter_kernel[(cdiv(T, BT), H)](
             grad_scores,
             grad_scores if weights is None else weights.contiguous(),
             indices.contiguous(),
