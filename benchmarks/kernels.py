@@ -27,6 +27,9 @@ SEARCH_CONFIGS = [
     {"BT": 8, "BN": 128, "num_warps": 4},
     {"BT": 32, "BN": 128, "num_warps": 8},  # the default before 2026-11-30 (one program per SM)
     {"BT": 16, "BN": 64, "num_warps": 8, "BD": 64, "FUSED": True},
+    # the final top-k on int32 keys (near-ties broken by position: not exact, never picked as the
+    # best; measured to size what the exact int64 keys cost)
+    {"BT": 8, "BN": 64, "num_warps": 4, "EXACT": False},
 ]
 GATHER_BWD_CONFIGS = [
     {"BLOCK_V": 512, "E": 1, "PREFETCH": True, "num_warps": 1},  # the default
@@ -99,7 +102,7 @@ def bench_search(bw: float, T=8192, H=4, n=512, D=256, k=32, quick=False) -> dic
             row["rows_with_other_slots"] = int((i_.sort(-1).values != first[1]).any(-1).sum())
             row["max_score_diff"] = (s_ - first[0]).abs().max().item()
         res["forward"].append(row)
-    ok = [r for r in res["forward"] if "median_ms" in r]
+    ok = [r for r in res["forward"] if "median_ms" in r and r["config"].get("EXACT", True)]
     best = min(ok, key=lambda r: r["median_ms"], default=None)
     res["best_forward_config"] = best["config"] if best else None
     if best is not None:
