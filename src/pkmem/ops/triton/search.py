@@ -410,7 +410,7 @@ def _search_bwd_scatter_kernel(
     if SCORE != 0:
         g = _score_fn_backward(g, tl.load(W + off, mask=m, other=0.0), SCORE)
     g = g * inv_temp
-    idx = tl.load(IDX + off, mask=m, other=0)
+    idx = tl.load(IDX + off, mask=m, other=0).to(tl.int32)  # slots < n * n < 2**31: half the work
     first = idx // n
     earlier = jj[None, None, :] < jj[None, :, None]  # [., j, j']: j' < j
     g_rows = (h * 2 * T + rows[:, None]).to(tl.int64) * n
