@@ -1,5 +1,6 @@
 """ProductKeyMemory: exactness through the inspection API, gradients, the mask, every option, errors."""
 
+import copy
 import math
 
 import pytest
@@ -255,6 +256,42 @@ def test_masked_batch_norm_matches_torch_batchnorm(momentum):
         torch.testing.assert_close(x.grad, x2.grad)
         for a, b in zip(bn.buffers(), ref.buffers()):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("hidden", [(), (7,)])
+def test_query_network_folds_the_linear_bias_into_the_batchnorm(hidden):
+    """The query network adds each linear layer's bias inside its BatchNorm: the same outputs,
+    running statistics and gradients as ``linear(x)`` then the BatchNorm, in training and eval
+    (the bias gradient is 0 in training: the batch mean absorbs the bias)."""
+    from pkmem.layer import QueryNetwork, masked_batch_norm
+
+    net = QueryNetwork(10, 12, hidden, batchnorm=True)
+    plain = copy.deepcopy(net)
+    for lin in plain.linears:
+        nn.init.normal_(lin.bias)
+    for lin, lin2 in zip(net.linears, plain.linears):
+        lin.bias.data.copy_(lin2.bias)
+
+    def unfolded(x):
+        for i, lin in enumerate(plain.linears):
+            x = masked_batch_norm(plain.norms[i], lin(x), None, "torch")
+            x = torch.relu(x) if i < len(plain.linears) - 1 else x
+        return x
+
+    for step, training in enumerate([True, True, False]):
+        net.train(training)
+        plain.train(training)
+        x = _x(9, 10) + step
+        y, y2 = net(x, None, "torch"), unfolded(x)
+        torch.testing.assert_close(y, y2)
+        (y * y2.detach()).sum().backward()
+        (y2 * y2.detach()).sum().backward()
+        for (name, a), b in zip(net.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+        for a, b in zip(net.buffers(), plain.buffers()):
+            torch.testing.assert_close(a, b)
+        net.zero_grad()
+        plain.zero_grad()
 
 
 def test_query_mlp():

@@ -62,21 +62,35 @@ def check_bool_mask(name: str, mask, shape: tuple, shape_text: str, meaning: str
 
 
 def masked_batch_norm(
-    bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor | None, backend: str = "auto"
+    bn: nn.BatchNorm1d,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    backend: str = "auto",
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """BatchNorm over the rows of ``x`` (T, C) whose ``mask`` is True (all rows if None).
+    """BatchNorm over the rows of ``x + shift`` (T, C) whose ``mask`` is True (all rows if None).
 
     In training the statistics (and the running averages) use the real rows only, so padding does
     not shift them (one row trains too: torch's BatchNorm refuses to); in eval the running
-    statistics are used. Float32 output (:func:`pkmem.ops.reference.batch_norm`; on CUDA one
-    fused op reads x in its dtype).
+    statistics are used. ``shift``: the preceding linear layer's bias, folded in. Float32 output
+    (:func:`pkmem.ops.reference.batch_norm`; on CUDA one fused op reads x in its dtype).
     """
     batch_stats = bn.training or not bn.track_running_stats
     track = bn.training and bn.track_running_stats
     # with a momentum the op updates the running statistics itself (in the kernel on CUDA)
     momentum = bn.momentum if track else None
     out, mean, var = ops.batch_norm(
-        x, bn.weight, bn.bias, mask, bn.eps, batch_stats, bn.running_mean, bn.running_var, backend, momentum
+        x,
+        bn.weight,
+        bn.bias,
+        mask,
+        bn.eps,
+        batch_stats,
+        bn.running_mean,
+        bn.running_var,
+        backend,
+        momentum,
+        shift,
     )
     if track:  # num_batches_tracked counts batches with real rows (no synchronisation)
         n = real_rows(x, mask)
@@ -102,9 +116,12 @@ class QueryNetwork(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto"
     ) -> torch.Tensor:
         for i, linear in enumerate(self.linears):
-            x = linear(_cast(x, linear))
-            if self.norms is not None:
-                x = masked_batch_norm(self.norms[i], x, mask, backend)
+            if self.norms is None:
+                x = linear(_cast(x, linear))
+            else:  # the bias is added inside the BatchNorm (no bias add and bias gradient sum here)
+                x = masked_batch_norm(
+                    self.norms[i], F.linear(_cast(x, linear), linear.weight), mask, backend, linear.bias
+                )
             if i < len(self.linears) - 1:
                 x = F.relu(x)
         return x

@@ -54,27 +54,42 @@ def main() -> int:
     consts.update(PREFETCH=g["PREFETCH"], POS=triton.language.int32, VPP=g["VPP"], GW_ADD=True)
     print("gather backward:", build(gather._gather_bwd_kernel, w_types, consts, g["num_warps"]))
     consts.update(VPP=2, GW_ADD=False)
-    print("gather backward, 2 column blocks per program:", build(gather._gather_bwd_kernel, w_types, consts, 1))
+    print(
+        "gather backward, 2 column blocks per program:", build(gather._gather_bwd_kernel, w_types, consts, 1)
+    )
     # the query network's BatchNorm at the paper's setting: bf16 x, masked, training
     c = norm._config(8192, 2048)
     rows = dict(ROWS=c["ROWS"], BR=c["BR"], BC=c["BC"])
     n_types = dict(
-        X="*bf16", MASK="*u8", PCNT="*fp32", PMEAN="*fp32", PM2="*fp32", T=i32, C=i32, stride_x=i32
+        X="*bf16",
+        MASK="*u8",
+        SHIFT="*fp32",
+        PCNT="*fp32",
+        PMEAN="*fp32",
+        PM2="*fp32",
+        T=i32,
+        C=i32,
+        stride_x=i32,
     )
-    print("batch norm statistics:", build(norm._bn_stats_kernel, n_types, dict(rows, HAS_MASK=True), 4))
-    n_types = dict(X="*bf16", PCNT="*fp32", PMEAN="*fp32", PM2="*fp32", RMEAN="*fp32", RVAR="*fp32")
+    consts = dict(rows, HAS_MASK=True, HAS_SHIFT=True)
+    print("batch norm statistics:", build(norm._bn_stats_kernel, n_types, consts, 4))
+    n_types = dict(
+        X="*bf16", SHIFT="*fp32", PCNT="*fp32", PMEAN="*fp32", PM2="*fp32", RMEAN="*fp32", RVAR="*fp32"
+    )
     n_types.update(W="*fp32", B="*fp32", Y="*fp32", MEAN="*fp32", VAR="*fp32", T=i32, C=i32, n_chunks=i32)
     n_types.update(stride_x=i32, eps=f32, momentum=f32)
-    consts = dict(rows, NCB=32, TRAINING=True, HAS_W=True, HAS_B=True, UPDATE=True)
+    consts = dict(rows, NCB=32, TRAINING=True, HAS_W=True, HAS_B=True, UPDATE=True, HAS_SHIFT=True)
     print("batch norm normalise:", build(norm._bn_norm_kernel, n_types, consts, c["num_warps"]))
-    s_types = dict(DY="*fp32", X="*bf16", MASK="*u8", MEAN="*fp32", VAR="*fp32", PCNT="*fp32", P1="*fp32")
+    s_types = dict(DY="*fp32", X="*bf16", SHIFT="*fp32", MASK="*u8", MEAN="*fp32", VAR="*fp32", PCNT="*fp32")
+    s_types.update(P1="*fp32")
     s_types.update(P2="*fp32", T=i32, C=i32, stride_dy=i32, stride_x=i32, eps=f32)
-    consts = dict(rows, HAS_MASK=True)
+    consts = dict(rows, HAS_MASK=True, HAS_SHIFT=True)
     print("batch norm backward sums:", build(norm._bn_bwd_sums_kernel, s_types, consts, c["num_warps"]))
     d_types = dict(DY="*fp32", X="*bf16", MASK="*u8", MEAN="*fp32", VAR="*fp32", W="*fp32", PCNT="*fp32")
     d_types.update(P1="*fp32", P2="*fp32", DX="*bf16", DW="*fp32", DB="*fp32", T=i32, C=i32, n_chunks=i32)
-    d_types.update(stride_dy=i32, stride_x=i32, eps=f32)
+    d_types.update(stride_dy=i32, stride_x=i32, eps=f32, SHIFT="*fp32", DSHIFT="*fp32")
     consts = dict(rows, NCB=32, TRAINING=True, HAS_MASK=True, HAS_W=True, SUMS=True, NEED_DX=True)
+    consts.update(HAS_SHIFT=True, NEED_SHIFT=True)
     print("batch norm backward dx:", build(norm._bn_bwd_dx_kernel, d_types, consts, c["num_warps"]))
     return 0
 

@@ -30,15 +30,16 @@ def _inputs(T, C, device, dtype=torch.float32, masked=True, affine="both", seed=
     return to(x), to(w), to(b), to(mask), to(rm), to(rv), to(dy)
 
 
-def _run(fn, x, w, b, mask, training, rm, rv, dy):
-    """Outputs and gradients: ``(y, mean, var, dx, dweight, dbias)``."""
+def _run(fn, x, w, b, mask, training, rm, rv, dy, shift=None):
+    """Outputs and gradients: ``(y, mean, var, dx, dweight, dbias)`` (and ``dshift`` with a shift)."""
     x = x.detach().clone().requires_grad_()
     w = None if w is None else w.detach().clone().requires_grad_()
     b = None if b is None else b.detach().clone().requires_grad_()
-    y, mean, var = fn(x, w, b, mask, EPS, training, rm, rv)
+    s = None if shift is None else shift.detach().clone().requires_grad_()
+    y, mean, var = fn(x, w, b, mask, EPS, training, rm, rv, **({} if s is None else {"shift": s}))
     (y * dy).sum().backward()
     grad = lambda t: None if t is None else t.grad  # noqa: E731
-    return y.detach(), mean, var, x.grad, grad(w), grad(b)
+    return (y.detach(), mean, var, x.grad, grad(w), grad(b)) + (() if s is None else (s.grad,))
 
 
 def _close(a, b, tol, name="", scale=None):
@@ -151,7 +152,7 @@ def test_block_configs(kernels, device, config, dtype, training):
 
     x, w, b, mask, rm, rv, dy = _inputs(150, 70, device, dtype, seed=4)
     y, mean, var = batch_norm_forward(x, w, b, mask, EPS, training, rm, rv, config=config)
-    dx, dw, db = batch_norm_backward(dy, x, w, mask, mean, var, EPS, training, config=config)
+    dx, dw, db, _ = batch_norm_backward(dy, x, w, mask, mean, var, EPS, training, config=config)
     want = _run(reference.batch_norm, x, w, b, mask, training, rm, rv, dy)
     _check((y, mean, var, dx, dw, db), want, dtype, dy, w)
 
@@ -202,6 +203,35 @@ def test_large_mean_statistics_are_robust(kernels, device):
         _close(a, r, 5e-3, name)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("masked", ["none", "some", "all"])
+def test_shift_folds_a_linear_bias(kernels, device, training, masked):
+    """``shift`` (a linear layer's bias, folded in) equals normalising ``x + shift``; its gradient
+    is 0 in training with real rows (the batch mean absorbs it), sum(dy) * weight * rstd otherwise."""
+    x, w, b, mask, rm, rv, dy = _inputs(45, 19, device, seed=21)
+    mask = {"none": None, "some": mask, "all": torch.zeros_like(mask)}[masked]
+    sh = torch.randn(19, generator=torch.Generator().manual_seed(22)).to(device) * 3
+    got = _run(kernels.batch_norm, x, w, b, mask, training, rm, rv, dy, shift=sh)
+    want = _run(reference.batch_norm, x.double(), w.double(), b.double(), mask, training, rm.double(),
+                rv.double(), dy.double(), shift=sh.double())  # fmt: skip
+    plain = _run(reference.batch_norm, x.double() + sh.double(), w.double(), b.double(), mask, training,
+                 rm.double(), rv.double(), dy.double())  # fmt: skip
+    for a, r, p, name in zip(got, want, plain, ("y", "mean", "var", "dx", "dweight", "dbias")):
+        _close(a, r, 1e-5, name)
+        _close(r, p, 1e-9, name + " (reference: shift vs x + shift)")
+    dshift, want_dshift = got[6], want[6]
+    if training and masked != "all":
+        assert (dshift == 0).all() and want_dshift.abs().max() < 1e-9 * want[4].abs().max()
+    else:
+        _close(dshift, want_dshift, 1e-5, "dshift")
+    # the fused op's backward alone, and the custom op (torch.compile's path)
+    from pkmem.ops.triton import norm
+
+    got_op = _run(lambda *a, shift: norm._bn_op(*a, shift), x, w, b, mask, training, rm, rv, dy, shift=sh)
+    for a, r in zip(got_op, got):
+        _close(a, r, 1e-6)
+
+
 def test_gradients_of_some_inputs_only(kernels, device):
     x, w, b, mask, _, _, dy = _inputs(37, 17, device, seed=8)
     for needs in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
@@ -227,13 +257,16 @@ def test_custom_op_registration(kernels, device):
     x, w, b, mask, rm, rv, dy = _inputs(37, 17, device, seed=9)
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(norm._bn_op, (x, w, b, mask, EPS, True, None, None), test_utils=utils)
-    torch.library.opcheck(norm._bn_op, (x, None, None, None, EPS, False, rm, rv), test_utils=utils)
+    sh = torch.randn(17, device=device, requires_grad=True)
+    torch.library.opcheck(norm._bn_op, (x, w, b, mask, EPS, True, None, None, None), test_utils=utils)
+    torch.library.opcheck(norm._bn_op, (x, None, None, None, EPS, False, rm, rv, None), test_utils=utils)
+    torch.library.opcheck(norm._bn_op, (x, w, b, mask, EPS, True, None, None, sh), test_utils=utils)
     mean, var = x.detach().mean(0), x.detach().var(0)
-    args = (dy, x.detach(), w.detach(), mask, mean, var, EPS, True, True, False, True)
-    torch.library.opcheck(norm._bn_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+    for shift in (None, sh.detach()):
+        args = (dy, x.detach(), w.detach(), mask, mean, var, EPS, True, True, False, True, shift, True)
+        torch.library.opcheck(norm._bn_backward_op, args, test_utils=("test_schema", "test_faketensor"))
     for training in (True, False):
-        got = _run(norm._bn_op, x, w, b, mask, training, rm, rv, dy)
+        got = _run(lambda *a: norm._bn_op(*a, None), x, w, b, mask, training, rm, rv, dy)
         want = _run(reference.batch_norm, x, w, b, mask, training, rm, rv, dy)
         _check(got, want, torch.float32, dy, w)
 
@@ -246,9 +279,9 @@ def test_backward_op_without_parameter_gradients(kernels, device, affine):
 
     x, w, _, mask, _, _, dy = _inputs(37, 17, device, affine=affine, seed=14)
     mean, var = x.mean(0), x.var(0, correction=0)
-    args = (dy, x, w, mask, mean, var, EPS, True, True, False, False)
-    dx, dw, db = norm._bn_backward_op(*args)
-    assert dw.numel() == db.numel() == 0
+    args = (dy, x, w, mask, mean, var, EPS, True, True, False, False, None, False)
+    dx, dw, db, ds = norm._bn_backward_op(*args)
+    assert dw.numel() == db.numel() == ds.numel() == 0
     _close(dx, norm.batch_norm_backward(*args)[0], 1e-6, "dx")
     torch.library.opcheck(norm._bn_backward_op, args, test_utils=("test_schema", "test_faketensor"))
 
@@ -262,8 +295,8 @@ def test_custom_op_fake_strides_of_a_strided_x(kernels, device):
     xt = x.t().contiguous().t()
     assert xt.stride(-1) != 1
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(norm._bn_op, (xt, w, b, mask, EPS, True, None, None), test_utils=utils)
-    args = (dy, xt, w, mask, x.mean(0), x.var(0), EPS, True, True, True, True)
+    torch.library.opcheck(norm._bn_op, (xt, w, b, mask, EPS, True, None, None, None), test_utils=utils)
+    args = (dy, xt, w, mask, x.mean(0), x.var(0), EPS, True, True, True, True, None, False)
     torch.library.opcheck(norm._bn_backward_op, args, test_utils=utils)
 
 

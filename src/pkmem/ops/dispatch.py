@@ -162,15 +162,16 @@ def batch_norm(
     running_var=None,
     backend: str = "auto",
     momentum: float | None = None,
+    shift=None,
 ):
     """See :func:`pkmem.ops.reference.batch_norm` (the kernels read x in its dtype, write a float32
     output and the gradient of x in x's dtype, and update the running statistics in their
     normalising pass)."""
-    reference.check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum)
-    used = [t for t in (weight, bias, mask) if t is not None]
+    reference.check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
+    used = [t for t in (weight, bias, mask, shift) if t is not None]
     if not training or momentum is not None:
         used += [t for t in (running_mean, running_var) if t is not None]
-    args = (x, weight, bias, mask, eps, training, running_mean, running_var, momentum)
+    args = (x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)
     if resolve_backend(backend, x, *used) == "torch":
         return reference.batch_norm(*args)
     kernels, _ = _triton_module()

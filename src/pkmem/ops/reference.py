@@ -213,9 +213,11 @@ def weighted_gather(
     return rows.new_zeros(T, values.shape[1]).index_add(0, bag, rows * flat_w[:, None])
 
 
-def check_batch_norm(x, weight, bias, mask, training: bool, running_mean, running_var, momentum=None) -> None:
-    """``x`` (T, C); ``weight``, ``bias`` (C,) or None; ``mask`` bool with T elements or None; in
-    eval (``training`` False), or with a ``momentum`` (a number in [0, 1]), the running
+def check_batch_norm(
+    x, weight, bias, mask, training: bool, running_mean, running_var, momentum=None, shift=None
+) -> None:
+    """``x`` (T, C); ``weight``, ``bias``, ``shift`` (C,) or None; ``mask`` bool with T elements or
+    None; in eval (``training`` False), or with a ``momentum`` (a number in [0, 1]), the running
     statistics (C,)."""
     if momentum is not None:
         number = isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
@@ -226,7 +228,7 @@ def check_batch_norm(x, weight, bias, mask, training: bool, running_mean, runnin
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x has shape {tuple(getattr(x, 'shape', ()))}: batch_norm needs x (T, C)")
     T, C = x.shape
-    named = [("weight", weight), ("bias", bias)]
+    named = [("weight", weight), ("bias", bias), ("shift", shift)]
     if not training or momentum is not None:
         named += [("running_mean", running_mean), ("running_var", running_var)]
         if running_mean is None or running_var is None:
@@ -280,8 +282,13 @@ def batch_norm(
     running_mean: torch.Tensor | None = None,
     running_var: torch.Tensor | None = None,
     momentum: float | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BatchNorm over the rows of ``x`` (T, C): ``(y, mean, var)``.
+    """BatchNorm over the rows of ``x + shift`` (T, C): ``(y, mean, var)``.
+
+    ``shift`` (C,): the bias of a linear layer before the norm, folded in (the product is then
+    computed without it: one op fewer each way; its gradient is 0 in training with real rows,
+    where the batch mean absorbs it).
 
     Training: ``mean`` and the biased ``var`` per column over the rows whose ``mask`` is True (all
     rows if None; with no real row, mean 0 and var 0). Eval: the running statistics (copies).
@@ -291,18 +298,18 @@ def batch_norm(
     mask (and in eval) ``y`` is torch's ``F.batch_norm``. With a ``momentum`` (training), the running
     statistics are also updated in place (:func:`update_running_stats`).
     """
-    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum)
-    y, mean, var = _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var)
+    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
+    y, mean, var = _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var, shift)
     if training and momentum is not None:
         update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
     return y, mean, var
 
 
-def _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var):
-    params = [t for t in (weight, bias) if t is not None]
+def _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var, shift=None):
+    params = [t for t in (weight, bias, shift) if t is not None]
     dt = acc_dtype(x, *params, *(() if training else (running_mean, running_var)))
     with _no_autocast(x.device):
-        x = x.to(dt)
+        x = x.to(dt) if shift is None else x.to(dt) + shift.to(dt)
         w, b = (None if t is None else t.to(dt) for t in (weight, bias))
         if not training:
             mean, var = running_mean.to(dt, copy=True), running_var.to(dt, copy=True)

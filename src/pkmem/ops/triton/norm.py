@@ -52,6 +52,7 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 def _bn_stats_kernel(
     X,
     MASK,
+    SHIFT,
     PCNT,
     PMEAN,
     PM2,
@@ -62,12 +63,16 @@ def _bn_stats_kernel(
     BR: tl.constexpr,
     BC: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     cb = tl.program_id(1)
     cols = cb * BC + tl.arange(0, BC)
     cm = cols < C
-    # shift: the mean of the chunk's first tile (two passes there), so that the sums of squared
+    sh = tl.zeros((BC,), tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
+    # pivot: the mean of the chunk's first tile (two passes there), so that the sums of squared
     # shifted values below lose no precision to a large mean; then one pass of elementwise sums
     # (no reduction in the loop: the kernel streams x once at the memory's pace)
     rows = chunk * ROWS + tl.arange(0, BR)
@@ -75,8 +80,9 @@ def _bn_stats_kernel(
     if HAS_MASK:
         real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
     ok = real[:, None] & cm[None, :]
-    x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-    shift = tl.sum(x.to(tl.float32), axis=0) / tl.maximum(tl.sum(real.to(tl.float32), axis=0), 1.0)
+    x0 = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    x0 = tl.where(ok, x0.to(tl.float32) + sh[None, :], 0.0)
+    pivot = tl.sum(x0, axis=0) / tl.maximum(tl.sum(real.to(tl.float32), axis=0), 1.0)
     s1 = tl.zeros((BR, BC), tl.float32)
     s2 = tl.zeros((BR, BC), tl.float32)
     cnt = tl.zeros((BR,), tl.float32)
@@ -87,13 +93,13 @@ def _bn_stats_kernel(
             real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
         ok = real[:, None] & cm[None, :]
         x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-        d = tl.where(ok, x.to(tl.float32) - shift[None, :], 0.0)
+        d = tl.where(ok, x.to(tl.float32) + sh[None, :] - pivot[None, :], 0.0)
         s1 += d
         s2 += d * d
         cnt += real.to(tl.float32)
     n_a = tl.sum(cnt, axis=0)
     d1 = tl.sum(s1, axis=0)
-    mean_a = shift + d1 / tl.maximum(n_a, 1.0)
+    mean_a = pivot + d1 / tl.maximum(n_a, 1.0)
     m2_a = tl.maximum(tl.sum(s2, axis=0) - d1 * d1 / tl.maximum(n_a, 1.0), 0.0)
     out = chunk.to(tl.int64) * C + cols
     tl.store(PMEAN + out, mean_a, mask=cm)
@@ -128,6 +134,7 @@ def _merge_stats(PCNT, PMEAN, PM2, n_chunks, C, cols, cm, BC: tl.constexpr, NCB:
 @triton.jit
 def _bn_norm_kernel(
     X,
+    SHIFT,
     PCNT,
     PMEAN,
     PM2,
@@ -152,6 +159,7 @@ def _bn_norm_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     UPDATE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     cb = tl.program_id(1)
@@ -172,6 +180,8 @@ def _bn_norm_kernel(
         tl.store(RMEAN + cols, rm + (mean - rm) * f, mask=first)
         tl.store(RVAR + cols, rv + (var * (n / tl.maximum(n - 1.0, 1.0)) - rv) * f, mask=first)
     rstd = tl.rsqrt(var + eps)
+    if HAS_SHIFT:
+        sh = tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
     if HAS_W:
         w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
     if HAS_B:
@@ -180,6 +190,8 @@ def _bn_norm_kernel(
         rows = (chunk * ROWS + r0 + tl.arange(0, BR)).to(tl.int64)
         ok = (rows < T)[:, None] & cm[None, :]
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            x = x + sh[None, :]
         y = (x - mean[None, :]) * rstd[None, :]
         if HAS_W:
             y = y * w[None, :]
@@ -192,6 +204,7 @@ def _bn_norm_kernel(
 def _bn_bwd_sums_kernel(
     DY,
     X,
+    SHIFT,
     MASK,
     MEAN,
     VAR,
@@ -207,6 +220,7 @@ def _bn_bwd_sums_kernel(
     BR: tl.constexpr,
     BC: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
 ):
     """Per (chunk, column block): ``sum dy``, ``sum dy * xhat`` over the chunk's rows (all of
     them) and the chunk's number of real rows."""
@@ -215,6 +229,8 @@ def _bn_bwd_sums_kernel(
     cols = cb * BC + tl.arange(0, BC)
     cm = cols < C
     mean = tl.load(MEAN + cols, mask=cm, other=0.0)
+    if HAS_SHIFT:  # x + shift - mean
+        mean = mean - tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.load(VAR + cols, mask=cm, other=1.0) + eps)
     s1 = tl.zeros((BR, BC), tl.float32)
     s2 = tl.zeros((BR, BC), tl.float32)
@@ -242,6 +258,7 @@ def _bn_bwd_sums_kernel(
 def _bn_bwd_dx_kernel(
     DY,
     X,
+    SHIFT,
     MASK,
     MEAN,
     VAR,
@@ -252,6 +269,7 @@ def _bn_bwd_dx_kernel(
     DX,
     DW,
     DB,
+    DSHIFT,
     T,
     C,
     n_chunks,
@@ -267,6 +285,8 @@ def _bn_bwd_dx_kernel(
     HAS_W: tl.constexpr,
     SUMS: tl.constexpr,
     NEED_DX: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    NEED_SHIFT: tl.constexpr,
 ):
     """Merges the partial sums (when ``SUMS``: chunk 0 stores ``dweight``, ``dbias``) and writes
     ``dx`` for the chunk's rows (when ``NEED_DX``)."""
@@ -275,7 +295,12 @@ def _bn_bwd_dx_kernel(
     cols = cb * BC + tl.arange(0, BC)
     cm = cols < C
     mean = tl.load(MEAN + cols, mask=cm, other=0.0)
+    if HAS_SHIFT:  # x + shift - mean
+        mean = mean - tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.load(VAR + cols, mask=cm, other=1.0) + eps)
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
     if SUMS:
         s1 = tl.zeros((BC,), tl.float32)
         s2 = tl.zeros((BC,), tl.float32)
@@ -291,9 +316,12 @@ def _bn_bwd_dx_kernel(
         tl.store(DW + cols, s2, mask=cm & (chunk + 0 * cols == 0))
         tl.store(DB + cols, s1, mask=cm & (chunk + 0 * cols == 0))
         inv_n = 1.0 / tl.maximum(n, 1.0)
-    scale = rstd
-    if HAS_W:
-        scale = scale * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+        if NEED_SHIFT:  # sum over rows of dx: 0 in training with real rows (exactly, analytically)
+            if TRAINING:
+                dsh = tl.where(n > 0, 0.0, scale * s1)
+            else:
+                dsh = scale * s1
+            tl.store(DSHIFT + cols, dsh, mask=cm & (chunk + 0 * cols == 0))
     if NEED_DX:
         for r0 in range(0, ROWS, BR):
             rows = chunk * ROWS + r0 + tl.arange(0, BR)
@@ -369,21 +397,24 @@ def batch_norm_forward(
     running_mean: torch.Tensor | None = None,
     running_var: torch.Tensor | None = None,
     momentum: float | None = None,
+    shift: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y (T, C) float32, mean (C,), var (C,))``: batch statistics of the real rows in training
-    (biased variance), copies of the running statistics in eval. With a ``momentum`` (training),
-    the normalising kernel also updates the running statistics in place."""
-    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum)
+    """``(y (T, C) float32, mean (C,), var (C,))`` of ``x + shift``: batch statistics of the real
+    rows in training (biased variance), copies of the running statistics in eval. With a
+    ``momentum`` (training), the normalising kernel also updates the running statistics in place."""
+    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
     update = training and momentum is not None
     if update and not (running_mean.is_contiguous() and running_var.is_contiguous()):
-        y, mean, var = batch_norm_forward(x, weight, bias, mask, eps, training, config=config)
+        y, mean, var = batch_norm_forward(x, weight, bias, mask, eps, training, shift=shift, config=config)
         update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
         return y, mean, var
     T, C = x.shape
     dev = x.device
     x, m = _prepare(x, mask)
-    weight, bias, running_mean, running_var = _unit_stride(weight, bias, running_mean, running_var)
+    weight, bias, running_mean, running_var, shift = _unit_stride(
+        weight, bias, running_mean, running_var, shift
+    )
     y = new_output(T, C, device=dev, dtype=torch.float32)
     mean = new_output(C, device=dev, dtype=torch.float32)
     var = new_output(C, device=dev, dtype=torch.float32)
@@ -397,6 +428,7 @@ def batch_norm_forward(
         _bn_stats_kernel[(n_chunks, n_cb)](
             x,
             m if m is not None else x,
+            shift if shift is not None else x,
             pcnt,
             pmean,
             pm2,
@@ -407,12 +439,14 @@ def batch_norm_forward(
             BR=cfg["BR"],
             BC=cfg["BC"],
             HAS_MASK=m is not None,
+            HAS_SHIFT=shift is not None,
             num_warps=cfg["num_warps"],
         )
     else:
         pcnt = pmean = pm2 = mean  # unused
     _bn_norm_kernel[(n_chunks, n_cb)](
         x,
+        shift if shift is not None else x,
         pcnt,
         pmean,
         pm2,
@@ -437,6 +471,7 @@ def batch_norm_forward(
         HAS_W=weight is not None,
         HAS_B=bias is not None,
         UPDATE=update,
+        HAS_SHIFT=shift is not None,
         num_warps=cfg["num_warps"],
     )
     return y, mean, var
@@ -454,20 +489,26 @@ def batch_norm_backward(
     need_x: bool = True,
     need_weight: bool = True,
     need_bias: bool = True,
+    shift: torch.Tensor | None = None,
+    need_shift: bool = False,
     config: dict | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``x`` (in x's dtype), ``weight`` and ``bias`` (float32), from the forward's
-    float32 ``mean`` and ``var``."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``x`` (in x's dtype), ``weight``, ``bias`` and ``shift`` (float32), from the
+    forward's float32 ``mean`` and ``var``. The shift's gradient (the sum of dx over the rows) is
+    computed in closed form: 0 in training with real rows (the batch mean absorbs the shift),
+    ``sum(dy) * weight * rstd`` in eval or without real rows."""
     T, C = x.shape
     dev = x.device
     x, m = _prepare(x, mask)
-    weight, mean, var = _unit_stride(weight, mean, var)
+    weight, mean, var, shift = _unit_stride(weight, mean, var, shift)
+    need_shift = need_shift and shift is not None
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    sums = need_weight or need_bias or (training and need_x)
+    sums = need_weight or need_bias or need_shift or (training and need_x)
     dx = new_output(T if need_x else 0, C, device=dev, dtype=x.dtype)
     dw = new_output(C if sums else 0, device=dev, dtype=torch.float32)
     db = new_output(C if sums else 0, device=dev, dtype=torch.float32)
+    dsh = new_output(C if need_shift else 0, device=dev, dtype=torch.float32)
     if C > 0 and (sums or need_x):
         cfg, n_chunks, n_cb, ncb = _sizes(T, C, config)
         if sums:
@@ -477,6 +518,7 @@ def batch_norm_backward(
             _bn_bwd_sums_kernel[(n_chunks, n_cb)](
                 grad_out,
                 x,
+                shift if shift is not None else x,
                 m if m is not None else x,
                 mean,
                 var,
@@ -492,6 +534,7 @@ def batch_norm_backward(
                 BR=cfg["BR"],
                 BC=cfg["BC"],
                 HAS_MASK=m is not None,
+                HAS_SHIFT=shift is not None,
                 num_warps=cfg["num_warps"],
             )
         else:
@@ -499,6 +542,7 @@ def batch_norm_backward(
         _bn_bwd_dx_kernel[(n_chunks if need_x else 1, n_cb)](
             grad_out,
             x,
+            shift if shift is not None else x,
             m if m is not None else x,
             mean,
             var,
@@ -509,6 +553,7 @@ def batch_norm_backward(
             dx,
             dw,
             db,
+            dsh,
             T,
             C,
             n_chunks,
@@ -524,9 +569,16 @@ def batch_norm_backward(
             HAS_W=weight is not None,
             SUMS=sums,
             NEED_DX=need_x,
+            HAS_SHIFT=shift is not None,
+            NEED_SHIFT=need_shift,
             num_warps=cfg["num_warps"],
         )
-    return (dx if need_x else None), (dw if need_weight else None), (db if need_bias else None)
+    return (
+        (dx if need_x else None),
+        (dw if need_weight else None),
+        (db if need_bias else None),
+        (dsh if need_shift else None),
+    )
 
 
 # ---- autograd -------------------------------------------------------------------------------------
@@ -542,12 +594,13 @@ def _bn_op(
     training: bool,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    shift: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return batch_norm_forward(x, weight, bias, mask, eps, training, running_mean, running_var)
+    return batch_norm_forward(x, weight, bias, mask, eps, training, running_mean, running_var, shift=shift)
 
 
 @_bn_op.register_fake
-def _(x, weight, bias, mask, eps, training, running_mean, running_var):
+def _(x, weight, bias, mask, eps, training, running_mean, running_var, shift):
     C = x.shape[1]
     return (
         x.new_empty(x.shape, dtype=torch.float32),
@@ -569,54 +622,59 @@ def _bn_backward_op(
     need_x: bool,
     need_weight: bool,
     need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = batch_norm_backward(
-        grad_out, x, weight, mask, mean, var, eps, training, need_x, need_weight, need_bias
-    )
+    shift: torch.Tensor | None,
+    need_shift: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = batch_norm_backward(
+        grad_out, x, weight, mask, mean, var, eps, training, need_x, need_weight, need_bias,
+        shift=shift, need_shift=need_shift,
+    )  # fmt: skip
     # one empty tensor per missing gradient: a custom op's outputs must not alias each other
-    return (
-        (dx if dx is not None else x.new_empty(0)),
-        (dw if dw is not None else mean.new_empty(0)),
-        (db if db is not None else mean.new_empty(0)),
-    )
+    return tuple(g if g is not None else e.new_empty(0) for g, e in zip(grads, (x, mean, mean, mean)))
 
 
 @_bn_backward_op.register_fake
-def _(grad_out, x, weight, mask, mean, var, eps, training, need_x, need_weight, need_bias):
+def _(grad_out, x, weight, mask, mean, var, eps, training, need_x, need_weight, need_bias, shift, need_shift):
     C = x.shape[1]
     return (
         x.new_empty(x.shape) if need_x else x.new_empty(0),  # contiguous, like the kernel's dx
         mean.new_empty(C if need_weight else 0),
         mean.new_empty(C if need_bias else 0),
+        mean.new_empty(C if need_shift and shift is not None else 0),
     )
 
 
 def _grads(grad_out, saved, ctx, backward_fn):
-    """``(dx, dweight, dbias)`` for the inputs that need them (None for the others)."""
-    x, weight, bias, mask, mean, var = saved
+    """``(dx, dweight, dbias, dshift)`` for the inputs that need them (None for the others)."""
+    x, weight, bias, mask, mean, var, shift = saved
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if grad_out is None or not (need_x or need_w or need_b):
-        return None, None, None
-    dx, dw, db = backward_fn(
-        grad_out, x, weight, mask, mean, var, ctx.eps, ctx.training, need_x, need_w, need_b
-    )
+    need_s = ctx.needs_input_grad[ctx.shift_index]
+    if grad_out is None or not (need_x or need_w or need_b or need_s):
+        return None, None, None, None
+    dx, dw, db, ds = backward_fn(
+        grad_out, x, weight, mask, mean, var, ctx.eps, ctx.training, need_x, need_w, need_b, shift=shift,
+        need_shift=need_s,
+    )  # fmt: skip
     return (
         dx if need_x else None,
         dw.to(weight.dtype) if need_w else None,
         db.to(bias.dtype) if need_b else None,
+        ds.to(shift.dtype) if need_s else None,
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, mask, eps, training, _, _ = inputs
+def _setup_context(ctx, inputs, output, shift_index=8):
+    x, weight, bias, mask, eps, training = inputs[:6]
+    shift = inputs[shift_index]
     _, mean, var = output
-    ctx.save_for_backward(x, weight, bias, mask, mean, var)
-    ctx.eps, ctx.training = eps, training
+    ctx.save_for_backward(x, weight, bias, mask, mean, var, shift)
+    ctx.eps, ctx.training, ctx.shift_index = eps, training, shift_index
     ctx.mark_non_differentiable(mean, var)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
-    return *_grads(grad_out, ctx.saved_tensors, ctx, _bn_backward_op), None, None, None, None, None
+    dx, dw, db, ds = _grads(grad_out, ctx.saved_tensors, ctx, _bn_backward_op)
+    return dx, dw, db, None, None, None, None, None, ds
 
 
 _bn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -624,24 +682,18 @@ _bn_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, eps, training, running_mean, running_var, momentum):
+    def forward(ctx, x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift):
         y, mean, var = batch_norm_forward(
-            x, weight, bias, mask, eps, training, running_mean, running_var, momentum
+            x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift=shift
         )
-        _setup_context(ctx, (x, weight, bias, mask, eps, training, None, None), (y, mean, var))
+        inputs = (x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)
+        _setup_context(ctx, inputs, (y, mean, var), shift_index=9)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
-        return (
-            *_grads(grad_out, ctx.saved_tensors, ctx, batch_norm_backward),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        dx, dw, db, ds = _grads(grad_out, ctx.saved_tensors, ctx, batch_norm_backward)
+        return dx, dw, db, None, None, None, None, None, None, ds
 
 
 def batch_norm(
@@ -654,15 +706,17 @@ def batch_norm(
     running_mean: torch.Tensor | None = None,
     running_var: torch.Tensor | None = None,
     momentum: float | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused BatchNorm: see :func:`pkmem.ops.reference.batch_norm` (``mean`` and ``var`` are not
     differentiable; the inputs are checked by batch_norm_forward)."""
     args = (x, weight, bias, mask, float(eps), bool(training), running_mean, running_var)
     if torch.compiler.is_compiling():  # the custom op stays functional: the update is traced ops
-        y, mean, var = _bn_op(*args)
+        y, mean, var = _bn_op(*args, shift)
         if training and momentum is not None:
             update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
         return y, mean, var
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _BatchNorm.apply(*args, momentum)
-    return batch_norm_forward(*args, momentum)  # nothing to differentiate: no autograd node
+    grads = (x, weight, bias, shift)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads):
+        return _BatchNorm.apply(*args, momentum, shift)
+    return batch_norm_forward(*args, momentum, shift=shift)  # nothing to differentiate: no autograd node
