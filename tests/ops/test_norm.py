@@ -391,8 +391,8 @@ def test_paper_size_gpu(kernels, masked, training, dtype):
     y1, m1, v1 = batch_norm_forward(x, w, b, mask, EPS, training, rm, rv)
     y2, m2, v2 = batch_norm_forward(x, w, b, mask, EPS, training, rm, rv)
     assert torch.equal(y1, y2) and torch.equal(m1, m2) and torch.equal(v1, v2), "forward is not deterministic"
-    g1 = batch_norm_backward(dy, x, w, mask, m1, v1, EPS, training)
-    g2 = batch_norm_backward(dy, x, w, mask, m1, v1, EPS, training)
+    g1 = batch_norm_backward(dy, x, w, mask, m1, v1, EPS, training, shift=b, need_shift=True)
+    g2 = batch_norm_backward(dy, x, w, mask, m1, v1, EPS, training, shift=b, need_shift=True)
     assert all(torch.equal(a, c) for a, c in zip(g1, g2)), "backward is not deterministic"
 
 
