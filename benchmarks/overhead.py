@@ -100,6 +100,25 @@ def decode_sweep(layer) -> list[dict]:
     return rows
 
 
+def python_profile(fn, calls: int, sort: str, lines: int) -> str:
+    """cProfile of ``calls`` calls of ``fn`` (the host's Python time), ``lines`` rows by ``sort``."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats(sort).print_stats(lines)
+    print(buf.getvalue())
+    return buf.getvalue()
+
+
 def micro_costs(layer) -> dict:
     """Host microseconds of single steps the layer's call is made of."""
     from pkmem.ops.triton.search import _matmul_precision
@@ -227,43 +246,24 @@ def main() -> None:
     res["cpu_profile_eval_64"] = rows[:30]
     for r in rows[:30]:
         print(f"{r['self_cpu_us_per_call_of_layer']:8.1f} us  x{r['count']:.0f}  {r['op']}")
-    import cProfile
-    import io
-    import pstats
 
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(200):
+    def eval_call(x=x):
         with torch.no_grad(), ac:
             layer(x)
-    pr.disable()
-    torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
-    res["python_profile_eval_64"] = buf.getvalue()
-    print(buf.getvalue())
+
+    res["python_profile_eval_64"] = python_profile(eval_call, 200, "tottime", 30)
     res["micro_host_us"] = micro_costs(layer)
-    x = torch.randn(8192, DIM, device="cuda", requires_grad=True)
+    xt = torch.randn(8192, DIM, device="cuda", requires_grad=True)
     layer.train()
 
     def step():
         with ac:
-            out = layer(x)
+            out = layer(xt)
         out.float().sum().backward()
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(50):
-        step()
-    pr.disable()
-    torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(45)
-    res["python_profile_train_8192_cumulative"] = buf.getvalue()
-    print(buf.getvalue())
+    res["python_profile_train_8192_cumulative"] = python_profile(step, 50, "cumulative", 45)
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"overhead-{gpu_slug()}.json")
     write_json(out, res)
     print("wrote", out)
