@@ -294,6 +294,41 @@ def test_query_network_folds_the_linear_bias_into_the_batchnorm(hidden):
         plain.zero_grad()
 
 
+def test_query_network_keeps_hooked_or_wrapped_linears():
+    """A pruned linear layer (a forward pre-hook) or a subclass keeps its own forward: its bias is
+    then not folded into the BatchNorm, and training steps work as with the plain layer."""
+    from torch.nn.utils import prune
+
+    from pkmem.layer import QueryNetwork
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    for variant in ("pruned", "subclass"):
+        net = QueryNetwork(10, 12, (7,), batchnorm=True)
+        plain = copy.deepcopy(net)
+        if variant == "pruned":
+            prune.l1_unstructured(net.linears[0], "weight", amount=0.5)
+            with torch.no_grad():
+                plain.linears[0].weight.copy_(net.linears[0].weight)
+        else:
+            lin = net.linears[1]
+            net.linears[1] = Scaled(7, 12)
+            net.linears[1].load_state_dict(lin.state_dict())
+            plain.linears[1].weight.data.mul_(2)
+            plain.linears[1].bias.data.mul_(2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for step in range(2):
+            x = _x(9, 10) + step
+            y = net(x, None, "torch")
+            if step == 0:
+                torch.testing.assert_close(y, plain(x, None, "torch"))
+            y.square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+
 def test_query_mlp():
     mem = _mem(query_hidden=(16, 8))
     assert [tuple(lin.weight.shape) for lin in mem.query_net.linears] == [(16, 10), (8, 16), (12, 8)]

@@ -42,6 +42,20 @@ def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return module(x) if module.training and module.p > 0 else x
 
 
+def _plain_linear(linear: nn.Module) -> bool:
+    """An ``nn.Linear`` itself, with no forward hooks (pruning, a subclass or a wrapper such as a
+    LoRA or quantized layer keep their own forward): its bias may be folded into a BatchNorm."""
+    from torch.nn.modules import module as m
+
+    hooks = (
+        linear._forward_pre_hooks,
+        linear._forward_hooks,
+        m._global_forward_pre_hooks,
+        m._global_forward_hooks,
+    )
+    return type(linear) is nn.Linear and not any(hooks)
+
+
 def check_input(x, dim: int) -> None:
     """``x`` must be a floating-point tensor whose last dimension is ``dim``."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -116,12 +130,14 @@ class QueryNetwork(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto"
     ) -> torch.Tensor:
         for i, linear in enumerate(self.linears):
-            if self.norms is None:
+            if self.norms is not None and _plain_linear(linear):
+                # the bias is added inside the BatchNorm (no bias add and bias-gradient sum here)
+                x = F.linear(_cast(x, linear), linear.weight)
+                x = masked_batch_norm(self.norms[i], x, mask, backend, linear.bias)
+            else:
                 x = linear(_cast(x, linear))
-            else:  # the bias is added inside the BatchNorm (no bias add and bias gradient sum here)
-                x = masked_batch_norm(
-                    self.norms[i], F.linear(_cast(x, linear), linear.weight), mask, backend, linear.bias
-                )
+                if self.norms is not None:
+                    x = masked_batch_norm(self.norms[i], x, mask, backend)
             if i < len(self.linears) - 1:
                 x = F.relu(x)
         return x

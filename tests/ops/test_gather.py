@@ -100,8 +100,9 @@ def test_backward_bad_vpp(kernels, device):
     from pkmem.ops.triton.gather import gather_backward
 
     values, idx, w = _inputs(16, 20, 5, 7, device, seed=6)
-    with pytest.raises(ValueError, match="VPP=0 is not allowed"):
-        gather_backward(torch.ones(5, 20, device=device), values, idx, w, config={"VPP": 0})
+    for bad in (0, True):
+        with pytest.raises(ValueError, match=f"VPP={bad!r} is not allowed"):
+            gather_backward(torch.ones(5, 20, device=device), values, idx, w, config={"VPP": bad})
 
 
 def test_bf16_weights(kernels, device):

@@ -232,6 +232,22 @@ def test_shift_folds_a_linear_bias(kernels, device, training, masked):
         _close(a, r, 1e-6)
 
 
+@pytest.mark.parametrize("lead", [32, 100, 299])
+def test_large_mean_with_leading_padding(kernels, device, lead):
+    """Leading rows masked (left padding): the chunk's statistics pivot on its first tile with real
+    rows, so a mean of 1e4 still keeps the variance (a pivot of 0 would lose it entirely)."""
+    x = (torch.randn(300, 5, generator=torch.Generator().manual_seed(31)) + 1e4).to(device)
+    mask = torch.ones(300, dtype=torch.bool, device=device)
+    mask[:lead] = False
+    from pkmem.ops.triton.norm import batch_norm_forward
+
+    real = x[mask].double()
+    for config in (None, {"ROWS": 512, "BR": 32}):  # 256-row chunks (the default here), or one chunk
+        _, mean, var = batch_norm_forward(x, None, None, mask, EPS, True, config=config)
+        torch.testing.assert_close(mean.double(), real.mean(0), rtol=1e-6, atol=0)
+        torch.testing.assert_close(var.double(), real.var(0, unbiased=False), rtol=1e-3, atol=1e-6)
+
+
 def test_gradients_of_some_inputs_only(kernels, device):
     x, w, b, mask, _, _, dy = _inputs(37, 17, device, seed=8)
     for needs in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:

@@ -150,6 +150,10 @@ def test_16bit_backward_choice_and_errors(kernels, device):
     idx = torch.zeros(3, 1, 2, dtype=torch.int64, device=device)
     with pytest.raises(ValueError, match="grad_dtype='float64' is not allowed"):
         search_backward(torch.ones(3, 1, 2, device=device), q, sk, idx, grad_dtype="float64")
+    with pytest.raises(ValueError, match="grad_dtype='bfloat16' is not allowed with precision='ieee'"):
+        search_backward(
+            torch.ones(3, 1, 2, device=device), q, sk, idx, precision="ieee", grad_dtype="bfloat16"
+        )
 
 
 def test_half_scores_float32_under_autocast_and_settings_restored(kernels, device):
@@ -209,8 +213,8 @@ def test_backward_op_fake_strides_of_a_strided_query(kernels, device):
     q = q.transpose(0, 1).contiguous().transpose(0, 1)
     assert not q.is_contiguous()
     w, idx = search.search_forward(q, sk, 3)
-    for grad_dtype in ("float32", "bfloat16"):
-        args = (torch.randn_like(w), w, q, sk, idx, "ieee", "none", 1.0, grad_dtype)
+    for precision, grad_dtype in (("ieee", "float32"), ("tf32", "bfloat16")):
+        args = (torch.randn_like(w), w, q, sk, idx, precision, "none", 1.0, grad_dtype)
         torch.library.opcheck(
             search._product_topk_backward_op, args, test_utils=("test_schema", "test_faketensor")
         )

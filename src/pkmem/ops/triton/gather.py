@@ -260,7 +260,7 @@ def gather_backward(
     cfg = dict(_bwd_config(n_rows, v), **(config or {}))
     nvb = cdiv(v, cfg["BLOCK_V"]) if v > 0 else 1
     vpp = cfg["VPP"]
-    if not isinstance(vpp, int) or vpp < 1:
+    if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
         raise ValueError(f"config VPP={vpp!r} is not allowed: VPP must be a positive int")
     vpp = min(vpp, nvb)
     nvb = cdiv(nvb, vpp) * vpp  # whole programs (the extra blocks' columns are masked)

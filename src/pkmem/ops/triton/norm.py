@@ -72,17 +72,23 @@ def _bn_stats_kernel(
     sh = tl.zeros((BC,), tl.float32)
     if HAS_SHIFT:
         sh = tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
-    # pivot: the mean of the chunk's first tile (two passes there), so that the sums of squared
-    # shifted values below lose no precision to a large mean; then one pass of elementwise sums
-    # (no reduction in the loop: the kernel streams x once at the memory's pace)
-    rows = chunk * ROWS + tl.arange(0, BR)
-    real = rows < T
-    if HAS_MASK:
-        real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
-    ok = real[:, None] & cm[None, :]
-    x0 = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-    x0 = tl.where(ok, x0.to(tl.float32) + sh[None, :], 0.0)
-    pivot = tl.sum(x0, axis=0) / tl.maximum(tl.sum(real.to(tl.float32), axis=0), 1.0)
+    # pivot: the mean of the chunk's first tile with real rows (leading all-padding tiles are
+    # skipped), so that the sums of squared shifted values below lose no precision to a large
+    # mean; then one pass of elementwise sums (no reduction in the loop: x streams through once)
+    pivot = tl.zeros((BC,), tl.float32)
+    found = tl.zeros((), tl.float32)
+    r0 = 0
+    while (found == 0) & (r0 < ROWS):
+        rows = chunk * ROWS + r0 + tl.arange(0, BR)
+        real = rows < T
+        if HAS_MASK:
+            real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
+        ok = real[:, None] & cm[None, :]
+        x0 = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        x0 = tl.where(ok, x0.to(tl.float32) + sh[None, :], 0.0)
+        found = tl.sum(real.to(tl.float32), axis=0)
+        pivot = tl.sum(x0, axis=0) / tl.maximum(found, 1.0)
+        r0 += BR
     s1 = tl.zeros((BR, BC), tl.float32)
     s2 = tl.zeros((BR, BC), tl.float32)
     cnt = tl.zeros((BR,), tl.float32)

@@ -652,6 +652,11 @@ def search_backward(
             f"grad_dtype={grad_dtype!r} is not allowed: grad_dtype must be one of {tuple(GRAD_DTYPES)}"
         )
     g_dtype = GRAD_DTYPES[grad_dtype]
+    if g_dtype != torch.float32 and precision != "tf32":
+        raise ValueError(
+            f"grad_dtype={grad_dtype!r} is not allowed with precision={precision!r}: 16-bit products "
+            "go with the default 'tf32' (use grad_dtype='float32' for 'ieee' or 'tf32x3')"
+        )
     T, H, kd = query.shape
     n, D = subkeys.shape[2], subkeys.shape[3]
     topk = indices.shape[-1]
