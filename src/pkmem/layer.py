@@ -130,14 +130,11 @@ class QueryNetwork(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto"
     ) -> torch.Tensor:
         for i, linear in enumerate(self.linears):
-            if self.norms is not None and _plain_linear(linear):
-                # the bias is added inside the BatchNorm (no bias add and bias-gradient sum here)
-                x = F.linear(_cast(x, linear), linear.weight)
-                x = masked_batch_norm(self.norms[i], x, mask, backend, linear.bias)
-            else:
-                x = linear(_cast(x, linear))
-                if self.norms is not None:
-                    x = masked_batch_norm(self.norms[i], x, mask, backend)
+            # before a BatchNorm the bias is added inside it (no bias add and bias-gradient sum here)
+            fold = self.norms is not None and _plain_linear(linear)
+            x = F.linear(_cast(x, linear), linear.weight) if fold else linear(_cast(x, linear))
+            if self.norms is not None:
+                x = masked_batch_norm(self.norms[i], x, mask, backend, linear.bias if fold else None)
             if i < len(self.linears) - 1:
                 x = F.relu(x)
         return x
