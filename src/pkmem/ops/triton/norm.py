@@ -49,6 +49,17 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def _real_tile(X, MASK, rows, cols, cm, T, stride_x, HAS_MASK: tl.constexpr):
+    """The tile ``x[rows, cols]`` in float32 (0 outside the real rows), the real rows, the mask."""
+    real = rows < T
+    if HAS_MASK:
+        real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
+    ok = real[:, None] & cm[None, :]
+    x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    return x.to(tl.float32), real, ok
+
+
+@triton.jit
 def _bn_stats_kernel(
     X,
     MASK,
@@ -79,27 +90,20 @@ def _bn_stats_kernel(
     found = tl.zeros((), tl.float32)
     r0 = 0
     while (found == 0) & (r0 < ROWS):
-        rows = chunk * ROWS + r0 + tl.arange(0, BR)
-        real = rows < T
-        if HAS_MASK:
-            real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
-        ok = real[:, None] & cm[None, :]
-        x0 = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-        x0 = tl.where(ok, x0.to(tl.float32) + sh[None, :], 0.0)
+        x0, real, ok = _real_tile(
+            X, MASK, chunk * ROWS + r0 + tl.arange(0, BR), cols, cm, T, stride_x, HAS_MASK
+        )
         found = tl.sum(real.to(tl.float32), axis=0)
-        pivot = tl.sum(x0, axis=0) / tl.maximum(found, 1.0)
+        pivot = tl.sum(tl.where(ok, x0 + sh[None, :], 0.0), axis=0) / tl.maximum(found, 1.0)
         r0 += BR
     s1 = tl.zeros((BR, BC), tl.float32)
     s2 = tl.zeros((BR, BC), tl.float32)
     cnt = tl.zeros((BR,), tl.float32)
     for r0 in range(0, ROWS, BR):
-        rows = chunk * ROWS + r0 + tl.arange(0, BR)
-        real = rows < T
-        if HAS_MASK:
-            real = real & (tl.load(MASK + rows, mask=real, other=0) != 0)
-        ok = real[:, None] & cm[None, :]
-        x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-        d = tl.where(ok, x.to(tl.float32) + sh[None, :] - pivot[None, :], 0.0)
+        x, real, ok = _real_tile(
+            X, MASK, chunk * ROWS + r0 + tl.arange(0, BR), cols, cm, T, stride_x, HAS_MASK
+        )
+        d = tl.where(ok, x + sh[None, :] - pivot[None, :], 0.0)
         s1 += d
         s2 += d * d
         cnt += real.to(tl.float32)
