@@ -119,40 +119,6 @@ def python_profile(fn, calls: int, sort: str, lines: int) -> str:
     return buf.getvalue()
 
 
-def micro_costs(layer) -> dict:
-    """Host microseconds of single steps the layer's call is made of."""
-    from pkmem.ops.triton.search import _matmul_precision
-
-    q = torch.randn(8192, HEADS, K_DIM, device="cuda")
-    lin = layer.query_net.linears[0]
-    x = torch.randn(64, DIM, device="cuda")
-    ac = torch.autocast("cuda", dtype=torch.bfloat16)
-
-    def autocast_linear():
-        with ac:
-            return lin(x)
-
-    def ctx():
-        with _matmul_precision("tf32", q.device):
-            pass
-
-    def enter_autocast():
-        with ac:
-            pass
-
-    res = {
-        "torch.empty": host_us(lambda: torch.empty(1024, device="cuda")),
-        "tensor.float() (fp32, no-op)": host_us(lambda: q.float()),
-        "reshape": host_us(lambda: q.reshape(-1, K_DIM)),
-        "autocast context enter/exit": host_us(enter_autocast),
-        "_matmul_precision context": host_us(ctx),
-        "linear under autocast (64 tokens)": host_us(autocast_linear),
-        "torch.add (small)": host_us(lambda: x + 1),
-    }
-    print("micro host us:", {k: round(v, 1) for k, v in res.items()})
-    return res
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -252,7 +218,6 @@ def main() -> None:
             layer(x)
 
     res["python_profile_eval_64"] = python_profile(eval_call, 200, "tottime", 30)
-    res["micro_host_us"] = micro_costs(layer)
     xt = torch.randn(8192, DIM, device="cuda", requires_grad=True)
     layer.train()
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from pkmem import ops
 from pkmem.ops.dispatch import check_backend
@@ -45,13 +46,11 @@ def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
 def _plain_linear(linear: nn.Module) -> bool:
     """An ``nn.Linear`` itself, with no forward hooks (pruning, a subclass or a wrapper such as a
     LoRA or quantized layer keep their own forward): its bias may be folded into a BatchNorm."""
-    from torch.nn.modules import module as m
-
     hooks = (
         linear._forward_pre_hooks,
         linear._forward_hooks,
-        m._global_forward_pre_hooks,
-        m._global_forward_hooks,
+        _module._global_forward_pre_hooks,
+        _module._global_forward_hooks,
     )
     return type(linear) is nn.Linear and not any(hooks)
 

@@ -211,6 +211,15 @@ def _bn_norm_kernel(
 
 
 @triton.jit
+def _centre_and_rstd(MEAN, VAR, SHIFT, cols, cm, eps, HAS_SHIFT: tl.constexpr):
+    """The backward's centre (``mean - shift``: xhat = (x - centre) * rstd for x + shift) and rstd."""
+    mean = tl.load(MEAN + cols, mask=cm, other=0.0)
+    if HAS_SHIFT:
+        mean = mean - tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
+    return mean, tl.rsqrt(tl.load(VAR + cols, mask=cm, other=1.0) + eps)
+
+
+@triton.jit
 def _bn_bwd_sums_kernel(
     DY,
     X,
@@ -238,10 +247,7 @@ def _bn_bwd_sums_kernel(
     cb = tl.program_id(1)
     cols = cb * BC + tl.arange(0, BC)
     cm = cols < C
-    mean = tl.load(MEAN + cols, mask=cm, other=0.0)
-    if HAS_SHIFT:  # x + shift - mean
-        mean = mean - tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.load(VAR + cols, mask=cm, other=1.0) + eps)
+    mean, rstd = _centre_and_rstd(MEAN, VAR, SHIFT, cols, cm, eps, HAS_SHIFT)
     s1 = tl.zeros((BR, BC), tl.float32)
     s2 = tl.zeros((BR, BC), tl.float32)
     cnt = tl.zeros((BR,), tl.float32)
@@ -304,10 +310,7 @@ def _bn_bwd_dx_kernel(
     cb = tl.program_id(1)
     cols = cb * BC + tl.arange(0, BC)
     cm = cols < C
-    mean = tl.load(MEAN + cols, mask=cm, other=0.0)
-    if HAS_SHIFT:  # x + shift - mean
-        mean = mean - tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.load(VAR + cols, mask=cm, other=1.0) + eps)
+    mean, rstd = _centre_and_rstd(MEAN, VAR, SHIFT, cols, cm, eps, HAS_SHIFT)
     scale = rstd
     if HAS_W:
         scale = scale * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
