@@ -93,7 +93,7 @@ def main() -> None:
     idx2, w2 = idx.reshape(T, -1).contiguous(), w.reshape(T, -1).contiguous()
     out = torch.empty(T, DIM, device="cuda")
     V = layer.values
-    cfg = gather._fwd_config(T, 128, DIM)
+    cfg = gather._fwd_config(T, 128, DIM, V.shape[0], 2, gather._l2_bytes(V.device))
     grid = (T, DIM // cfg["BLOCK_V"])
     kargs = (V, idx2, w2, out, 128, DIM, V.stride(0))
     const = {"BLOCK_V": cfg["BLOCK_V"], "BLOCK_J": cfg["BLOCK_J"]}

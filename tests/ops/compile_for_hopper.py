@@ -41,7 +41,7 @@ def main() -> int:
     b_types.update(Q="*fp32", Q16="*bf16", stride_qt=i32, stride_qh=i32, kd=i32)
     consts = dict(BT=8, KP=32, BNZ=128, SCORE=1, KDP=512, CAST_Q=True)
     print("search backward scatter:", build(search._search_bwd_scatter_kernel, b_types, consts, 4))
-    g = gather._fwd_config(8192, 128, 1024)
+    g = gather._fwd_config(8192, 128, 1024, 512**2, 2, 50 * 2**20)
     f_types = dict(V="*bf16", IDX="*i64", W="*fp32", OUT="*fp32", J=i32, v_dim=i32, stride_v=i32)
     consts = dict(BLOCK_V=g["BLOCK_V"], BLOCK_J=g["BLOCK_J"])
     print("gather forward:", build(gather._gather_fwd_kernel, f_types, consts, g["num_warps"]))

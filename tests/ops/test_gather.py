@@ -49,7 +49,11 @@ def _grads(fn, values, idx, w, grad_out, sparse=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,v,T,J", [(50, 13, 6, 9), (7, 100, 3, 20), (70, 1, 5, 2), (40, 33, 9, 1)])
+# (7, 100, 3, 20) and (100, 130, 9, 40): rows re-read, so the forward runs in 64-column slices
+# (masked last slice, a masked last step of 32 rows); the others in one column block
+@pytest.mark.parametrize(
+    "N,v,T,J", [(50, 13, 6, 9), (7, 100, 3, 20), (70, 1, 5, 2), (40, 33, 9, 1), (100, 130, 9, 40)]
+)
 def test_forward_and_dense_gradients(kernels, device, dtype, N, v, T, J):
     values, idx, w = _inputs(N, v, T, J, device, dtype)
     go = torch.randn(T, v, generator=torch.Generator().manual_seed(1)).to(device)
@@ -60,11 +64,25 @@ def test_forward_and_dense_gradients(kernels, device, dtype, N, v, T, J):
     _check_weight_grad(gw1, gw2, dtype)
     # the value gradient against float64 (for a bf16 / fp16 table the reference accumulates
     # repeated rows in the table's dtype, the kernel in float32 with one rounding at the end)
+    # (the rounding error scales with the largest gradient entry)
     _, gv3, _ = _grads(reference.weighted_gather, values.double(), idx, w.double(), go.double())
-    torch.testing.assert_close(gv1.double(), gv3, atol=TOL[dtype], rtol=TOL[dtype])
+    scale = max(1.0, gv3.abs().max().item())
+    torch.testing.assert_close(gv1.double(), gv3, atol=TOL[dtype] * scale, rtol=TOL[dtype])
     if dtype == torch.float32:
         torch.testing.assert_close(gv1, gv2, atol=1e-5, rtol=1e-5)
     assert (gw1[idx < 0] == 0).all()
+
+
+def test_forward_config_slices_only_where_rows_are_re_read():
+    from pkmem.ops.triton.gather import _fwd_config
+
+    l2 = 50 * 2**20
+    assert _fwd_config(8192, 128, 1024, 512**2, 2, l2)["BLOCK_V"] == 64  # paper setting: 4 reads per row
+    assert _fwd_config(8192, 128, 1024, 1024**2, 2, l2)["BLOCK_V"] == 1024  # 1M slots: ~1 read per row
+    assert _fwd_config(8192, 128, 1024, 512**2, 4, l2)["BLOCK_V"] == 1024  # fp32 slice 67 MB > L2
+    assert _fwd_config(8192, 128, 1024, 512**2, 4, 60 * 2**20)["BLOCK_V"] == 64  # H200: 60 MB
+    assert _fwd_config(64, 128, 1024, 512**2, 2, l2)["BLOCK_V"] == 128  # decode: few tokens
+    assert _fwd_config(8192, 128, 64, 512**2, 2, l2)["BLOCK_V"] == 64  # one block anyway
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 Twin of :func:`pkmem.ops.reference.weighted_gather`. Forward: one program per (token, column
 block) streams the token's J rows with float32 accumulation; entries with a negative index are
-skipped. Any ``v_dim`` (columns are masked), float32 / bfloat16 / float16 tables.
+skipped. Any ``v_dim`` (columns are masked), float32 / bfloat16 / float16 tables. When the rows
+are re-read (entries >= 2 x rows), 64-column blocks run slice by slice, so each slice of the table
+is served from L2 to every token after its first read from HBM.
 
 Backward, deterministic (no order-dependent float atomics): the flat indices are sorted
 (stable), so the entries that touch one row form a contiguous segment in token order. A program
@@ -42,11 +44,15 @@ def _gather_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
+    """Token ``t``, columns of block ``vb``. The grid's first axis (tokens) varies fastest, so the
+    programs of one column block run together: with narrow blocks, that slice of the table stays
+    in L2 while every token reads it. The (rows, columns) products accumulate in place and are
+    summed over the rows once at the end."""
     t = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
     cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < v_dim
-    acc = tl.zeros((BLOCK_V,), tl.float32)
+    acc = tl.zeros((BLOCK_J, BLOCK_V), tl.float32)
     for j0 in range(0, J, BLOCK_J):
         jj = j0 + tl.arange(0, BLOCK_J)
         jm = jj < J
@@ -58,8 +64,8 @@ def _gather_fwd_kernel(
             mask=ok[:, None] & cmask[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc += tl.sum(rows * tl.where(ok, w, 0.0)[:, None], axis=0)
-    tl.store(OUT + t * v_dim + cols, acc, mask=cmask)
+        acc += rows * tl.where(ok, w, 0.0)[:, None]
+    tl.store(OUT + t * v_dim + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -158,7 +164,22 @@ TUNED_FWD: dict = {}
 TUNED_BWD: dict = {}
 
 
-def _fwd_config(T: int, J: int, v: int) -> dict:
+def _l2_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    return 50 * 2**20  # the interpreter (tests): an H100's
+
+
+def _fwd_config(T: int, J: int, v: int, N: int, elem: int, l2_bytes: int) -> dict:
+    # Every table row read by ~2 or more entries and a 64-column slice of the table about the
+    # size of L2 (it holds most of it): 64-column slices, one warp of 32 rows per step. The slice
+    # stays in L2 while every token reads it, so each touched row comes from HBM about once, and
+    # the gather runs at L2 bandwidth (H200, paper setting, bf16 table: 0.392 vs 0.482 ms; float32
+    # table 0.678 vs 0.978; the same blocks in token-major order 0.526; 1M slots, where each row
+    # is read about once: 0.518-0.55 vs 0.509, so not there; benchmarks/gather_slices.py,
+    # results/tried/gather-slices-*-h200.json)
+    if v > 64 and T * J >= 2 * N and N * 64 * elem <= 1.25 * l2_bytes:
+        return {"BLOCK_V": 64, "BLOCK_J": 32, "num_warps": 1, **TUNED_FWD}
     bv = min(next_pow2(v), 1024)
     # few tokens (decode): narrower column blocks so that enough programs run at once, one warp
     # per 256 columns (H200, v 1024: 13 vs 46 us at 64 tokens, 37 vs 101 us at 512; 8192 tokens
@@ -202,7 +223,8 @@ def gather_forward(
         return out
     if J == 0:
         return out.zero_()
-    cfg = dict(_fwd_config(T, J, v), **(config or {}))
+    N = values.shape[0]
+    cfg = dict(_fwd_config(T, J, v, N, values.element_size(), _l2_bytes(values.device)), **(config or {}))
     grid = (T, cdiv(v, cfg["BLOCK_V"]))
     _gather_fwd_kernel[grid](
         values,
