@@ -221,7 +221,11 @@ def _bench_gather_dtype(bw: float, T: int, J: int, N: int, v: int, dtype: torch.
         "fwd_floor_ms": fwd_bytes / bw * 1e3,
         "bwd_floor_ms": bwd_bytes / bw * 1e3,
     }
-    r["forward"] = [{"config": {}, **_try(lambda: gather.gather_forward(values, idx, w), iters=20)}]
+    # the default (64-column slices where rows are re-read) and the previous one-block config
+    r["forward"] = [
+        {"config": c, **_try(lambda c=c: gather.gather_forward(values, idx, w, config=c), iters=20)}
+        for c in [{}, {"BLOCK_V": 1024, "BLOCK_J": 8, "num_warps": 4}]
+    ]
     configs = GATHER_BWD_CONFIGS[:2] if quick else GATHER_BWD_CONFIGS
     ref = gather.gather_backward(go, values, idx, w, config=configs[0])
     r["backward"] = []

@@ -6,7 +6,7 @@
 ``trace``: the paper setting's training step (bf16 autocast, forward + backward) under the torch
 profiler: device time per op and input shapes (which op launched which copy), and host time per
 op of the eval forward (what an eager decode step pays). ``ncu``: runs the search forward and
-the gather backward at the paper's size a few times, for
+backward and the gather forward and backward at the paper's size a few times, for
 ``ncu -k regex:_search_fwd_kernel -s 2 -c 1 python benchmarks/profile_layer.py ncu``.
 """
 
@@ -73,12 +73,16 @@ def ncu_kernels() -> None:
     q = torch.randn(8192, HEADS, K_DIM, device="cuda", generator=g)
     sk = torch.randn(HEADS, 2, NUM_KEYS, K_DIM // 2, device="cuda", generator=g) / (K_DIM // 2) ** 0.5
     for _ in range(3):
-        search.search_forward(q, sk, TOPK)
+        w_s, i_s = search.search_forward(q, sk, TOPK)
+    gs = torch.randn_like(w_s)
+    for _ in range(3):  # the backward's scatter kernel, bf16 gradient (as under autocast)
+        search.search_backward(gs, q, sk, i_s, grad_dtype="bfloat16")
     values = (torch.randn(NUM_KEYS**2, DIM, device="cuda", generator=g) / DIM**0.5).to(torch.bfloat16)
     idx = torch.randint(0, NUM_KEYS**2, (8192, HEADS * TOPK), device="cuda", generator=g)
     w = torch.softmax(torch.randn(8192, HEADS * TOPK, device="cuda", generator=g), -1)
     go = torch.randn(8192, DIM, device="cuda", generator=g)
     for _ in range(3):
+        gather.gather_forward(values, idx, w)
         gather.gather_backward(go, values, idx, w)
     torch.cuda.synchronize()
 

@@ -46,13 +46,12 @@ def _gather_fwd_kernel(
 ):
     """Token ``t``, columns of block ``vb``. The grid's first axis (tokens) varies fastest, so the
     programs of one column block run together: with narrow blocks, that slice of the table stays
-    in L2 while every token reads it. The (rows, columns) products accumulate in place and are
-    summed over the rows once at the end."""
+    in L2 while every token reads it."""
     t = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1)
     cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < v_dim
-    acc = tl.zeros((BLOCK_J, BLOCK_V), tl.float32)
+    acc = tl.zeros((BLOCK_V,), tl.float32)
     for j0 in range(0, J, BLOCK_J):
         jj = j0 + tl.arange(0, BLOCK_J)
         jm = jj < J
@@ -64,8 +63,8 @@ def _gather_fwd_kernel(
             mask=ok[:, None] & cmask[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc += rows * tl.where(ok, w, 0.0)[:, None]
-    tl.store(OUT + t * v_dim + cols, tl.sum(acc, axis=0), mask=cmask)
+        acc += tl.sum(rows * tl.where(ok, w, 0.0)[:, None], axis=0)
+    tl.store(OUT + t * v_dim + cols, acc, mask=cmask)
 
 
 @triton.jit
