@@ -4,8 +4,11 @@ from HBM about once instead of once per entry (1M entries over 262k rows at the 
 
     python benchmarks/gather_slices.py --out gpu-out/gather-slices.json
 
-Compares, in CUDA-graph replays, the current kernel (one program per token, 1024 columns) with a
-sliced kernel over (BLOCK_V, BLOCK_J, BLOCK_T, warps), slice-major and token-major order.
+Compares, in CUDA-graph replays, the kernel of the time (one program per token, 1024 columns) with a
+sliced kernel over (BLOCK_V, BLOCK_J, BLOCK_T, warps), slice-major and token-major order. The sliced
+kernel here accumulates (rows, columns) in place (123 registers at 64 x 32); the library's kernel
+sums the rows every step, which measured faster at the chosen blocks (0.318 vs 0.400 ms,
+results/kernels-h200.json).
 """
 
 from __future__ import annotations

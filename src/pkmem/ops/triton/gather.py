@@ -173,10 +173,10 @@ def _fwd_config(T: int, J: int, v: int, N: int, elem: int, l2_bytes: int) -> dic
     # Every table row read by ~2 or more entries and a 64-column slice of the table about the
     # size of L2 (it holds most of it): 64-column slices, one warp of 32 rows per step. The slice
     # stays in L2 while every token reads it, so each touched row comes from HBM about once, and
-    # the gather runs at L2 bandwidth (H200, paper setting, bf16 table: 0.392 vs 0.482 ms; float32
-    # table 0.678 vs 0.978; the same blocks in token-major order 0.526; 1M slots, where each row
-    # is read about once: 0.518-0.55 vs 0.509, so not there; benchmarks/gather_slices.py,
-    # results/tried/gather-slices-*-h200.json)
+    # the gather is served from L2 (H200, paper setting, bf16 table: 0.318 vs 0.474 ms, float32
+    # table 0.677 vs 0.962, results/kernels-h200.json; the same blocks in token-major order were
+    # 1.3x slower; at 1M slots, where each row is read about once, slices were 2-7% slower:
+    # benchmarks/gather_slices.py, results/tried/gather-slices-*-h200.json)
     if v > 64 and T * J >= 2 * N and N * 64 * elem <= 1.25 * l2_bytes:
         return {"BLOCK_V": 64, "BLOCK_J": 32, "num_warps": 1, **TUNED_FWD}
     bv = min(next_pow2(v), 1024)
