@@ -23,6 +23,8 @@ dominate the backward. With ``sparse=True`` the segments are those of the touche
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -164,9 +166,15 @@ TUNED_BWD: dict = {}
 
 
 def _l2_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).L2_cache_size
-    return 50 * 2**20  # the interpreter (tests): an H100's
+    """The device's L2 size in bytes (50 MB, an H100's, for CPU tensors under the interpreter)."""
+    if device.type != "cuda":
+        return 50 * 2**20
+    return _cuda_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_l2_bytes(index: int) -> int:  # cached: the eager launch path is host-bound
+    return torch.cuda.get_device_properties(index).L2_cache_size
 
 
 def _fwd_config(T: int, J: int, v: int, N: int, elem: int, l2_bytes: int) -> dict:
