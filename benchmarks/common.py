@@ -14,8 +14,15 @@ from collections.abc import Callable
 import torch
 
 
-def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3, min_ms: float = 0.0) -> dict:
-    """Median / min / max milliseconds of ``fn()`` over ``iters`` calls, each timed by CUDA events."""
+def cuda_time(
+    fn: Callable[[], object], iters: int = 20, warmup: int = 3, min_ms: float = 0.0, calls: int = 1
+) -> dict:
+    """Median / min / max milliseconds of ``fn()`` over ``iters`` samples, each timed by CUDA events.
+
+    ``calls > 1``: a sample is ``calls`` back-to-back calls between the two events, divided by
+    ``calls``. The host then queues the next call while the device runs the current one, so the
+    sample is the device time per call; with ``calls=1`` it also holds whatever host time the call
+    spends before its first kernel starts (the device idles meanwhile)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -23,19 +30,21 @@ def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3, min_ms
     while len(times) < iters or sum(times) < min_ms:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
         if len(times) >= 10 * iters:
             break
     med = statistics.median(times)
-    return {"median_ms": med, "min_ms": min(times), "max_ms": max(times), "n": len(times)}
+    return {"median_ms": med, "min_ms": min(times), "max_ms": max(times), "n": len(times), "calls": calls}
 
 
-def graph_time(fn: Callable[[], object], iters: int = 50) -> dict:
+def graph_time(fn: Callable[[], object], iters: int = 50, calls: int = 10) -> dict:
     """:func:`cuda_time` of ``fn`` captured once in a CUDA graph (after warm-up on a side stream)
-    and replayed: the device time without the host's launch overhead."""
+    and replayed ``calls`` times back to back per sample: the device time per replay, without the
+    host's launch overhead or the graph's launch latency."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -45,7 +54,7 @@ def graph_time(fn: Callable[[], object], iters: int = 50) -> dict:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return cuda_time(graph.replay, iters=iters)
+    return cuda_time(graph.replay, iters=iters, calls=calls)
 
 
 def copy_bandwidth(gib: float = 2.0) -> float:

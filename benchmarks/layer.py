@@ -7,11 +7,15 @@ bf16 autocast with float32 parameters, as in training (pkmem is also timed with 
 table, the dtype the issue's floor assumes). "fwd" is a training-mode forward with autograd on;
 "fwd+bwd" adds the backward of a random output gradient (input gradient included). The kernel
 rows and the FFN are also timed replayed from CUDA graphs (training-mode forward and forward +
-backward through ``torch.cuda.make_graphed_callables``: device time without the host's launch
-overhead, which dominates eager times at small sizes and varies between machines); settings of at
-most 512 tokens also time an eval-mode forward without autograd, eagerly and from a CUDA graph.
-Each time is the median over repeats of CUDA-event timings after warm-up; floors use the copy
-bandwidth and the bf16 matrix rate measured in the same run (see docs/kernels.md).
+backward through ``torch.cuda.make_graphed_callables``), ten calls back to back per timing: the
+device time per call, without the host's launch overhead, which dominates eager times at small
+sizes and varies between machines. ``*_graph_per_call`` times one graphed call at a time: it adds
+the graphed callable's host time before its replay starts (~0.08 ms at the paper setting, the
+device idle meanwhile; ``benchmarks/timeline.py`` shows the replay itself). Settings of at most
+512 tokens also time an eval-mode forward without autograd, eagerly and from a CUDA graph (ten
+replays back to back). Each time is the median over repeats of CUDA-event timings after warm-up;
+floors use the copy bandwidth and the bf16 matrix rate measured in the same run (see
+docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -190,7 +194,14 @@ def graphed_train_times(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> 
         x.grad = None
         fwd().backward(gy)
 
-    return {"fwd_graph": cuda_time(fwd, iters=50), "fwd_bwd_graph": cuda_time(fwd_bwd, iters=50)}
+    # back to back (device time per call), and one call per sample (adds the graphed callable's
+    # host time before its replay starts: the device idles meanwhile)
+    return {
+        "fwd_graph": cuda_time(fwd, iters=30, calls=10),
+        "fwd_bwd_graph": cuda_time(fwd_bwd, iters=30, calls=10),
+        "fwd_graph_per_call": cuda_time(fwd, iters=50),
+        "fwd_bwd_graph_per_call": cuda_time(fwd_bwd, iters=50),
+    }
 
 
 def eval_graph_time(layer: nn.Module, x: torch.Tensor, iters: int = 100) -> dict:
