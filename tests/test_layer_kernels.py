@@ -88,6 +88,29 @@ def test_layer_bf16_values_table():
     torch.testing.assert_close(g1["values"], g2["values"], atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("query_norm", ["batchnorm", "none", "layernorm"])
+def test_layer_under_autocast_16bit_queries(query_norm):
+    """Under bf16 autocast the queries stay in the query network's dtype (bf16 from the linear
+    layer and the BatchNorm) and both backends search with the same 16-bit operands: equal
+    outputs and gradients."""
+    fast, ref = _pair(**SMALL, query_norm=query_norm)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, SMALL["dim"], generator=g).to(DEVICE)
+    grad = torch.randn(9, SMALL["dim"], generator=g).to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        q = fast.query(x)
+        out1, gx1, g1 = _run(fast, x, None, grad)
+        out2, gx2, g2 = _run(ref, x, None, grad)
+    if query_norm != "layernorm":  # (layer_norm's autocast dtype depends on the device type)
+        assert q.dtype == torch.bfloat16
+    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx1, gx2, atol=1e-2, rtol=1e-2)  # bf16 gradients of bf16 queries
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        msg = lambda m, n=name: f"{n}: {m}"  # noqa: E731
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-2, rtol=1e-2, msg=msg)
+
+
 def test_auto_backend_on_cpu_uses_reference(monkeypatch):
     from pkmem.ops import dispatch
 

@@ -18,7 +18,7 @@ from torch.nn.modules import module as _module
 
 from pkmem import ops
 from pkmem.ops.dispatch import check_backend
-from pkmem.ops.reference import acc_dtype, check_score, real_rows, score_weights, update_running_stats
+from pkmem.ops.reference import check_score, real_rows, score_weights, update_running_stats
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 GATES = (None, "swilu")
@@ -279,7 +279,9 @@ class ProductKeyMemory(nn.Module):
 
     # ---- inspection API -------------------------------------------------------------------------
     def query(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The normalised queries ``(..., heads, k_dim)`` (float32; float64 for a float64 model).
+        """The normalised queries ``(..., heads, k_dim)``, in the query network's dtype (16-bit
+        under autocast with the BatchNorm or no norm, as torch's layers give it; float32 or float64
+        otherwise).
 
         Like :meth:`lookup`, in training mode this is a forward step of the query network: it
         updates the BatchNorm running statistics and applies the query dropout (use ``eval()``
@@ -332,8 +334,9 @@ class ProductKeyMemory(nn.Module):
         return x.reshape(-1, self.dim), mask
 
     def _query(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q = self.query_net(x, mask, self.backend)
-        q = q.to(acc_dtype(q)).view(-1, self.heads, 2, self.k_dim // 2)  # (T, H, 2, half)
+        # (T, H, 2, half) in the query network's dtype: 16-bit under autocast (the search then
+        # takes 16-bit operands with float32 sums, as a matmul under autocast), else float32 / float64
+        q = self.query_net(x, mask, self.backend).view(-1, self.heads, 2, self.k_dim // 2)
         if self.query_ln is not None:
             q = F.layer_norm(
                 q,

@@ -9,6 +9,8 @@ import torch
 
 from pkmem.ops import dispatch, reference
 
+GRAD_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
@@ -94,6 +96,22 @@ def test_low_precision_inputs(kernels, device, dtype):
     _check_selection(q.float(), sk.float(), 6, scores, idx, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_query_rounds_the_subkeys(kernels, device, dtype):
+    """A 16-bit query (the query network's output under autocast) with float32 sub-keys: both
+    backends take the sub-keys rounded to the query's dtype (16-bit operands, float32 sums)."""
+    q, sk = _inputs(9, 2, 24, 6, device, seed=13)
+    q = q.to(dtype)
+    scores, idx = kernels.product_topk(q, sk, 6)
+    rs, ri = reference.product_topk(q, sk, 6)
+    assert torch.equal(idx, ri)
+    torch.testing.assert_close(scores, rs, atol=1e-5, rtol=1e-5)
+    _check_selection(q.float(), sk.to(dtype).float(), 6, scores, idx, atol=1e-5, rtol=1e-5)
+    # not the float32 sub-keys' scores: the rounding is applied (it moves the scores by ~1e-3)
+    exact, _ = reference.product_topk(q.float(), sk, 6)
+    assert (scores - exact).abs().max().item() > 1e-5
+
+
 def _grads(fn, q, sk, topk, g):
     q = q.detach().clone().requires_grad_()
     sk = sk.detach().clone().requires_grad_()
@@ -115,22 +133,26 @@ def test_gradients_match_reference(kernels, device, T, H, n, D, topk):
 
 @pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("score", ["none", "softmax"])
-def test_16bit_backward_products(kernels, device, grad_dtype, score):
+@pytest.mark.parametrize("q16", [False, True])
+def test_16bit_backward_products(kernels, device, grad_dtype, score, q16):
     """grad_dtype (what autocast picks): 16-bit half-score gradient and product operands, float32
-    sums: the float32 backward's gradients to 16-bit precision, in the inputs' dtypes."""
+    sums: the float32 backward's gradients to 16-bit precision, in the inputs' dtypes. ``q16``: the
+    query already in grad_dtype (under autocast), used as the product's operand without a copy."""
     from pkmem.ops.triton.search import search_backward, search_forward
 
     T, H, n, D, topk = 21, 2, 37, 9, 6
     q, sk = _inputs(T, H, n, D, device, seed=8)
     if score == "softmax":  # a strided query (tokens and heads swapped): the kernel's bf16 copy
         q = q.transpose(0, 1).contiguous().transpose(0, 1)
+    if q16:
+        q = q.to(GRAD_DTYPES[grad_dtype])
     w, idx = search_forward(q, sk, topk, score=score)
     gw = torch.randn(T, H, topk, generator=torch.Generator().manual_seed(9)).to(device)
-    ref = search_backward(gw, q, sk, idx, weights=w, score=score, precision="ieee")
+    ref = search_backward(gw, q.float(), sk, idx, weights=w, score=score, precision="ieee")
     out = search_backward(gw, q, sk, idx, weights=w, score=score, grad_dtype=grad_dtype)
-    for a, b in zip(out, ref):
-        assert a.dtype == torch.float32
-        assert ((a - b).norm() / b.norm()).item() < 1e-2
+    for a, b, t in zip(out, ref, (q, sk)):
+        assert a.dtype == t.dtype
+        assert ((a.float() - b).norm() / b.norm()).item() < 1e-2
     gq, gk = search_backward(gw, q, sk, idx, weights=w, score=score, grad_dtype=grad_dtype, need_query=False)
     assert gq is None and torch.equal(gk, out[1])
 

@@ -164,9 +164,9 @@ def batch_norm(
     momentum: float | None = None,
     shift=None,
 ):
-    """See :func:`pkmem.ops.reference.batch_norm` (the kernels read x in its dtype, write a float32
-    output and the gradient of x in x's dtype, and update the running statistics in their
-    normalising pass)."""
+    """See :func:`pkmem.ops.reference.batch_norm` (the kernels read x in its dtype, write the
+    output and the gradient of x in x's dtype (float32 output for float32 x), and update the
+    running statistics in their normalising pass)."""
     reference.check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
     used = [t for t in (weight, bias, mask, shift) if t is not None]
     if not training or momentum is not None:

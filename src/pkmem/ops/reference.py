@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The accumulation dtype: float64 if any input is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -48,9 +51,14 @@ def _no_autocast(device: torch.device):
 
 
 def subkey_scores(query: torch.Tensor, subkeys: torch.Tensor) -> torch.Tensor:
-    """Inner products of each query half with its sub-keys: ``(T, H, k_dim) -> (T, H, 2, n)``."""
+    """Inner products of each query half with its sub-keys: ``(T, H, k_dim) -> (T, H, 2, n)``,
+    accumulated and returned in float32 (float64 if an input is). A 16-bit query (what the query
+    network gives under autocast) takes the sub-keys rounded to its dtype: 16-bit operands with
+    float32 sums, as a matrix product under autocast."""
     T, H, D = query.shape
     dt = acc_dtype(query, subkeys)
+    if query.dtype in LOW_PRECISION:
+        subkeys = subkeys.to(query.dtype)
     with _no_autocast(query.device):
         q = query.to(dt).reshape(T, H, 2, D // 2)
         return torch.einsum("thpd,hpnd->thpn", q, subkeys.to(dt))
@@ -293,13 +301,16 @@ def batch_norm(
     Training: ``mean`` and the biased ``var`` per column over the rows whose ``mask`` is True (all
     rows if None; with no real row, mean 0 and var 0). Eval: the running statistics (copies).
     ``y = (x - mean) * rsqrt(var + eps) * weight + bias`` for ALL rows (a None ``weight`` / ``bias``
-    is not applied). Computed and returned in float32 (float64 if an input is), whatever x's dtype
-    and autocast; ``mean`` and ``var`` are detached (they feed the running averages). Without a
-    mask (and in eval) ``y`` is torch's ``F.batch_norm``. With a ``momentum`` (training), the running
-    statistics are also updated in place (:func:`update_running_stats`).
+    is not applied). Computed in float32 (float64 if an input is), whatever x's dtype and autocast;
+    ``y`` is returned in x's dtype if that is 16-bit (as torch's BatchNorm gives it), else in the
+    computing dtype; ``mean`` and ``var`` (float32 / float64) are detached (they feed the running
+    averages). Without a mask (and in eval) ``y`` is torch's ``F.batch_norm``. With a ``momentum``
+    (training), the running statistics are also updated in place (:func:`update_running_stats`).
     """
     check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
     y, mean, var = _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var, shift)
+    if x.dtype in LOW_PRECISION:
+        y = y.to(x.dtype)
     if training and momentum is not None:
         update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
     return y, mean, var

@@ -79,3 +79,15 @@ def key_or_lowest(key, valid, BITS: tl.constexpr):
     """``key`` where ``valid``, else the lowest ``BITS``-bit integer: padding (columns past n,
     unused scratch slots, unused candidate pairs) never wins a tie against a real ``-inf`` score."""
     return tl.where(valid, key, (tl.zeros_like(key) - 1) << (BITS - 1))
+
+
+@triton.jit
+def to_output(x, OUT, RNE_BF16: tl.constexpr):
+    """float32 ``x`` in the element type of the pointer ``OUT``. With ``RNE_BF16`` (a bfloat16 output
+    under the interpreter, whose float32 -> bfloat16 cast truncates) it is rounded to nearest,
+    ties to even, as the GPU's conversion and torch's ``.to(torch.bfloat16)`` do (inf and NaN stay)."""
+    if RNE_BF16:
+        b = x.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536  # exact in bfloat16 now: the cast truncates nothing
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(OUT.dtype.element_ty)

@@ -1,9 +1,9 @@
 """BatchNorm over the (masked) rows of ``x (T, C)`` (Triton), forward and backward.
 
 Twin of :func:`pkmem.ops.reference.batch_norm`. ``x`` is read in its own dtype (float32, bfloat16,
-float16), the output is float32 and the gradient of ``x`` is written in ``x``'s dtype: no casts
-around the op. The grid is (row chunk of ROWS rows, column block of BC columns); a program walks
-its chunk BR rows at a time.
+float16) and computed on in float32; the output and the gradient of ``x`` are written in ``x``'s
+dtype: no casts around the op. The grid is (row chunk of ROWS rows, column block of BC columns);
+a program walks its chunk BR rows at a time.
 
 Forward, training (two launches, ``x`` read twice, ``y`` written once):
 
@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.reference import check_batch_norm, real_rows, update_running_stats
-from pkmem.ops.triton._common import cdiv, new_output, next_pow2
+from pkmem.ops.reference import LOW_PRECISION, check_batch_norm, real_rows, update_running_stats
+from pkmem.ops.triton._common import INTERPRET, cdiv, new_output, next_pow2, to_output
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
@@ -170,6 +170,7 @@ def _bn_norm_kernel(
     HAS_B: tl.constexpr,
     UPDATE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
+    RNE_BF16: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     cb = tl.program_id(1)
@@ -207,7 +208,7 @@ def _bn_norm_kernel(
             y = y * w[None, :]
         if HAS_B:
             y = y + b[None, :]
-        tl.store(Y + rows[:, None] * C + cols[None, :], y, mask=ok)
+        tl.store(Y + rows[:, None] * C + cols[None, :], to_output(y, Y, RNE_BF16), mask=ok)
 
 
 @triton.jit
@@ -413,7 +414,8 @@ def batch_norm_forward(
     shift: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y (T, C) float32, mean (C,), var (C,))`` of ``x + shift``: batch statistics of the real
+    """``(y (T, C), mean (C,), var (C,))`` of ``x + shift``, float32 (``y`` in x's dtype if that
+    is 16-bit: the store rounds the float32 result): batch statistics of the real
     rows in training (biased variance), copies of the running statistics in eval. With a
     ``momentum`` (training), the normalising kernel also updates the running statistics in place."""
     check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
@@ -428,7 +430,7 @@ def batch_norm_forward(
     weight, bias, running_mean, running_var, shift = _unit_stride(
         weight, bias, running_mean, running_var, shift
     )
-    y = new_output(T, C, device=dev, dtype=torch.float32)
+    y = new_output(T, C, device=dev, dtype=x.dtype if x.dtype in LOW_PRECISION else torch.float32)
     mean = new_output(C, device=dev, dtype=torch.float32)
     var = new_output(C, device=dev, dtype=torch.float32)
     if C == 0:
@@ -485,6 +487,7 @@ def batch_norm_forward(
         HAS_B=bias is not None,
         UPDATE=update,
         HAS_SHIFT=shift is not None,
+        RNE_BF16=INTERPRET and y.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"],
     )
     return y, mean, var
@@ -616,7 +619,7 @@ def _bn_op(
 def _(x, weight, bias, mask, eps, training, running_mean, running_var, shift):
     C = x.shape[1]
     return (
-        x.new_empty(x.shape, dtype=torch.float32),
+        x.new_empty(x.shape, dtype=x.dtype if x.dtype in LOW_PRECISION else torch.float32),
         x.new_empty(C, dtype=torch.float32),
         x.new_empty(C, dtype=torch.float32),
     )

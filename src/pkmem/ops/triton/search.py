@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.reference import check_score
+from pkmem.ops.reference import LOW_PRECISION, check_score
 from pkmem.ops.triton._common import (
     INTERPRET,
     cdiv,
@@ -468,11 +468,17 @@ def _per_half(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
 
 
 def half_scores(query: torch.Tensor, subkeys: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
-    """All half scores ``(H, 2, T, n)`` float32 by one batched matrix product (cuBLAS)."""
+    """All half scores ``(H, 2, T, n)`` float32 by one batched matrix product (cuBLAS). A 16-bit
+    query (the query network's output under autocast) takes the sub-keys in its dtype: 16-bit
+    operands, float32 sums (exact products: ``precision`` does not apply)."""
     T, H, kd = query.shape
     H_, _, n, D = subkeys.shape
     with _matmul_precision(precision, query.device):
-        s = torch.bmm(_per_half(query), subkeys.float().reshape(H * 2, n, D).transpose(1, 2))
+        if query.dtype in LOW_PRECISION:
+            k = subkeys.to(query.dtype).reshape(H * 2, n, D).transpose(1, 2)
+            s = _bmm_fp32(_per_half(query, query.dtype), k)
+        else:
+            s = torch.bmm(_per_half(query), subkeys.float().reshape(H * 2, n, D).transpose(1, 2))
     return s.view(H, 2, T, n)
 
 
@@ -555,6 +561,8 @@ def search_forward(
     grid = (cdiv(T, BT), H)
     progs = grid[0] * grid[1]
     if cfg["FUSED"]:
+        if query.dtype in LOW_PRECISION:  # the sub-keys in the query's dtype, as half_scores takes them
+            subkeys = subkeys.to(query.dtype)
         npad = cdiv(n, BN) * BN
         S = torch.empty(progs * BT * npad, device=query.device, dtype=torch.float32)
         s_half, s_stride, s_block = 0, npad, BT * npad
@@ -661,10 +669,12 @@ def search_backward(
     n, D = subkeys.shape[2], subkeys.shape[3]
     topk = indices.shape[-1]
     G = new_output(H, 2, T, n, device=query.device, dtype=g_dtype)  # every element is written
-    cast_q = g_dtype != torch.float32 and need_subkeys
+    # the sub-key gradient's 16-bit product needs the query in G's dtype: the scatter kernel
+    # writes that copy, unless the query already is in it (a 16-bit query network's output)
+    cast_q = g_dtype != torch.float32 and need_subkeys and query.dtype != g_dtype
     if cast_q and query.stride(-1) != 1:
         query = query.contiguous()
-    q16 = torch.empty(T, H, kd, device=query.device, dtype=g_dtype) if cast_q else None
+    q16 = torch.empty(T, H, kd, device=query.device, dtype=g_dtype) if cast_q else query
     if T > 0:
         cfg = {"BT": 8, "num_warps": 4, **TUNED_BWD}
         BT = cfg["BT"]
@@ -696,10 +706,15 @@ def search_backward(
     G = G.view(H * 2, T, n)
     if g_dtype != torch.float32:
         if need_query:
-            gq = torch.empty(T, H, kd, device=query.device, dtype=torch.float32)
-            _bmm_fp32(G, subkeys.reshape(H * 2, n, D).to(g_dtype), out=_per_half(gq))
-            gq = gq.to(query.dtype)
-        if need_subkeys:  # the query in G's dtype, written by the scatter kernel
+            k16 = subkeys.reshape(H * 2, n, D).to(g_dtype)
+            if query.dtype == g_dtype:  # a 16-bit query: its gradient straight from the product
+                gq = torch.empty(T, H, kd, device=query.device, dtype=g_dtype)
+                torch.bmm(G, k16, out=_per_half(gq, g_dtype))
+            else:
+                gq = torch.empty(T, H, kd, device=query.device, dtype=torch.float32)
+                _bmm_fp32(G, k16, out=_per_half(gq))
+                gq = gq.to(query.dtype)
+        if need_subkeys:  # the query in G's dtype
             gk = _bmm_fp32(G.transpose(1, 2), _per_half(q16, g_dtype)).view(H, 2, n, D).to(subkeys.dtype)
         return gq, gk
     with _matmul_precision(precision, query.device):
