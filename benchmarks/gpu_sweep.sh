@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script a GPU call runs: GPU tests, kernel sweeps, layer and model benchmarks.
-#   bash benchmarks/gpu_sweep.sh [tests] [kernels] [layer] [model]     (default: all four)
+#   bash benchmarks/gpu_sweep.sh [tests] [kernels] [layer] [model] [layerquick] [trace] [timeline]
+#   (default: the first four)
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-out. Wheels of
 # product-key-memory 0.3.0 and its pure-python dependencies are installed from .whl/ if present.
 set -u
@@ -23,6 +24,7 @@ for s in $steps; do
     layer) timeout 330 python3 benchmarks/layer.py --tuned "$OUT/kernels.json" --out "$OUT/layer.json" 2>&1 | tee "$OUT/layer.log" | tail -45 ;;
     layerquick) timeout 120 python3 benchmarks/layer.py --quick --out "$OUT/layer-quick.json" 2>&1 | tee "$OUT/layer-quick.log" | tail -30 ;;
     trace) timeout 120 python3 benchmarks/profile_layer.py trace > "$OUT/trace.txt" 2>&1; tail -3 "$OUT/trace.txt" ;;
+    timeline) timeout 120 python3 benchmarks/timeline.py --out "$OUT/timeline.json" 2>&1 | grep "===" ;;
     model) timeout 100 python3 benchmarks/model.py --tuned "$OUT/kernels.json" --out "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -15 ;;
     *) echo "unknown step $s" ;;
   esac
