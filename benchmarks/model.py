@@ -78,9 +78,10 @@ def measure(m: nn.Module, x: torch.Tensor, xd: torch.Tensor) -> dict:
             return m(inp)
 
     m.train()
-    row = {"train_fwd": cuda_time(train_fwd, iters=10)}
+    # 10 warm-up calls: the first calls of a model in a process ran up to 1.6x slower (allocations)
+    row = {"train_fwd": cuda_time(train_fwd, iters=20, warmup=10)}
     m.eval()
-    row["eval_fwd"] = cuda_time(lambda: eval_fwd(x), iters=10)
+    row["eval_fwd"] = cuda_time(lambda: eval_fwd(x), iters=20, warmup=10)
     row["decode_64x1_eval_fwd"] = cuda_time(lambda: eval_fwd(xd), iters=20)
     if not any(getattr(mod, "backend", "") == "torch" for mod in m.modules()):
         try:  # the same eval forward replayed from a CUDA graph: no host launch overhead
