@@ -19,9 +19,11 @@ so per token the duplicates are summed in registers and stored (plain stores, de
 a dense ``(H, 2, T, n)`` buffer; two batched matrix products then give the query and the
 sub-key gradients.
 
-``precision``: "tf32" (default: tensor-core float32, ~1e-3 relative error on the half scores, so
-near-ties may be resolved differently than in float32) or "ieee" (exact float32, as the
-reference; slower). "tf32x3" (about float32 accuracy) applies to the fused kernel's tl.dot.
+``precision`` (float32 queries): "tf32" (default: tensor-core float32, ~1e-3 relative error on the
+half scores, so near-ties may be resolved differently than in float32) or "ieee" (exact float32, as
+the reference; slower). "tf32x3" (about float32 accuracy) applies to the fused kernel's tl.dot. A
+16-bit query (the query network's output under autocast) takes the sub-keys in its dtype: 16-bit
+operands with float32 sums and results, in both backends.
 """
 
 from __future__ import annotations
