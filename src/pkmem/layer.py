@@ -85,8 +85,8 @@ def masked_batch_norm(
 
     In training the statistics (and the running averages) use the real rows only, so padding does
     not shift them (one row trains too: torch's BatchNorm refuses to); in eval the running
-    statistics are used. ``shift``: the preceding linear layer's bias, folded in. Float32 output
-    (:func:`pkmem.ops.reference.batch_norm`; on CUDA one fused op reads x in its dtype).
+    statistics are used. ``shift``: the preceding linear layer's bias, folded in. Output in x's
+    dtype if 16-bit, else float32 (:func:`pkmem.ops.reference.batch_norm`; on CUDA one fused op).
     """
     batch_stats = bn.training or not bn.track_running_stats
     track = bn.training and bn.track_running_stats

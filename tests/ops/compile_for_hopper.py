@@ -79,7 +79,6 @@ def main() -> int:
     n_types.update(W="*fp32", B="*fp32", Y="*bf16", MEAN="*fp32", VAR="*fp32", T=i32, C=i32, n_chunks=i32)
     n_types.update(stride_x=i32, eps=f32, momentum=f32)
     consts = dict(rows, NCB=32, TRAINING=True, HAS_W=True, HAS_B=True, UPDATE=True, HAS_SHIFT=True)
-    consts.update(RNE_BF16=False)  # y in x's dtype (bf16); the GPU's cast rounds to nearest itself
     print("batch norm normalise:", build(norm._bn_norm_kernel, n_types, consts, c["num_warps"]))
     s_types = dict(DY="*bf16", X="*bf16", SHIFT="*fp32", MASK="*u8", MEAN="*fp32", VAR="*fp32", PCNT="*fp32")
     s_types.update(P1="*fp32")

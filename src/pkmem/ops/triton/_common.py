@@ -81,13 +81,20 @@ def key_or_lowest(key, valid, BITS: tl.constexpr):
     return tl.where(valid, key, (tl.zeros_like(key) - 1) << (BITS - 1))
 
 
+# Triton's interpreter casts float32 -> bfloat16 by truncation; the GPU (and torch) round to
+# nearest, ties to even. Kernels store 16-bit results through to_output, which rounds under the
+# interpreter, so CI sees the GPU's values.
+_RNE_BF16 = tl.constexpr(INTERPRET)
+
+
 @triton.jit
-def to_output(x, OUT, RNE_BF16: tl.constexpr):
-    """float32 ``x`` in the element type of the pointer ``OUT``. With ``RNE_BF16`` (a bfloat16 output
-    under the interpreter, whose float32 -> bfloat16 cast truncates) it is rounded to nearest,
-    ties to even, as the GPU's conversion and torch's ``.to(torch.bfloat16)`` do (inf and NaN stay)."""
-    if RNE_BF16:
-        b = x.to(tl.int32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536  # exact in bfloat16 now: the cast truncates nothing
-        x = b.to(tl.float32, bitcast=True)
+def to_output(x, OUT):
+    """``x`` (float32) in the element type of the pointer ``OUT``, rounded to nearest (ties to
+    even) as the GPU's conversion and torch's ``.to`` do, also under the interpreter (inf and NaN
+    stay)."""
+    if _RNE_BF16:
+        if OUT.dtype.element_ty == tl.bfloat16:
+            b = x.to(tl.int32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536  # exact in bfloat16 now: the cast truncates nothing
+            x = b.to(tl.float32, bitcast=True)
     return x.to(OUT.dtype.element_ty)

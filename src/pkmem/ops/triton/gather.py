@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.triton._common import cdiv, new_output, next_pow2
+from pkmem.ops.reference import LOW_PRECISION
+from pkmem.ops.triton._common import cdiv, new_output, next_pow2, to_output
 
 __all__ = ["weighted_gather", "gather_forward", "gather_backward"]
 
@@ -151,7 +152,7 @@ def _gather_bwd_kernel(
         if NEED_GV:
             tl.store(
                 GV + r.to(tl.int64) * v_dim + cols,
-                tl.sum(acc, axis=1).to(GV.dtype.element_ty),
+                to_output(tl.sum(acc, axis=1), GV),
                 mask=cmask,
                 eviction_policy="evict_first",
             )
@@ -298,7 +299,7 @@ def gather_backward(
     # (deterministic: a + b == b + a), else one row of partials per column block, summed after
     gw_add = nvb <= 2
     gw = torch.zeros((1 if gw_add else nvb) if need_weights else 0, T * J, device=dev, dtype=torch.float32)
-    if cfg["G16"] and values.dtype in (torch.bfloat16, torch.float16):
+    if cfg["G16"] and values.dtype in LOW_PRECISION:
         grad_out = grad_out.to(values.dtype)
     if n_rows > 0 and v > 0 and (need_values or need_weights):
         _gather_bwd_kernel[(n_rows, nvb // vpp)](

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from pkmem.ops.reference import LOW_PRECISION, check_batch_norm, real_rows, update_running_stats
-from pkmem.ops.triton._common import INTERPRET, cdiv, new_output, next_pow2, to_output
+from pkmem.ops.triton._common import cdiv, new_output, next_pow2, to_output
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
@@ -170,7 +170,6 @@ def _bn_norm_kernel(
     HAS_B: tl.constexpr,
     UPDATE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
-    RNE_BF16: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     cb = tl.program_id(1)
@@ -208,7 +207,7 @@ def _bn_norm_kernel(
             y = y * w[None, :]
         if HAS_B:
             y = y + b[None, :]
-        tl.store(Y + rows[:, None] * C + cols[None, :], to_output(y, Y, RNE_BF16), mask=ok)
+        tl.store(Y + rows[:, None] * C + cols[None, :], to_output(y, Y), mask=ok)
 
 
 @triton.jit
@@ -351,7 +350,7 @@ def _bn_bwd_dx_kernel(
                     real = tl.load(MASK + rows, mask=inside, other=0) != 0
                     corr = tl.where(real[:, None], corr, 0.0)
                 dy = dy - corr
-            tl.store(DX + rows64 * C + cols[None, :], (dy * scale[None, :]).to(DX.dtype.element_ty), mask=ok)
+            tl.store(DX + rows64 * C + cols[None, :], to_output(dy * scale[None, :], DX), mask=ok)
 
 
 # ---- launchers ------------------------------------------------------------------------------------
@@ -373,6 +372,11 @@ def _config(T: int, C: int) -> dict:
         rows *= 2
     rows = max(br, min(rows, next_pow2(T)))
     return {"ROWS": rows, "BR": br, "BC": bc, "NCB": 64, "num_warps": 4, **TUNED}
+
+
+def _y_dtype(x: torch.Tensor) -> torch.dtype:
+    """The output's dtype: x's if 16-bit (as torch's BatchNorm), else float32."""
+    return x.dtype if x.dtype in LOW_PRECISION else torch.float32
 
 
 def _prepare(x: torch.Tensor, mask: torch.Tensor | None):
@@ -430,7 +434,7 @@ def batch_norm_forward(
     weight, bias, running_mean, running_var, shift = _unit_stride(
         weight, bias, running_mean, running_var, shift
     )
-    y = new_output(T, C, device=dev, dtype=x.dtype if x.dtype in LOW_PRECISION else torch.float32)
+    y = new_output(T, C, device=dev, dtype=_y_dtype(x))
     mean = new_output(C, device=dev, dtype=torch.float32)
     var = new_output(C, device=dev, dtype=torch.float32)
     if C == 0:
@@ -487,7 +491,6 @@ def batch_norm_forward(
         HAS_B=bias is not None,
         UPDATE=update,
         HAS_SHIFT=shift is not None,
-        RNE_BF16=INTERPRET and y.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"],
     )
     return y, mean, var
@@ -619,7 +622,7 @@ def _bn_op(
 def _(x, weight, bias, mask, eps, training, running_mean, running_var, shift):
     C = x.shape[1]
     return (
-        x.new_empty(x.shape, dtype=x.dtype if x.dtype in LOW_PRECISION else torch.float32),
+        x.new_empty(x.shape, dtype=_y_dtype(x)),
         x.new_empty(C, dtype=torch.float32),
         x.new_empty(C, dtype=torch.float32),
     )

@@ -47,6 +47,7 @@ from pkmem.ops.triton._common import (
     next_pow2,
     orderable,
     pack,
+    to_output,
     unpack_payload,
     unpack_score,
 )
@@ -404,7 +405,7 @@ def _search_bwd_scatter_kernel(
         qm = row_mask[:, None] & (dd < kd)[None, :]
         r64 = rows.to(tl.int64)[:, None]
         q = tl.load(Q + r64 * stride_qt + h * stride_qh + dd[None, :], mask=qm, other=0.0)
-        tl.store(Q16 + (r64 * H + h) * kd + dd[None, :], q.to(Q16.dtype.element_ty), mask=qm)
+        tl.store(Q16 + (r64 * H + h) * kd + dd[None, :], to_output(q.to(tl.float32), Q16), mask=qm)
     jj = tl.arange(0, KP)
     m = row_mask[:, None] & (jj < topk)[None, :]
     off = rows[:, None] * (H * topk) + h * topk + jj[None, :]
@@ -623,7 +624,7 @@ def autocast_grad_dtype(device: torch.device, precision: str) -> str:
     autocast), else "float32" (no autocast, or "ieee" / "tf32x3" asked for)."""
     if precision == "tf32" and device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
-        if dtype in (torch.bfloat16, torch.float16):
+        if dtype in LOW_PRECISION:
             return str(dtype).removeprefix("torch.")
     return "float32"
 
