@@ -18,6 +18,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ def timeline(fn, label: str) -> dict:
         for _ in range(REPLAYS):
             fn()
             torch.cuda.synchronize()  # replays apart: a replay's kernels are the ones between syncs
+            time.sleep(1e-3)  # an idle gap the split below sees even when the next launch is quick
     ev = _kernels(prof)
     # split into replays at the large idle gaps left by the synchronisations
     replays, cur = [], [ev[0]]
