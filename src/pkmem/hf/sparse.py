@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pkmem.hf.train import causal_lm_loss, move_batch
 from pkmem.layer import ProductKeyMemory
 from pkmem.metrics import UsageStats, UsageTracker
 
@@ -54,8 +55,6 @@ def _value_tables(model: nn.Module) -> dict[str, tuple[nn.Parameter, list[str]]]
 
 def _forward(model: nn.Module, batch) -> object:
     """Run ``model`` on a batch of token ids (a tensor) or of model inputs (a dict, labels dropped)."""
-    from pkmem.hf.train import move_batch
-
     batch = move_batch(batch, model)
     if isinstance(batch, dict):
         return model(**{k: v for k, v in batch.items() if k != "labels"})
@@ -230,8 +229,6 @@ class SparseMemoryFinetuner:
         loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
         train_mode: bool = False,
     ):
-        from pkmem.hf.train import causal_lm_loss
-
         self.tables = _value_tables(model)
         if not isinstance(background, SlotCounts):
             raise _bad("background", type(background).__name__, "a SlotCounts (from pkmem.hf.slot_counts)")
