@@ -254,7 +254,8 @@ def test_padding_is_invisible_to_the_memory_in_training(arch):
     # the mask is not kept for later calls in eval mode
     model.eval()
     model(input_ids=padded, attention_mask=mask)
-    assert model._pkmem_token_mask.mask is None
+    decoder = model.model if arch == "llama" else model.transformer
+    assert decoder._pkmem_token_mask.mask is None
 
 
 # ---- save / load ------------------------------------------------------------------------------------
@@ -459,6 +460,18 @@ def test_finetune_skips_a_non_finite_step_and_checks_arguments():
         H.finetune(model, torch.zeros(2, 3, dtype=torch.long), steps=1)
     with pytest.raises(ValueError, match="needs both"):
         H.finetune(model, tokens, steps=1, sparse_top_t=4)
+    background = H.slot_counts(model, [tokens[:16].view(2, 8)])
+    with pytest.raises(
+        ValueError, match="optimizer='AdamW' is not allowed: optimizer must be None with sparse"
+    ):
+        H.finetune(
+            model,
+            tokens,
+            steps=1,
+            sparse_top_t=4,
+            background=background,
+            optimizer=torch.optim.AdamW(model.parameters()),
+        )
 
 
 def test_tokenize_and_window_batch():
@@ -476,3 +489,38 @@ def test_tokenize_and_window_batch():
     assert not torch.equal(a["input_ids"], H.window_batch(tokens, 3, 10, seed=1, step=6)["input_ids"])
     assert torch.equal(a["labels"], a["input_ids"]) and a["input_ids"].shape == (3, 10)
     assert ((a["input_ids"][:, 1:] - a["input_ids"][:, :-1]) == 1).all()  # contiguous windows
+
+
+# ---- on a GPU (the Triton kernels inside a transformers model) -----------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_with_kernels_bf16_generate_round_trip_and_sparse_finetuning(tmp_path):
+    model = llama().cuda()
+    H.add_memory(model, [0], "replace", **MEM)
+    H.add_memory(model, [1], "parallel", **MEM)
+    assert all(m.values.is_cuda for m in H.memory_modules(model).values())
+    x = ids().cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.layers[0].mlp.memory.values.grad.abs().sum() > 0
+    train_a_little(model)
+    prompt = x[:, :5]
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    y = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            y = torch.cat([y, model(y).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, y)
+    model.save_pretrained(tmp_path)
+    loaded = H.from_pretrained(tmp_path, device="cuda")
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    background = H.slot_counts(model, [ids(seed=s).cuda() for s in range(4)])
+    before = model.model.layers[0].mlp.memory.values.detach().clone()
+    smf = H.SparseMemoryFinetuner(model, background, top_t=4, lr=1.0)
+    rows = smf.step(x)["slots"]["model.layers.0.mlp.memory"]
+    smf.restore()
+    after = model.model.layers[0].mlp.memory.values.detach()
+    assert set((after != before).any(1).nonzero().flatten().tolist()) <= set(rows.tolist())
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)

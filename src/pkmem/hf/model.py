@@ -15,9 +15,9 @@ memory.values`` in a Llama model). Layers are the 0-based indices of the blocks,
 names; negative indices count from the end.
 
 The memory reads each token on its own, so the KV cache, ``generate()``, ``Trainer``, ``peft`` and
-``torch.compile`` work as for the model without memory. The model's ``attention_mask`` (a 2-D 0/1
-mask, passed to the model's forward) reaches the memories: padded tokens read nothing and do not
-enter the query BatchNorm's statistics.
+``torch.compile`` work as for the model without memory. The ``attention_mask`` (2-D, 0/1) given to
+the module that runs the blocks (``LlamaModel``, ``GPT2Model``, ...; the causal LM passes it on)
+reaches the memories: padded tokens read nothing and stay out of the query BatchNorm's statistics.
 
 :func:`add_memory` records what it did in ``model.config.pkmem``, so ``model.save_pretrained(path)``
 saves it with the weights, and :func:`from_pretrained` rebuilds the model from the directory.
@@ -82,6 +82,7 @@ class _TokenMask:
 
 
 def _mask_source(model: nn.Module) -> _TokenMask:
+    """The :class:`_TokenMask` fed by ``model``'s forward (hooks installed once)."""
     source = getattr(model, "_pkmem_token_mask", None)
     if source is None:
         try:
@@ -259,7 +260,10 @@ def add_memory(
         options.setdefault("zero_init_values", True)
     saved_options = _json_options(options)
     ProductKeyMemory(dim, **options).to("meta")  # the layer checks its own arguments before any change
-    mask = _mask_source(model)
+    # the mask comes from the module that runs the blocks (LlamaModel, GPT2Model: called by the
+    # causal LM with the attention mask, whoever calls the causal LM), else from the model itself
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    mask = _mask_source(parent)
     for i in idx:
         block = block_list[i]
         ref = next(iter(block.mlp.parameters()), None)

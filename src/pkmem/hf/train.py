@@ -180,6 +180,8 @@ def finetune(
                 f"sparse_top_t={sparse_top_t!r} and background={type(background).__name__} are not allowed: "
                 "sparse memory finetuning needs both (or neither, for dense training)"
             )
+        if optimizer is not None:
+            raise _bad("optimizer", type(optimizer).__name__, "None with sparse_top_t (the finetuner's own)")
         sparse = SparseMemoryFinetuner(
             model, background, sparse_top_t, value_lr, optimizer=sparse_optimizer, loss_fn=loss_of
         )
