@@ -253,6 +253,20 @@ def test_finetune_in_sparse_mode():
     assert all(p.requires_grad for p in model.parameters())  # restored
 
 
+def test_a_non_finite_step_changes_nothing():
+    model = TinyLM()
+    background = slot_counts(model, [batch(0)])
+    ok = SparseMemoryFinetuner(copy.deepcopy(model), background, top_t=4, lr=1.0, loss_fn=lm_loss)
+    assert not ok.step(batch(1))["skipped"]
+    with torch.no_grad():
+        model.head.bias[3] = float("nan")
+    before = state_copy(model)
+    smf = SparseMemoryFinetuner(model, background, top_t=4, lr=1.0, loss_fn=lm_loss)
+    out = smf.step(batch(1))
+    assert out["skipped"] and len(out["slots"]["mem"]) == 4
+    assert torch.equal(model.mem.values, before["mem.values"])
+
+
 def test_finetuner_checks_its_arguments():
     model = TinyLM()
     background = slot_counts(model, [batch(0)])

@@ -259,7 +259,8 @@ def add_memory(
     if mode == "parallel":
         options.setdefault("zero_init_values", True)
     saved_options = _json_options(options)
-    ProductKeyMemory(dim, **options).to("meta")  # the layer checks its own arguments before any change
+    with torch.device("meta"):  # the layer checks its own arguments before any change (no allocation)
+        ProductKeyMemory(dim, **options)
     # the mask comes from the module that runs the blocks (LlamaModel, GPT2Model: called by the
     # causal LM with the attention mask, whoever calls the causal LM), else from the model itself
     parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
@@ -267,9 +268,10 @@ def add_memory(
     for i in idx:
         block = block_list[i]
         ref = next(iter(block.mlp.parameters()), None)
-        memory = ProductKeyMemory(dim, **options).train(block.training)  # the model's mode, e.g. eval
-        if ref is not None:
-            memory = memory.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        with torch.device(ref.device if ref is not None else "cpu"):  # built where it will live
+            memory = ProductKeyMemory(dim, **options).train(block.training)  # the model's mode, e.g. eval
+        if ref is not None and ref.is_floating_point():
+            memory = memory.to(dtype=ref.dtype)
         if mode == "replace":
             block.mlp = MemoryMLP(memory, mask)
         else:

@@ -285,7 +285,8 @@ class SparseMemoryFinetuner:
     def step(self, batch) -> dict:
         """One update on ``batch``: loss, backward, TF-IDF ranking, update of the chosen rows.
 
-        Returns ``{"loss": 0-dim tensor, "slots": {table name: chosen rows, best first}}``.
+        Returns ``{"loss": 0-dim tensor, "slots": {table name: chosen rows, best first}, "skipped":
+        bool}``; a step whose loss or gradients are not finite changes nothing (``skipped`` True).
         """
         was_training = self.model.training
         self.model.train(self.train_mode)
@@ -301,15 +302,20 @@ class SparseMemoryFinetuner:
             self.usage[name].merge(stats)
         chosen = {}
         with torch.no_grad():
+            grads = [t.grad for t, _ in self.tables.values() if t.grad is not None]
+            finite = torch.isfinite(loss.detach()).all()
+            for g in grads:
+                finite &= torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all()
+            skipped = not bool(finite)  # one host sync: a non-finite step changes nothing
             for name, (table, members) in self.tables.items():
                 zeros = torch.zeros(table.shape[0], dtype=torch.int64, device=table.device)
                 counts = _batch_reads(self.tracker, members, zeros)
                 rows = self.rank(counts, name)
                 chosen[name] = rows
-                if table.grad is not None and rows.numel():
+                if table.grad is not None and rows.numel() and not skipped:
                     self._update(name, table, rows)
                 table.grad = None
-        return {"loss": loss.detach(), "slots": chosen}
+        return {"loss": loss.detach(), "slots": chosen, "skipped": skipped}
 
     def _update(self, name: str, table: nn.Parameter, rows: torch.Tensor) -> None:
         grad = table.grad

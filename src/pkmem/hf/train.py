@@ -208,6 +208,7 @@ def finetune(
                 sparse.lr = value_lr * factor
                 out = sparse.step(batch)
                 loss, slots = out["loss"], {n: int(r.numel()) for n, r in out["slots"].items()}
+                skipped += out["skipped"]
             else:
                 for g, base in zip(optimizer.param_groups, base_lrs):
                     g["lr"] = base * factor
