@@ -458,20 +458,20 @@ def test_finetune_skips_a_non_finite_step_and_checks_arguments():
         H.finetune(model, tokens, steps=1, seq_len=999)
     with pytest.raises(ValueError, match="data=.* is not allowed"):
         H.finetune(model, torch.zeros(2, 3, dtype=torch.long), steps=1)
-    with pytest.raises(ValueError, match="needs both"):
-        H.finetune(model, tokens, steps=1, sparse_top_t=4)
     background = H.slot_counts(model, [tokens[:16].view(2, 8)])
+    with pytest.raises(ValueError, match="sparse='dict' is not allowed"):
+        H.finetune(model, tokens, steps=1, sparse={})
+    other = llama()
+    H.add_memory(other, [1], "replace", **MEM)
+    with pytest.raises(ValueError, match="SparseMemoryFinetuner of this model"):
+        H.finetune(model, tokens, steps=1, sparse=H.SparseMemoryFinetuner(other, background, 4, 1.0))
+    smf = H.SparseMemoryFinetuner(model, background, 4, 1.0)
+    adamw = torch.optim.AdamW(model.parameters())
     with pytest.raises(
         ValueError, match="optimizer='AdamW' is not allowed: optimizer must be None with sparse"
     ):
-        H.finetune(
-            model,
-            tokens,
-            steps=1,
-            sparse_top_t=4,
-            background=background,
-            optimizer=torch.optim.AdamW(model.parameters()),
-        )
+        H.finetune(model, tokens, steps=1, sparse=smf, optimizer=adamw)
+    smf.restore()
 
 
 def test_tokenize_and_window_batch():

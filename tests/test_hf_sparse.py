@@ -239,17 +239,20 @@ def test_finetune_in_sparse_mode():
     tokens = torch.arange(300) % 13
     background = slot_counts(model, [batch(s, t=16) for s in range(4)])
     before = state_copy(model)
+    smf = SparseMemoryFinetuner(model, background, top_t=5, lr=1.0)
     records = finetune(
-        model, tokens, steps=2, batch_size=2, seq_len=16, value_lr=1.0, log_every=1,
-        sparse_top_t=5, background=background,
-    )  # fmt: skip
-    assert [r["step"] for r in records] == [1, 2]
+        model, tokens, steps=2, batch_size=2, seq_len=16, log_every=1, warmup_steps=2, sparse=smf
+    )
+    assert [r["step"] for r in records] == [1, 2] and [r["lr"] for r in records] == [0.5, 1.0]
     assert records[0]["slots"] == {"transformer.h.1.mlp.memory": 5} and "grad_norm" not in records[0]
     assert 0 < records[0]["memory"]["transformer.h.1.mlp.memory"]["usage"] <= 1
+    assert smf.lr == 1.0 and records[-1]["skipped"] == 0
     after = model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == ["transformer.h.1.mlp.memory.values"]
     assert len(changed_rows(before[changed[0]], after[changed[0]])) <= 10
+    assert sum(p.requires_grad for p in model.parameters()) == 1  # frozen until the finetuner restores
+    smf.restore()
     assert all(p.requires_grad for p in model.parameters())  # restored
 
 

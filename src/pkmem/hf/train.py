@@ -5,7 +5,7 @@
 - :func:`causal_lm_loss`: the model's next-token loss on a batch (padding ignored);
 - :func:`finetune`: AdamW with the memory values in their own group (:func:`pkmem.make_optimizer`),
   warmup, separate gradient clipping of the values (:func:`pkmem.clip_grad_norm`), memory usage and KL
-  (:mod:`pkmem.metrics`) in the logged records; or, with ``sparse_top_t``, sparse memory finetuning
+  (:mod:`pkmem.metrics`) in the logged records; or, given a ``sparse`` finetuner, sparse memory finetuning
   (:class:`~pkmem.hf.SparseMemoryFinetuner`).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from torch import nn
 
 from pkmem.metrics import UsageTracker
 from pkmem.optim import clip_grad_norm, make_optimizer
+
+if TYPE_CHECKING:
+    from pkmem.hf.sparse import SparseMemoryFinetuner
 
 __all__ = ["tokenize", "window_batch", "causal_lm_loss", "move_batch", "finetune"]
 
@@ -102,6 +106,11 @@ def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
     return loss
 
 
+def _autocast_call(fn, model, batch, device: torch.device, dtype: torch.dtype | None):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        return fn(model, batch)
+
+
 def finetune(
     model: nn.Module,
     data: torch.Tensor | Sequence[int] | np.ndarray | Callable[[int], object],
@@ -121,11 +130,9 @@ def finetune(
     callback: Callable[[dict], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     start_step: int = 0,
-    sparse_top_t: int | None = None,
-    background=None,
-    sparse_optimizer: str = "sgd",
+    sparse: SparseMemoryFinetuner | None = None,
 ) -> list[dict]:
-    """Train ``model`` (a causal LM with memories) for ``steps`` optimizer steps; returns the log records.
+    """Train ``model`` (a causal LM with memories) up to step ``steps``; returns the log records.
 
     ``data``: a 1-D sequence of token ids (batches are :func:`window_batch` of it), or a function
     ``step -> batch`` (:func:`causal_lm_loss` takes the batch). Step ``s`` (1-based) uses batch ``s``,
@@ -137,16 +144,17 @@ def finetune(
     constant rates, gradients clipped to ``max_grad_norm`` (values apart, ``value_max_grad_norm``).
     A step whose gradient norm is not finite is skipped (counted in the records).
 
-    Sparse memory finetuning (``sparse_top_t`` and ``background`` given): each step trains only the
-    ``sparse_top_t`` value rows per table that rank highest by TF-IDF against ``background``
-    (:func:`pkmem.hf.slot_counts`), at ``value_lr``, with ``sparse_optimizer`` ("sgd" or "adamw");
-    everything else stays frozen (see :class:`~pkmem.hf.SparseMemoryFinetuner`).
+    Sparse memory finetuning (``sparse``, a :class:`~pkmem.hf.SparseMemoryFinetuner` of ``model``):
+    each step is ``sparse.step(batch)``, which trains only the top-t value rows by TF-IDF, at the
+    finetuner's ``lr`` (warmed up likewise); ``optimizer`` must be None, and ``lr``, ``value_lr``,
+    ``weight_decay`` and the clipping are not used. Save ``sparse.state_dict()`` to resume, and call
+    ``sparse.restore()`` when done to unfreeze the model.
 
-    Every ``log_every`` steps (and at the last) a record ``{"step", "loss" (mean since the last
-    record), "lr", "grad_norm", "value_grad_norm", "skipped", "memory": {name: {"usage", "kl"}}}``
-    (in sparse mode ``"slots"``, the rows updated per table, instead of the norms) is appended to
-    the returned list and passed to ``callback``. ``autocast_dtype`` (e.g. ``torch.bfloat16``)
-    runs the forward under autocast on the model's device.
+    Every ``log_every`` steps (and at the last) a record is appended to the returned list and passed
+    to ``callback``: ``{"step", "loss"`` (mean since the last record), ``"lr"`` (``lr``, or the
+    finetuner's, times the warmup factor), ``"grad_norm", "value_grad_norm"`` (sparse mode:
+    ``"slots"``, the rows updated per table), ``"skipped", "memory": {name: {"usage", "kl"}}}``.
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under autocast on the model's device.
     """
     from pkmem.hf.sparse import SparseMemoryFinetuner
 
@@ -170,22 +178,19 @@ def finetune(
     device = _device(model)
 
     def loss_of(m: nn.Module, batch) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            return causal_lm_loss(m, batch)
+        return _autocast_call(causal_lm_loss, m, batch, device, autocast_dtype)
 
-    sparse = None
-    if sparse_top_t is not None or background is not None:
-        if sparse_top_t is None or background is None:
-            raise ValueError(
-                f"sparse_top_t={sparse_top_t!r} and background={type(background).__name__} are not allowed: "
-                "sparse memory finetuning needs both (or neither, for dense training)"
-            )
+    if sparse is not None:
+        if not isinstance(sparse, SparseMemoryFinetuner) or sparse.model is not model:
+            raise _bad("sparse", type(sparse).__name__, "None or a SparseMemoryFinetuner of this model")
         if optimizer is not None:
-            raise _bad("optimizer", type(optimizer).__name__, "None with sparse_top_t (the finetuner's own)")
-        sparse = SparseMemoryFinetuner(
-            model, background, sparse_top_t, value_lr, optimizer=sparse_optimizer, loss_fn=loss_of
-        )
+            raise _bad(
+                "optimizer", type(optimizer).__name__, "None with sparse (the finetuner updates the rows)"
+            )
         tracker = sparse.tracker  # the finetuner tracks the memories itself (its .usage accumulates)
+        sparse_lr, sparse_loss = sparse.lr, sparse.loss_fn
+        if autocast_dtype is not None:
+            sparse.loss_fn = lambda m, b: _autocast_call(sparse_loss, m, b, device, autocast_dtype)
     else:
         if optimizer is None:
             optimizer = make_optimizer(model, lr, value_lr, weight_decay=weight_decay)
@@ -205,7 +210,7 @@ def finetune(
             factor = min(1.0, step / warmup_steps) if warmup_steps else 1.0
             batch = batch_of(step)
             if sparse is not None:
-                sparse.lr = value_lr * factor
+                sparse.lr = sparse_lr * factor
                 out = sparse.step(batch)
                 loss, slots = out["loss"], {n: int(r.numel()) for n, r in out["slots"].items()}
                 skipped += out["skipped"]
@@ -229,7 +234,7 @@ def finetune(
                     report = tracker.report()
                     tracker.reset()
                 else:
-                    record.update(lr=value_lr * factor, slots=slots)
+                    record.update(lr=sparse_lr * factor, slots=slots)
                     report = sparse.usage_report(reset=True)
                 record["memory"] = {n: {"usage": r["usage"], "kl": r["kl"]} for n, r in report.items()}
                 records.append(record)
@@ -241,6 +246,6 @@ def finetune(
         if sparse is None:
             tracker.stop()
         else:
-            sparse.restore()
+            sparse.lr, sparse.loss_fn = sparse_lr, sparse_loss
         model.train(was_training)
     return records
