@@ -249,6 +249,18 @@ def test_real_pkmem_command(run, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_python_dash_m_pkmem_is_the_command():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "pkmem"]
+    help_out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert help_out.returncode == 0 and help_out.stdout.startswith("usage: pkmem ")
+    for name in ("train", "eval", "bench", "plot", "generate"):
+        assert name in help_out.stdout
+    bad = subprocess.run([*cmd, "train", "dimension=3"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "unknown config key 'dimension'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, cache_dir, sig):
     """A real `pkmem train` interrupted with SIGINT (Ctrl-C) or SIGTERM (kill, a job scheduler)
