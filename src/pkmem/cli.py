@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from pkmem._util import atomic_write_bytes, not_allowed
@@ -311,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(item)
         else:
             parser.error(f"unrecognized argument {item!r}")
+    with warnings.catch_warnings():  # a warning (an old config key, ...) is one line, as errors are
+        warnings.showwarning = lambda message, *a, **k: print(
+            f"pkmem {args.command}: warning: {message}", file=sys.stderr
+        )
+        return _run(args, overrides)
+
+
+def _run(args, overrides: list[str]) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args, overrides)

@@ -19,10 +19,10 @@ FAST = [
     "n_layers=2",
     "seq_len=32",
     "mem_layers=[2]",
-    "mem_num_keys=8",
-    "mem_topk=4",
-    "mem_k_dim=16",
-    "mem_heads=2",
+    "memory.num_keys=8",
+    "memory.topk=4",
+    "memory.k_dim=16",
+    "memory.heads=2",
     "batch_size=4",
     "log_every=2",
     "warmup_steps=2",
@@ -205,7 +205,7 @@ def test_plot_generate_and_bench(run, tmp_path, capsys, cache_dir):
         "0",
     ]
     argv += ["--batch-size", "2", "--device", "cpu", "--out", str(out), "seq_len=16", "n_heads=2"]
-    argv += ["mem_num_keys=8", "mem_topk=4", "mem_k_dim=16", "mem_layers=null"]
+    argv += ["memory.num_keys=8", "memory.topk=4", "memory.k_dim=16", "mem_layers=null"]
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert len(res["rows"]) == 4 and res["env"]["torch"]
@@ -355,7 +355,7 @@ def test_resume_with_the_same_named_config_file(tmp_path, cache_dir):
         (["bench", "--memories", ""], "--memories"),
         (["bench", "--out", "{tmp}"], "is a directory"),
         (["train", "--data", "stdlib", "--data-path", "x.txt", "--out", "{tmp}/x"], "data='stdlib'"),
-        (["train", "--out", "{tmp}/x", "mem_topk=100", "mem_num_keys=8"], "mem_topk=100 is not allowed"),
+        (["train", "--out", "{tmp}/x", "memory.topk=100", "memory.num_keys=8"], "memory.topk=100 is not"),
     ],
 )
 def test_cli_input_errors(run, tmp_path, capsys, argv, match):

@@ -90,15 +90,15 @@ def load_data_for(cfg: Config, run_dir: Path, tokenizer=None, log=print) -> Toke
     )
 
 
-def build_model(cfg: Config, device: torch.device) -> MemoryTransformer:
+def build_model(cfg: Config, device: torch.device, make_memory=None) -> MemoryTransformer:
     torch.manual_seed(cfg.train.seed)
-    return MemoryTransformer(cfg.model).to(device)
+    return MemoryTransformer(cfg.model, make_memory).to(device)
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
     """``(model, config, tokenizer, checkpoint)`` of a run directory or checkpoint directory."""
     ck = ckpt_lib.load_checkpoint(path, verify=verify)
-    cfg = config_from_dict(ck["state"]["config"], f"{ck['dir'] / ckpt_lib.STATE}").validate()
+    cfg = config_from_dict(ck["state"]["config"], f"{ck['dir'] / ckpt_lib.STATE}")
     tok = load_tokenizer(ck["dir"] / "tokenizer.json")
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model = MemoryTransformer(cfg.model)
@@ -172,35 +172,35 @@ def _config_file_name(path: str) -> str | None:
     return data.get("name") if isinstance(data, dict) else None
 
 
-def _resume_config(saved: Config, overrides: list[str], config_name: str | None) -> Config:
+def _resume_config(saved: dict, source: str, overrides: list[str], config_name: str | None) -> Config:
     """The saved config with ``overrides`` of train settings that do not change what is computed."""
-    from pkmem.config import apply_overrides, override_section
+    from pkmem.config import override_section
 
-    if config_name is not None and saved.name not in (
+    if config_name is not None and saved.get("name") not in (
         config_name,
         Path(config_name).stem,
         _config_file_name(config_name),
     ):
         raise ValueError(
-            f"--config {config_name!r} differs from the run's config {saved.name!r}: a resumed run keeps its "
-            "config (leave --config out with --resume)"
+            f"--config {config_name!r} differs from the run's config {saved.get('name')!r}: a resumed run "
+            "keeps its config (leave --config out with --resume)"
         )
-    before = saved.to_dict()
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if override_section(key) == "model":
             raise ValueError(f"--resume: {key} is a model setting and cannot change when a run is resumed")
-    apply_overrides(saved, overrides)
-    if saved.train.data_path is not None and before["train"]["data_path"] is not None:
-        if _absolute(saved.train.data_path) == _absolute(before["train"]["data_path"]):
-            saved.train.data_path = before["train"]["data_path"]  # the same files, written another way
+    cfg = config_from_dict(saved, source, overrides)
+    before = saved["train"]
+    if cfg.train.data_path is not None and before["data_path"] is not None:
+        if _absolute(cfg.train.data_path) == _absolute(before["data_path"]):
+            cfg.train.data_path = before["data_path"]  # the same files, written another way
     for key in FIXED_ON_RESUME:
-        if saved.train.to_dict()[key] != before["train"][key]:
+        if cfg.train.to_dict()[key] != before[key]:
             raise ValueError(
-                f"--resume: {key}={getattr(saved.train, key)!r} differs from the run's "
-                f"{before['train'][key]!r}; it cannot change when a run is resumed"
+                f"--resume: {key}={getattr(cfg.train, key)!r} differs from the run's "
+                f"{before[key]!r}; it cannot change when a run is resumed"
             )
-    return saved
+    return cfg
 
 
 def train(
@@ -212,6 +212,7 @@ def train(
     config_name: str | None = None,
     progress: bool = True,
     log=print,
+    make_memory=None,
 ) -> dict:
     """Train (or, with ``resume``, continue) a run; returns the final summary dict.
 
@@ -227,11 +228,10 @@ def train(
             raise ValueError("--resume needs --out RUN_DIR: the run to continue")
         run_dir = Path(run_dir)
         ck = ckpt_lib.load_checkpoint(run_dir)  # verifies sizes and checksums: clear error if corrupt
-        saved = config_from_dict(ck["state"]["config"], str(ck["dir"] / ckpt_lib.STATE))
-        saved = _resume_config(saved, overrides, config_name)
         if max_steps is not None:
-            saved.train.max_steps = max_steps
-        cfg, resumed = saved.validate(), ck
+            overrides.append(f"max_steps={max_steps}")
+        source = str(ck["dir"] / ckpt_lib.STATE)
+        cfg, resumed = _resume_config(ck["state"]["config"], source, overrides, config_name), ck
     else:
         if cfg is None:
             raise ValueError("train() needs a config")
@@ -264,7 +264,7 @@ def train(
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _train(cfg, run_dir, resumed, progress, log)
+        return _train(cfg, run_dir, resumed, progress, log, make_memory)
     except BaseException:
         if created and not ckpt_lib.list_checkpoints(run_dir):  # nothing worth keeping
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -298,7 +298,7 @@ class _GracefulInterrupt:
             self._previous = None
 
 
-def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log) -> dict:
+def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log, make_memory) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
     t_start = time.perf_counter()
@@ -314,7 +314,7 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log
     # model and optimizer
     from pkmem.optim import clip_grad_norm, make_optimizer
 
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, make_memory)
     optimizer = make_optimizer(
         model,
         lr=t.lr,
