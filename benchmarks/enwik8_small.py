@@ -131,10 +131,11 @@ def _calibrate(args, variant: str, work: Path) -> float:
             "final_eval_tokens=4096",
             "tensorboard=false",
             "track_usage=true",
+            f"max_steps={CALIBRATION_STEPS}",
         ],
     )
     memory = make_memory(variant, cfg.model.memory)
-    train(cfg, run, max_steps=CALIBRATION_STEPS, progress=False, log=lambda *a: None, make_memory=memory)
+    train(cfg, run, progress=False, log=lambda *a: None, make_memory=memory)
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     tps = sorted(r["tokens_per_s"] for r in recs if r["type"] == "train" and r["step"] > CALIBRATION_SKIP)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len
@@ -302,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             run = work / "runs" / variant
             shutil.rmtree(run, ignore_errors=True)
-            cfg = _config(args, variant, [f"cache_dir={work / 'cache'}", "tensorboard=false"])
+            extra = [f"cache_dir={work / 'cache'}", "tensorboard=false", f"max_steps={steps}"]
+            cfg = _config(args, variant, extra)
             _log(f"\n=== {variant}: {steps} steps ===")
             t_run = time.perf_counter()
             memory = make_memory(variant, cfg.model.memory)
-            summary = train(cfg, run, max_steps=steps, progress=True, log=_log, make_memory=memory)
+            summary = train(cfg, run, progress=True, log=_log, make_memory=memory)
             valid = summary["valid"]
             from pkmem.models import MemoryTransformer
 

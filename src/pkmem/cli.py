@@ -130,34 +130,18 @@ def _infer_data(data: str | None, data_path: str | None) -> str | None:
 
 
 def _cmd_train(args, overrides: list[str]) -> int:
+    """The flags become ``key=value`` overrides before the user's own: one way into the config."""
     from pkmem.config import load_config
-    from pkmem.train.loop import train
+    from pkmem.train.loop import resume, train
 
-    flags = []
-    args.data = _infer_data(args.data, args.data_path)
-    if args.data is not None:
-        flags.append(f"data={args.data}")
-    if args.data_path is not None:
-        flags.append(f"data_path={args.data_path}")
-    if args.device is not None:
-        flags.append(f"device={args.device}")
-    if args.seed is not None:
-        flags.append(f"seed={args.seed}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise not_allowed("--max-steps", args.max_steps, ">= 1")
+    data = _infer_data(args.data, args.data_path)
+    flags = {"data": data, "data_path": args.data_path, "device": args.device, "seed": args.seed}
+    flags["max_steps"] = args.max_steps
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + overrides
     if args.resume:
-        train(
-            None,
-            args.out,
-            resume=True,
-            max_steps=args.max_steps,
-            overrides=flags + overrides,
-            config_name=args.config,
-            progress=not args.no_progress,
-        )
+        resume(args.out, overrides, config_name=args.config, progress=not args.no_progress)
     else:
-        cfg = load_config(args.config or "tiny", flags + overrides)
-        train(cfg, args.out, max_steps=args.max_steps, progress=not args.no_progress)
+        train(load_config(args.config or "tiny", overrides), args.out, progress=not args.no_progress)
     return 0
 
 

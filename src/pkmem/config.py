@@ -414,10 +414,15 @@ def override_section(key: str) -> str:
     return _resolve_key(key.strip())[0]
 
 
-def _parse_value(text: str):
-    """A command-line value as YAML (OmegaConf's rules: ``1e-3`` is a float)."""
+def _parse_value(path: list[str], text: str):
+    """A command-line value: as written for a string field (a path or glob such as ``*.txt``), else
+    YAML by OmegaConf's rules (``1e-3`` is a float, ``[1, 2]`` a list)."""
     from omegaconf import OmegaConf
 
+    if len(path) == 2 and path[1] in _fields(_SECTIONS[path[0]]):
+        hint = _hints(_SECTIONS[path[0]])[path[1]]
+        if hint is str or (_allows_none(hint) and str in typing.get_args(hint)):
+            return text.strip()
     return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text.strip()}"]))["v"]
 
 
@@ -428,11 +433,11 @@ def _overrides_dict(overrides: Sequence[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not allowed: overrides must be key=value")
         key, value = item.split("=", 1)
-        *parents, leaf = _resolve_key(key.strip())
+        path = _resolve_key(key.strip())
         node = out
-        for p in parents:
+        for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[leaf] = _parse_value(value)
+        node[path[-1]] = _parse_value(path, value)
     return out
 
 
@@ -457,7 +462,7 @@ def _describe_type(hint) -> str:
 def _normalise(hint, value):
     """The forms the old parser took that OmegaConf does not: ``none`` for null, ``1e2`` for an
     int, ``3`` for a one-item list."""
-    if isinstance(value, str) and value.lower() in ("none", "") and _allows_none(hint):
+    if isinstance(value, str) and value.lower() in ("none", "null", "") and _allows_none(hint):
         return None
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     if base is int and isinstance(value, float) and value.is_integer():

@@ -80,6 +80,9 @@ def test_overrides_are_typed():
     assert cfg.model.memory["query_hidden"] == [64] and cfg.model.memory["topk"] == 16  # the preset's
     assert cfg.train.betas == (0.8, 0.9) and cfg.train.max_time_s is None
     assert cfg.train.data_path == "some/file.txt" and cfg.train.warmup_steps == 100
+    globbed = load_config("tiny", ["data=text", "data_path=corpus/*.txt", "cache_dir=[x]: y"])
+    assert globbed.train.data_path == "corpus/*.txt" and globbed.train.cache_dir == "[x]: y"  # as written
+    assert load_config("tiny", ["data=text", "data_path=null"]).train.data_path is None
     assert load_config("tiny", ["mem_layers=3"]).model.mem_layers == (3,)
     assert load_config("tiny", ["mem_layers=[]"]).model.memory_layers() == ()
 
@@ -154,7 +157,7 @@ def test_round_trip_through_dict():
         (["train", "dimension=3"], "unknown config key 'dimension'"),
         (["train", "dim=abc"], "dim='abc' is not allowed"),
         (["train", "--config", "huge"], "presets are"),
-        (["train", "--max-steps", "0"], "--max-steps 0"),
+        (["train", "--max-steps", "0"], "max_steps=0 is not allowed"),
         (["train", "--data", "text"], "needs --data-path"),
         (["train", "--resume"], "--resume needs --out"),
         (["eval", "/does/not/exist"], "does not exist"),
