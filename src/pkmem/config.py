@@ -159,6 +159,11 @@ class MemoryTransformerConfig:
     ffn_mult: float = _opt(4.0, "FFN hidden size as a multiple of dim")
     dropout: float = _opt(0.0, "dropout of embeddings, attention and FFN, in [0, 1)")
     bias: bool = _opt(True, "biases in the linear layers and LayerNorms")
+    norm_position: str = _opt(
+        "pre",
+        "LayerNorm before each sublayer (pre) or after its residual sum (post, the paper's)",
+        ("pre", "post"),
+    )
     pos_emb: str = _opt("learned", "position embedding", ("learned", "rotary", "none"))
     rope_base: float = _opt(10000.0, "rotary embedding base (pos_emb=rotary)")
     tie_embeddings: bool = _opt(False, "the output head shares the token embedding")
@@ -248,6 +253,12 @@ class TrainConfig:
     min_lr_ratio: float = _opt(0.1, "cosine: final lr = min_lr_ratio * lr, in [0, 1]")
     lr_decay_steps: int | None = _opt(None, "cosine horizon (null: max_steps): set it to stop early, resume")
     betas: tuple[float, float] = _opt((0.9, 0.98), "Adam betas")
+    value_betas: tuple[float, float] | None = _opt(None, "the memory values' Adam betas (null: betas)")
+    value_schedule: str = _opt(
+        "same",
+        "the values' lr after warm-up: same (the schedule's) or constant (value_lr, as XLM)",
+        ("same", "constant"),
+    )
     eps: float = _opt(1e-8, "Adam epsilon")
     weight_decay: float = _opt(0.0, "AdamW weight decay of the matrices")
     value_weight_decay: float = _opt(0.0, "weight decay of the memory values")
@@ -312,6 +323,10 @@ class TrainConfig:
             raise not_allowed("min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise not_allowed("betas", list(self.betas), "two numbers in [0, 1)")
+        if self.value_betas is not None and (
+            len(self.value_betas) != 2 or not all(0 <= b < 1 for b in self.value_betas)
+        ):
+            raise not_allowed("value_betas", list(self.value_betas), "two numbers in [0, 1) or null")
         return self
 
     def to_dict(self) -> dict:

@@ -231,3 +231,33 @@ def test_make_memory_plugs_in_another_memory():
     assert m1.calls[-1] is mask and m3.calls[-1] is mask  # one calling convention: memory(x, mask)
     rep = tracker.report()["blocks.0.memory"]
     assert rep["tokens"] == 32 and 0 < rep["usage"] <= 1
+
+
+@pytest.mark.parametrize("mode", ["replace", "parallel", "after"])
+def test_post_ln_blocks(mode):
+    """norm_position="post": x = ln(x + sublayer(x)) for every sublayer, no final LayerNorm."""
+    torch.manual_seed(0)
+    model = MemoryTransformer(small(mem_layers=(2,), mem_mode=mode, norm_position="post")).eval()
+    assert isinstance(model.ln_f, torch.nn.Identity)
+    assert isinstance(MemoryTransformer(small()).ln_f, torch.nn.LayerNorm)  # pre-LN by default
+    plain, block = model.blocks[0], model.blocks[1]
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        a = plain.ln1(x + plain.attn(x))
+        torch.testing.assert_close(plain(x), plain.ln2(a + plain.ffn(a)))
+        a = block.ln1(x + block.attn(x))
+        if mode == "replace":
+            expected = block.ln2(a + block.memory(a))
+        elif mode == "parallel":
+            expected = block.ln2(a + block.ffn(a) + block.memory(a))
+        else:
+            b = block.ln2(a + block.ffn(a))
+            expected = block.ln3(b + block.memory(b))
+        torch.testing.assert_close(block(x), expected)
+    idx = torch.randint(0, 50, (2, 16))
+    idx2 = idx.clone()
+    idx2[:, 10:] = (idx2[:, 10:] + 7) % 50
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[:, :10], model(idx2)[:, :10])  # causal
+    with pytest.raises(ValueError, match="norm_position='middle' is not allowed"):
+        MemoryTransformer(small(norm_position="middle"))

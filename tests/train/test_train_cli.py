@@ -141,6 +141,8 @@ def test_resume_refuses_changes_and_existing_runs(run, capsys):
     assert "model setting" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--resume", "--seed", "3", "--max-steps", "8"]) == 2
     assert "seed=3 differs" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "value_betas=[0.5, 0.9]", "--max-steps", "8"]) == 2
+    assert "value_betas=(0.5, 0.9) differs from the run's None" in capsys.readouterr().err
 
 
 def test_truncated_checkpoint_is_a_clear_error_and_loses_nothing(tmp_path, cache_dir, capsys):
@@ -362,3 +364,16 @@ def test_cli_input_errors(run, tmp_path, capsys, argv, match):
     argv = [a.format(run=run, tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_research_switches_reach_the_run(tmp_path, cache_dir):
+    from pkmem.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "switches"
+    extra = ["max_steps=3", "warmup_steps=1", "norm_position=post", "value_schedule=constant"]
+    assert _train(out, cache_dir, *extra, "value_betas=[0.5, 0.9]", "value_lr=0.05") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["norm_position"] == "post" and cfg["train"]["value_betas"] == [0.5, 0.9]
+    groups = {g["name"]: g for g in load_checkpoint(out)["optimizer"]["param_groups"]}
+    assert groups["values"]["betas"] == (0.5, 0.9) and groups["decay"]["betas"] == (0.9, 0.98)
+    assert groups["values"]["lr"] == 0.05 and groups["decay"]["lr"] < 3e-3  # constant vs cosine at the end

@@ -3,7 +3,7 @@ import torch
 
 from pkmem.cli import main
 from pkmem.config import PRESETS, config_from_dict, config_keys, list_presets, load_config
-from pkmem.models import MemoryTransformer
+from pkmem.models import MemoryTransformer, MemoryTransformerConfig
 
 SHRINK = [
     "dim=32",
@@ -242,3 +242,48 @@ def test_old_flat_memory_keys_are_translated_with_one_notice(tmp_path):
 def test_new_configs_give_no_notice(recwarn):
     load_config("tiny", ["memory.topk=8", "mem_layers=[2]", "mem_mode=after", "mem_share_values=true"])
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def _memory_model(sparse_values: bool = False):
+    cfg = MemoryTransformerConfig(vocab_size=20, seq_len=8, dim=16, n_layers=1, n_heads=2, mem_layers=(1,))
+    cfg.memory = dict(heads=1, num_keys=4, topk=2, k_dim=8, sparse_values=sparse_values)
+    return MemoryTransformer(cfg)
+
+
+@pytest.mark.parametrize("value_schedule", ["same", "constant"])
+def test_value_schedule(value_schedule):
+    from pkmem.optim import make_optimizer
+    from pkmem.train.loop import lr_factor, set_lr
+
+    cfg = load_config("tiny", [f"value_schedule={value_schedule}", "warmup_steps=10", "max_steps=100"])
+    opt = make_optimizer(_memory_model(), lr=1.0, value_lr=1.0)
+    lrs = {}
+    for step in (1, 5, 10, 11, 50, 100):
+        base = set_lr(opt, cfg, step)
+        lrs[step] = {g["name"]: g["lr"] for g in opt.param_groups}
+        assert base == lrs[step]["decay"] == cfg.train.lr * lr_factor(step, "cosine", 10, 100, 0.1)
+    for step in (1, 5, 10):  # the warm-up is shared
+        assert lrs[step]["values"] == pytest.approx(cfg.train.value_lr * step / 10)
+    for step in (11, 50, 100):
+        same = cfg.train.value_lr * lr_factor(step, "cosine", 10, 100, 0.1)
+        expected = same if value_schedule == "same" else cfg.train.value_lr
+        assert lrs[step]["values"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_value_betas(sparse):
+    from pkmem.optim import make_optimizer
+
+    cfg = load_config("tiny", ["value_betas=[0.5, 0.9]", "betas=[0.8, 0.95]"])
+    assert cfg.train.value_betas == (0.5, 0.9) and load_config("tiny").train.value_betas is None
+    opt = make_optimizer(
+        _memory_model(sparse), lr=1e-3, betas=cfg.train.betas, value_betas=cfg.train.value_betas
+    )
+    betas = {g["name"]: g["betas"] for g in opt.param_groups}
+    assert betas == {"decay": (0.8, 0.95), "no_decay": (0.8, 0.95), "values": (0.5, 0.9)}
+    default = make_optimizer(_memory_model(sparse), lr=1e-3, betas=(0.8, 0.95))
+    assert {g["betas"] for g in default.param_groups} == {(0.8, 0.95)}
+    with pytest.raises(ValueError, match="value_betas=.* is not allowed"):
+        load_config("tiny", ["value_betas=[0.5, 1.5]"])
+    with pytest.raises(ValueError, match="value_betas=\\(1.0, 0.5\\) is not allowed"):
+        make_optimizer(_memory_model(), lr=1e-3, value_betas=(1.0, 0.5))

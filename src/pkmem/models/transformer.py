@@ -2,6 +2,9 @@
 
     tokens ─ embedding (+ learned positions) ─► L × [x += attn(ln(x)); x += ffn|memory(ln(x))] ─ ln ─ head
 
+That is the default pre-LN block; ``norm_position="post"`` gives the post-LN blocks of the paper and
+the original Transformer, ``x = ln(x + attn(x)); x = ln(x + ffn|memory(x))``, with no final LayerNorm.
+
 A memory sits at a 1-based layer index (the paper's "layer 5 of 6") in one of three modes:
 
 - ``"replace"``: the memory takes the FFN's place, ``x += memory(ln(x))`` (the paper, Figure 3);
@@ -83,10 +86,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-LN decoder layer; ``memory`` (if any) placed as ``mem_mode`` says."""
+    """One decoder layer, pre-LN or post-LN (``norm_position``); ``memory`` (if any) placed as
+    ``mem_mode`` says."""
 
     def __init__(self, cfg: MemoryTransformerConfig, memory: nn.Module | None = None):
         super().__init__()
+        self.pre = cfg.norm_position == "pre"
         self.mode = cfg.mem_mode if memory is not None else None
         self.ln1 = nn.LayerNorm(cfg.dim, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
@@ -95,17 +100,20 @@ class Block(nn.Module):
         self.ln3 = nn.LayerNorm(cfg.dim, bias=cfg.bias) if self.mode == "after" else None
         self.memory = memory
 
+    def _residual(self, x: torch.Tensor, ln: nn.LayerNorm, sublayer) -> torch.Tensor:
+        """``x + sublayer(ln(x))`` (pre-LN) or ``ln(x + sublayer(x))`` (post-LN)."""
+        return x + sublayer(ln(x)) if self.pre else ln(x + sublayer(x))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        h = self.ln2(x)
+        x = self._residual(x, self.ln1, self.attn)
         if self.mode is None:
-            return x + self.ffn(h)
+            return self._residual(x, self.ln2, self.ffn)
         if self.mode == "replace":
-            return x + self.memory(h, mask)
+            return self._residual(x, self.ln2, lambda h: self.memory(h, mask))
         if self.mode == "parallel":
-            return x + self.ffn(h) + self.memory(h, mask)
-        x = x + self.ffn(h)  # "after"
-        return x + self.memory(self.ln3(x), mask)
+            return self._residual(x, self.ln2, lambda h: self.ffn(h) + self.memory(h, mask))
+        x = self._residual(x, self.ln2, self.ffn)  # "after"
+        return self._residual(x, self.ln3, lambda h: self.memory(h, mask))
 
 
 class MemoryTransformer(nn.Module):
@@ -140,7 +148,8 @@ class MemoryTransformer(nn.Module):
                     shared = table
             blocks.append(Block(cfg, memory))
         self.blocks = nn.ModuleList(blocks)
-        self.ln_f = nn.LayerNorm(cfg.dim, bias=cfg.bias)
+        # post-LN blocks end normalised: no final LayerNorm (as the original Transformer)
+        self.ln_f = nn.LayerNorm(cfg.dim, bias=cfg.bias) if cfg.norm_position == "pre" else nn.Identity()
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._init_weights()
         if cfg.tie_embeddings:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from pkmem._util import atomic_write_bytes, not_allowed
-from pkmem.config import Config, config_from_dict, override_section, read_config_file
+from pkmem.config import Config, TrainConfig, config_from_dict, override_section, read_config_file
 from pkmem.models import MakeMemory, MemoryTransformer
 from pkmem.optim import clip_grad_norm, make_optimizer
 from pkmem.train import checkpoint as ckpt_lib
@@ -66,7 +66,18 @@ __all__ = [
 ]
 
 METRICS = "metrics.jsonl"
-FIXED_ON_RESUME = ("data", "data_path", "tokenizer", "bpe_vocab_size", "batch_size", "grad_accum", "seed")
+# train settings a resumed run keeps (the optimizer state holds its betas: a change would not apply)
+FIXED_ON_RESUME = (
+    "data",
+    "data_path",
+    "tokenizer",
+    "bpe_vocab_size",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "betas",
+    "value_betas",
+)
 
 
 # ---- schedule, run directory, data and model --------------------------------------------------------
@@ -222,7 +233,7 @@ def _resume_config(ck: dict, overrides: list[str], config_name: str | None) -> C
         if override_section(key) == "model":
             raise ValueError(f"--resume: {key} is a model setting and cannot change when a run is resumed")
     cfg = config_from_dict(saved, str(ck["dir"] / ckpt_lib.STATE), overrides)
-    before = saved["train"]
+    before = {**TrainConfig().to_dict(), **saved["train"]}  # keys added since the run was saved: defaults
     if cfg.train.data_path is not None and before["data_path"] is not None:
         if _absolute(cfg.train.data_path) == _absolute(before["data_path"]):
             cfg.train.data_path = before["data_path"]  # the same files, written another way
@@ -332,6 +343,7 @@ def set_up(
         eps=t.eps,
         weight_decay=t.weight_decay,
         value_weight_decay=t.value_weight_decay,
+        value_betas=None if t.value_betas is None else tuple(t.value_betas),
     )
     start_step = _restore(model, optimizer, ck, run_dir, log) if ck else 0
     if start_step >= t.max_steps and ck:
@@ -486,12 +498,18 @@ def train_step(run: Run, state: LoopState) -> None:
 
 
 def set_lr(optimizer, cfg: Config, step: int) -> float:
-    """Set every group's learning rate for ``step``; returns the base (non-value) learning rate."""
+    """Set every group's learning rate for ``step``; returns the base (non-value) learning rate.
+
+    The values follow the same warm-up; after it, the schedule too (``value_schedule="same"``) or
+    stay at ``value_lr`` (``"constant"``, as the paper's code).
+    """
     t = cfg.train
     factor = lr_factor(step, t.schedule, t.warmup_steps, t.lr_decay_steps or t.max_steps, t.min_lr_ratio)
+    value_factor = factor
+    if t.value_schedule == "constant":
+        value_factor = lr_factor(step, "constant", t.warmup_steps, t.max_steps)
     for g in optimizer.param_groups:
-        base = t.value_lr if g.get("name") == "values" else t.lr
-        g["lr"] = base * factor
+        g["lr"] = t.value_lr * value_factor if g.get("name") == "values" else t.lr * factor
     return t.lr * factor
 
 
