@@ -446,7 +446,7 @@ def _overrides_dict(overrides: Sequence[str]) -> dict:
     out: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not allowed: overrides must be key=value")
+            raise not_allowed("override", item, "key=value")
         key, value = item.split("=", 1)
         path = _resolve_key(key.strip())
         node = out
@@ -631,15 +631,18 @@ def _layer_arg_docs() -> dict[str, str]:
     return out
 
 
-def config_keys() -> list[dict]:
+def config_keys(cfg: Config | None = None) -> list[dict]:
     """Every config key: ``{"key", "type", "default", "help", "choices"}`` (``choices`` may be None);
-    the memory's keys come from ProductKeyMemory's signature and docstring."""
+    the memory's keys come from ProductKeyMemory's signature and docstring. With ``cfg``,
+    ``default`` is the value ``cfg`` gives the key (what a command with that config uses)."""
     rows = []
     for section, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
             if f.name == "memory":
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if cfg is not None:
+                default = getattr(getattr(cfg, section), f.name)
             rows.append(
                 {
                     "key": f"{section}.{f.name}",
@@ -655,7 +658,7 @@ def config_keys() -> list[dict]:
             {
                 "key": f"model.memory.{name}",
                 "type": str(p.annotation),
-                "default": p.default,
+                "default": cfg.model.memory.get(name, p.default) if cfg is not None else p.default,
                 "help": docs.get(name, ""),
                 "choices": None,
             }

@@ -207,6 +207,12 @@ def test_every_key_has_a_description():
     assert keys["model.mem_layers"]["type"] == "a list of ints such as [1, 2] or null"
     assert keys["model.memory.num_keys"]["default"] == 512
     assert "model.memory.values" not in keys and "model.memory.dim" not in keys
+    tiny = {r["key"]: r["default"] for r in config_keys(load_config("tiny"))}  # a preset's values
+    assert (
+        tiny["model.dim"] == 128
+        and tiny["model.memory.topk"] == 16
+        and tiny["model.memory.score"] == "softmax"
+    )
 
 
 OLD_MODEL = {"dim": 32, "n_heads": 2, "mem_layers": [2], "mem_impl": "pkmem", "mem_heads": 2}
