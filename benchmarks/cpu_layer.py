@@ -1,6 +1,6 @@
 """CPU speed of one memory layer: pkmem vs product-key-memory 0.3.0, side by side in one run.
 
-Setting (issue 2): dim 512, heads 4, num_keys 256 (65,536 slots), topk 32, k_dim 256 (lucidrains'
+Setting: dim 512, heads 4, num_keys 256 (65,536 slots), topk 32, k_dim 256 (lucidrains'
 dim_head 128), 4 x 512 tokens, fp32, 2 threads. Variants are timed round-robin (one repeat of
 each in turn) so that machine noise hits them alike; medians are reported.
 

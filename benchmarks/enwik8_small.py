@@ -42,7 +42,7 @@ VARIANTS = {
     "memory": [],
     "baseline": ["mem_layers=[]"],
     # its query BatchNorm is broken in 0.3.0 (wrong axis): LayerNorm, as its own enwik8 script
-    "product-key-memory": ["mem_impl=product-key-memory", "mem_query_norm=layernorm"],
+    "product-key-memory": ["memory.query_norm=layernorm"],
 }
 CALIBRATION_STEPS = 30
 CALIBRATION_SKIP = 10  # steps excluded from the timing (allocation, autotuning, compilation)
@@ -50,6 +50,59 @@ CALIBRATION_SKIP = 10  # steps excluded from the timing (allocation, autotuning,
 
 def _log(*a) -> None:
     print(*a, flush=True)
+
+
+def _make_trackable(pkm, heads: int, topk: int) -> None:
+    """Give a product-key-memory ``PKM`` the memory protocol of :mod:`pkmem.metrics` and
+    :mod:`pkmem.optim` (``num_slots``, ``usage_stats``): a hook on its value bag reports the reads."""
+    import torch
+
+    pkm.num_slots = pkm.num_keys**2
+    pkm.usage_stats = None
+
+    def hook(module, args, kwargs, output):
+        if pkm.usage_stats is not None:
+            idx, w = args[0], kwargs.get("per_sample_weights")
+            if w is None:
+                w = torch.ones_like(idx, dtype=torch.float32)
+            pkm.usage_stats.update(idx.reshape(-1, heads, topk), w.reshape(-1, heads, topk))
+
+    pkm.values.register_forward_hook(hook, with_kwargs=True)
+
+
+def make_memory(variant: str, memory: dict):
+    """The ``make_memory`` of ``MemoryTransformer`` for ``variant``: None (pkmem's layer) or one that
+    builds product-key-memory 0.3.0's ``PKM`` with the sizes of the config's ``memory`` section."""
+    if variant != "product-key-memory":
+        return None
+    from pkmem.config import memory_options
+
+    o = {**{n: p.default for n, p in memory_options().items()}, **memory}
+    if o["query_norm"] != "layernorm":  # its BatchNorm path normalises the wrong axis (0.3.0)
+        raise ValueError(f"memory.query_norm={o['query_norm']!r}: product-key-memory needs 'layernorm'")
+
+    def make(layer: int, dim: int, values):
+        try:
+            from product_key_memory import PKM
+        except ImportError as e:
+            raise ValueError("the product-key-memory variant needs product-key-memory==0.3.0") from e
+        pkm = PKM(
+            dim,
+            heads=o["heads"],
+            num_keys=o["num_keys"],
+            topk=o["topk"],
+            dim_head=o["k_dim"] // 2,
+            input_dropout=o["input_dropout"],
+            query_dropout=o["query_dropout"],
+            value_dropout=o["value_dropout"],
+            attn_dropout=o["score_dropout"],
+            use_layernorm=True,
+            non_competitive_gates=o["score"] == "relu",
+        )
+        _make_trackable(pkm, o["heads"], o["topk"])
+        return pkm
+
+    return make
 
 
 def _config(args, variant: str, extra: list[str]):
@@ -78,9 +131,11 @@ def _calibrate(args, variant: str, work: Path) -> float:
             "final_eval_tokens=4096",
             "tensorboard=false",
             "track_usage=true",
+            f"max_steps={CALIBRATION_STEPS}",
         ],
     )
-    train(cfg, run, max_steps=CALIBRATION_STEPS, progress=False, log=lambda *a: None)
+    memory = make_memory(variant, cfg.model.memory)
+    train(cfg, run, progress=False, log=lambda *a: None, make_memory=memory)
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     tps = sorted(r["tokens_per_s"] for r in recs if r["type"] == "train" and r["step"] > CALIBRATION_SKIP)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len
@@ -248,14 +303,17 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             run = work / "runs" / variant
             shutil.rmtree(run, ignore_errors=True)
-            cfg = _config(args, variant, [f"cache_dir={work / 'cache'}", "tensorboard=false"])
+            extra = [f"cache_dir={work / 'cache'}", "tensorboard=false", f"max_steps={steps}"]
+            cfg = _config(args, variant, extra)
             _log(f"\n=== {variant}: {steps} steps ===")
             t_run = time.perf_counter()
-            summary = train(cfg, run, max_steps=steps, progress=True, log=_log)
+            memory = make_memory(variant, cfg.model.memory)
+            summary = train(cfg, run, progress=True, log=_log, make_memory=memory)
             valid = summary["valid"]
             from pkmem.models import MemoryTransformer
 
-            model = MemoryTransformer(cfg.model)
+            model = MemoryTransformer(cfg.model, memory)
+            impl = "product-key-memory" if memory else "pkmem"
             tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len
             results["variants"][variant] = {
                 "bpb": valid["bpb"],
@@ -273,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 "params": model.num_parameters(),
                 "value_params": model.num_parameters() - model.num_parameters(values=False),
                 "memory_layers": list(model.mem_layer_indices),
-                "mem_impl": cfg.model.mem_impl if model.mem_layer_indices else None,
+                "mem_impl": impl if model.mem_layer_indices else None,
             }
             del model
             keep = out / "runs" / variant

@@ -1,9 +1,14 @@
 """Kernel-level timings and block-size sweeps of pkmem's Triton kernels (one GPU run).
 
-    python benchmarks/kernels.py [--out results.json] [--quick]
+    python benchmarks/kernels.py [--out benchmarks/results/kernels-<gpu>.json] [--quick]
 
 Paper setting: 8192 tokens, heads 4, num_keys 512, k_dim 512 (half 256), topk 32; value table
-262,144 x 1024. Prints the best configuration of each kernel and its time over its floor.
+262,144 x 1024. Each kernel (the search forward and backward, the value gather forward and
+backward, the query BatchNorm, the search backward's scatter) is timed in its default
+configuration and in the alternatives below, replayed from CUDA graphs; the alternatives' results
+are compared with the default's. Prints each kernel's time beside its floor and the best
+configurations, which the JSON keeps under ``tuned``: ``benchmarks/layer.py --tuned`` and
+``benchmarks/model.py --tuned`` run with them, to see whether a default is worth changing.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, cuda_time, environment, graph_time, table, write_json  # noqa: E402
+from common import copy_bandwidth, cuda_time, environment, gpu_slug, graph_time, table, write_json  # noqa: E402
 
 from pkmem.ops import reference  # noqa: E402
 from pkmem.ops.triton import gather, norm, search  # noqa: E402
@@ -25,7 +30,7 @@ SEARCH_CONFIGS = [
     {"BT": 8, "BN": 64, "num_warps": 4},  # the default at this size
     {"BT": 4, "BN": 64, "num_warps": 4},
     {"BT": 8, "BN": 128, "num_warps": 4},
-    {"BT": 32, "BN": 128, "num_warps": 8},  # the default before 2026-11-30 (one program per SM)
+    {"BT": 32, "BN": 128, "num_warps": 8},  # large programs: one per SM
     {"BT": 16, "BN": 64, "num_warps": 8, "BD": 64, "FUSED": True},
     # the final top-k on int32 keys (near-ties broken by position: not exact, never picked as the
     # best; measured to size what the exact int64 keys cost)
@@ -47,7 +52,7 @@ NORM_CONFIGS = [
     {"BC": 64},
     {"BC": 128, "ROWS": 128},
     {"BC": 64, "ROWS": 128},
-    {"BC": 128, "ROWS": 256},  # the default before 2026-11-30 (third session)
+    {"BC": 128, "ROWS": 256},
     {"BC": 256, "BR": 16},
     {"BC": 128, "BR": 64},
     {"BC": 128, "num_warps": 8},
@@ -221,7 +226,7 @@ def _bench_gather_dtype(bw: float, T: int, J: int, N: int, v: int, dtype: torch.
         "fwd_floor_ms": fwd_bytes / bw * 1e3,
         "bwd_floor_ms": bwd_bytes / bw * 1e3,
     }
-    # the default (64-column slices where rows are re-read) and the previous one-block config
+    # the default (64-column slices where rows are re-read) and wide 1024-column blocks
     r["forward"] = [
         {"config": c, **_try(lambda c=c: gather.gather_forward(values, idx, w, config=c), iters=20)}
         for c in [{}, {"BLOCK_V": 1024, "BLOCK_J": 8, "num_warps": 4}]
@@ -263,8 +268,8 @@ def _bench_gather_dtype(bw: float, T: int, J: int, N: int, v: int, dtype: torch.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<gpu>.json)")
+    ap.add_argument("--quick", action="store_true", help="fewer configurations")
     ap.add_argument("--gather-only", action="store_true", help="skip the search sweeps")
     ap.add_argument("--search-only", action="store_true", help="skip the gather sweeps")
     args = ap.parse_args()
@@ -283,8 +288,8 @@ def main() -> None:
         "norm": out["norm"]["best_config"],
         "search_bwd": out["scatter"]["best_config"],
     }
-    if args.out:
-        write_json(args.out, out)
+    out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"kernels-{gpu_slug()}.json")
+    write_json(out_path, out)
     rows = []
     s = out["search"]
     for r in s["forward"]:

@@ -4,18 +4,18 @@ product-key-memory 0.3.0 (lucidrains) and the 4 x dim FFN that a memory layer re
     python benchmarks/layer.py [--out benchmarks/results/layer-<gpu>.json] [--quick]
 
 bf16 autocast with float32 parameters, as in training (pkmem is also timed with a bf16 value
-table, the dtype the issue's floor assumes). "fwd" is a training-mode forward with autograd on;
-"fwd+bwd" adds the backward of a random output gradient (input gradient included). The kernel
-rows and the FFN are also timed replayed from CUDA graphs (training-mode forward and forward +
-backward through ``torch.cuda.make_graphed_callables``), ten calls back to back per timing: the
-device time per call, without the host's launch overhead, which dominates eager times at small
-sizes and varies between machines. ``*_graph_per_call`` times one graphed call at a time: it adds
-the graphed callable's host time before its replay starts (~0.08 ms at the paper setting, the
-device idle meanwhile; ``benchmarks/timeline.py`` shows the replay itself). Settings of at most
-512 tokens also time an eval-mode forward without autograd, eagerly and from a CUDA graph (ten
-replays back to back). Each time is the median over repeats of CUDA-event timings after warm-up;
-floors use the copy bandwidth and the bf16 matrix rate measured in the same run (see
-docs/kernels.md).
+table). "fwd" is a training-mode forward with autograd on; "fwd+bwd" adds the backward of a
+random output gradient (input gradient included). The kernel rows and the FFN are also timed
+replayed from CUDA graphs (training-mode forward and forward + backward through
+``torch.cuda.make_graphed_callables``), ten calls back to back per timing: the device time per
+call, without the host's launch overhead, which dominates eager times at small sizes and varies
+between machines. ``*_graph_per_call`` times one graphed call at a time: it adds the graphed
+callable's host time before its replay starts, while the device idles (``benchmarks/timeline.py``
+lists the kernels of one replay). Settings of at most 512 tokens also time an eval-mode forward
+without autograd, eagerly and from a CUDA graph (ten replays back to back). Each time is the median
+over repeats of CUDA-event timings after warm-up; floors use the copy bandwidth and the bf16 matrix
+rate measured in the same run (see docs/kernels.md). The JSON also holds the device time per
+kernel of one training step (``breakdown_paper_fwd_bwd``).
 """
 
 from __future__ import annotations

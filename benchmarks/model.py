@@ -78,7 +78,7 @@ def measure(m: nn.Module, x: torch.Tensor, xd: torch.Tensor) -> dict:
             return m(inp)
 
     m.train()
-    # 10 warm-up calls: the first calls of a model in a process ran up to 1.6x slower (allocations)
+    # 10 warm-up calls: the first eager calls of a model in a process can run markedly slower
     row = {"train_fwd": cuda_time(train_fwd, iters=20, warmup=10)}
     m.eval()
     row["eval_fwd"] = cuda_time(lambda: eval_fwd(x), iters=20, warmup=10)

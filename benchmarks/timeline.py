@@ -1,6 +1,6 @@
 """Per-kernel timeline of one CUDA-graph replay of the layer (one GPU run).
 
-    python benchmarks/timeline.py --out gpu-out/timeline.json [--tokens 8192]
+    python benchmarks/timeline.py [--out benchmarks/results/timeline-<gpu>.json] [--tokens 8192]
 
 The paper setting's layer (pkmem triton, bf16 values, bf16 autocast) is captured as in
 ``benchmarks/layer.py`` (``torch.cuda.make_graphed_callables``: the training-mode forward, and the
@@ -18,13 +18,14 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, gpu_slug, write_json  # noqa: E402
 from layer import DIM, make  # noqa: E402
 
 REPLAYS = 20
@@ -48,6 +49,7 @@ def timeline(fn, label: str) -> dict:
         for _ in range(REPLAYS):
             fn()
             torch.cuda.synchronize()  # replays apart: a replay's kernels are the ones between syncs
+            time.sleep(1e-3)  # an idle gap the split below sees even when the next launch is quick
     ev = _kernels(prof)
     # split into replays at the large idle gaps left by the synchronisations
     replays, cur = [], [ev[0]]
@@ -94,7 +96,7 @@ def timeline(fn, label: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/timeline-<gpu>.json)")
     a = ap.parse_args()
     torch.manual_seed(0)
     layer = make("pkmem triton (bf16 values)", 512).cuda().train()
@@ -133,8 +135,8 @@ def main() -> None:
     ):
         layer(xe)
     results.append(timeline(g.replay, "eval forward (graph)"))
-    if a.out:
-        write_json(a.out, {"env": environment(), "tokens": a.tokens, "timelines": results})
+    out = a.out or Path(__file__).resolve().parent / "results" / f"timeline-{gpu_slug()}.json"
+    write_json(str(out), {"env": environment(), "tokens": a.tokens, "timelines": results})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
+
+from pkmem._util import atomic_write_bytes, not_allowed
 
 __all__ = ["main", "build_parser"]
 
@@ -127,45 +130,28 @@ def _infer_data(data: str | None, data_path: str | None) -> str | None:
 
 
 def _cmd_train(args, overrides: list[str]) -> int:
+    """The flags become ``key=value`` overrides before the user's own: one way into the config."""
     from pkmem.config import load_config
-    from pkmem.train.loop import train
+    from pkmem.train.loop import resume, train
 
-    flags = []
-    args.data = _infer_data(args.data, args.data_path)
-    if args.data is not None:
-        flags.append(f"data={args.data}")
-    if args.data_path is not None:
-        flags.append(f"data_path={args.data_path}")
-    if args.device is not None:
-        flags.append(f"device={args.device}")
-    if args.seed is not None:
-        flags.append(f"seed={args.seed}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps {args.max_steps} is not allowed: it must be >= 1")
+    data = _infer_data(args.data, args.data_path)
+    flags = {"data": data, "data_path": args.data_path, "device": args.device, "seed": args.seed}
+    flags["max_steps"] = args.max_steps
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + overrides
     if args.resume:
-        train(
-            None,
-            args.out,
-            resume=True,
-            max_steps=args.max_steps,
-            overrides=flags + overrides,
-            config_name=args.config,
-            progress=not args.no_progress,
-        )
+        resume(args.out, overrides, config_name=args.config, progress=not args.no_progress)
     else:
-        cfg = load_config(args.config or "tiny", flags + overrides)
-        train(cfg, args.out, max_steps=args.max_steps, progress=not args.no_progress)
+        train(load_config(args.config or "tiny", overrides), args.out, progress=not args.no_progress)
     return 0
 
 
 def _cmd_eval(args) -> int:
     from pkmem.train.loop import evaluate_run
-    from pkmem.train.tokenizer import atomic_write_bytes
 
     if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens {args.max_tokens} is not allowed: it must be >= 1")
+        raise not_allowed("--max-tokens", args.max_tokens, ">= 1")
     if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} is not allowed: it must be >= 1")
+        raise not_allowed("--batch-size", args.batch_size, ">= 1")
     _check_output_file("--output", args.output)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     res = evaluate_run(
@@ -219,24 +205,21 @@ def _cmd_bench(args) -> int:
     from pkmem.config import load_config
     from pkmem.train.bench import bench_models, environment
     from pkmem.train.evaluate import resolve_device
-    from pkmem.train.tokenizer import atomic_write_bytes
 
     if args.seq_len is not None and args.seq_len < 1:
-        raise ValueError(f"--seq-len {args.seq_len} is not allowed: it must be >= 1")
+        raise not_allowed("--seq-len", args.seq_len, ">= 1")
     if args.warmup < 0:
-        raise ValueError(f"--warmup {args.warmup} is not allowed: it must be >= 0")
+        raise not_allowed("--warmup", args.warmup, ">= 0")
     if args.memories is not None and not args.memories:
-        raise ValueError("--memories '' is not allowed: give at least one memory count, e.g. 0,1")
+        raise not_allowed("--memories", "", "at least one memory count, e.g. 0,1")
     _check_output_file("--out", args.out)
     extra = [f"seq_len={args.seq_len}"] if args.seq_len is not None else []
     cfg = load_config(args.config, extra + list(args.overrides))
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
-            raise ValueError(
-                f"--{name.replace('_', '-')} {getattr(args, name)} is not allowed: it must be >= 1"
-            )
+            raise not_allowed(f"--{name.replace('_', '-')}", getattr(args, name), ">= 1")
     if not args.tokens_per_word > 0:
-        raise ValueError(f"--tokens-per-word {args.tokens_per_word} is not allowed: it must be > 0")
+        raise not_allowed("--tokens-per-word", args.tokens_per_word, "> 0")
     device = resolve_device(args.device)
     rows = bench_models(
         cfg.model,
@@ -274,11 +257,11 @@ def _cmd_generate(args) -> int:
     from pkmem.train.generate import generate_text
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise ValueError(f"--temperature {args.temperature} is not allowed: it must be a finite number >= 0")
+        raise not_allowed("--temperature", args.temperature, "a finite number >= 0")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"--prompt {args.prompt!r} is not allowed: it must be valid UTF-8 text") from None
+        raise not_allowed("--prompt", args.prompt, "valid UTF-8 text") from None
 
     print(
         generate_text(
@@ -313,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(item)
         else:
             parser.error(f"unrecognized argument {item!r}")
+    with warnings.catch_warnings():  # a warning (an old config key, ...) is one line, as errors are
+        warnings.showwarning = lambda message, *a, **k: print(
+            f"pkmem {args.command}: warning: {message}", file=sys.stderr
+        )
+        return _run(args, overrides)
+
+
+def _run(args, overrides: list[str]) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args, overrides)

@@ -1,44 +1,230 @@
-"""Run configuration: two flat dataclasses, YAML presets and ``key=value`` overrides.
+"""Run configuration: typed dataclasses, YAML presets and ``key=value`` overrides (OmegaConf).
 
-A run is a :class:`Config`: the model (:class:`pkmem.models.MemoryTransformerConfig`) and the
-training (:class:`TrainConfig`). Presets are YAML files shipped in ``pkmem/configs/`` (``tiny``,
+A run is a :class:`Config`: the model (:class:`MemoryTransformerConfig`) and the training
+(:class:`TrainConfig`). Presets are YAML files shipped in ``pkmem/configs/`` (``tiny``,
 ``enwik8-small``, ``paper-ablation``, ``paper-12l-1024``) with a ``model:`` and a ``train:`` section;
-any YAML file of the same shape works too. Overrides name a field bare (``dim=256``, field names are
-unique across the two sections) or with its section (``model.dim=256``); values are parsed by the
-field's type (``mem_layers=[3,5]``, ``mem_gate=none``, ``compile=true``).
+any YAML file of the same shape works too. The model's ``memory:`` section holds the arguments of
+:class:`pkmem.ProductKeyMemory` under the layer's own names (all but ``dim`` and ``values``), passed
+to it unchanged::
+
+    model: {mem_layers: [3], memory: {num_keys: 128, topk: 16, k_dim: 64}}
+
+Overrides name a field bare (``dim=256``: field names are unique across the two sections), with its
+section (``model.dim=256``, ``train.lr=1e-3``) or, for the memory, ``memory.topk=16`` (or
+``model.memory.topk=16``). Values are YAML (``mem_layers=[3,5]``, ``compile=true``,
+``memory.gate=null``); OmegaConf checks each against its field's type. Every field's one-line
+description and allowed values are in its dataclass metadata (:func:`config_keys`).
+
+Configs written before the memory section (flat ``mem_heads``, ``mem_topk``, ... keys, in YAML
+files, overrides and the ``config`` of old checkpoints) still load: their keys are read as
+``memory.heads``, ``memory.topk``, ... with one ``FutureWarning`` per load.
+
+The module imports neither torch nor OmegaConf until a config is built (``pkmem --help`` stays fast).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pkmem.models.transformer import MemoryTransformerConfig
+from pkmem._util import not_allowed
 
 __all__ = [
+    "MemoryTransformerConfig",
     "TrainConfig",
     "Config",
     "PRESETS",
+    "MEM_MODES",
+    "default_memory_layers",
+    "memory_options",
+    "build_memory",
     "list_presets",
     "load_config",
-    "apply_overrides",
     "config_from_dict",
+    "config_keys",
+    "override_section",
+    "describe_keys",
 ]
 
 PRESETS = ("tiny", "enwik8-small", "paper-ablation", "paper-12l-1024")
-DATA_SOURCES = ("stdlib", "enwik8", "text")
-TOKENIZERS = ("bytes", "bpe")
-SCHEDULES = ("cosine", "inverse_sqrt", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
+MEM_MODES = ("replace", "parallel", "after")
 
 
-def _bad(name: str, value, allowed: str) -> ValueError:
-    return ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}")
+def _opt(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its one-line ``help`` and, if given, its allowed ``choices``."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _check_choices(obj) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        if choices is not None and getattr(obj, f.name) not in choices:
+            raise not_allowed(f.name, getattr(obj, f.name), f"one of {choices}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _plain(v):
+    """``v`` with tuples as lists, for JSON."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+# ---- the memory section: ProductKeyMemory's own arguments -------------------------------------------
+@functools.cache
+def memory_options() -> dict[str, Any]:
+    """``{name: inspect.Parameter}`` of the arguments a memory section may set: those of
+    ``ProductKeyMemory.__init__`` but ``dim`` (the model's) and ``values`` (``mem_share_values``)."""
+    import inspect
+
+    from pkmem.layer import ProductKeyMemory
+
+    params = inspect.signature(ProductKeyMemory.__init__).parameters
+    return {n: p for n, p in params.items() if n not in ("self", "dim", "values")}
+
+
+def _check_memory_keys(options: Mapping) -> None:
+    unknown = sorted(set(options) - set(memory_options()))
+    if unknown:
+        raise ValueError(
+            f"unknown config key 'memory.{unknown[0]}': the memory section takes ProductKeyMemory's "
+            f"arguments: {', '.join(memory_options())}"
+        )
+
+
+def build_memory(options: Mapping, dim: int, values=None):
+    """``ProductKeyMemory(dim, **options, values=values)``: a config's memory section made a layer.
+
+    The layer checks its own arguments; its errors name the key as a config spells it
+    (``memory.topk=9 is not allowed: ...``).
+    """
+    from pkmem.layer import ProductKeyMemory
+
+    _check_memory_keys(options)
+    try:
+        return ProductKeyMemory(dim, **options, values=values)
+    except (
+        ValueError
+    ) as e:  # "topk=9 is not allowed: topk must be ..." -> "memory.topk=9 ... memory.topk ..."
+        msg = str(e)
+        name = next((n for n in memory_options() if msg.startswith(f"{n}=")), None)
+        if name is None:
+            raise ValueError(f"memory: {msg}") from None
+        msg = msg.replace(f"is not allowed: {name} must", f"is not allowed: memory.{name} must", 1)
+        raise ValueError(f"memory.{msg}") from None
+
+
+def default_memory_layers(n_layers: int, n_memories: int) -> tuple[int, ...]:
+    """1-based layers of ``n_memories`` memories spread over ``n_layers`` layers (paper §4.3).
+
+    ``step = ceil(L / (N + 1))`` and memories at ``step * i``, ``i = 1..N``; where that would pass
+    layer ``L`` (e.g. 5 layers, 3 memories), ``step = floor(L / (N + 1))`` instead.
+    """
+    if not _is_int(n_layers) or n_layers < 1:
+        raise not_allowed("n_layers", n_layers, "a positive int")
+    if not _is_int(n_memories) or not 0 <= n_memories <= n_layers:
+        raise not_allowed("n_memories", n_memories, f"an int in [0, n_layers={n_layers}]")
+    if n_memories == 0:
+        return ()
+    step = math.ceil(n_layers / (n_memories + 1))
+    if step * n_memories > n_layers:
+        step = max(1, n_layers // (n_memories + 1))
+    return tuple(step * i for i in range(1, n_memories + 1))
+
+
+@dataclass
+class MemoryTransformerConfig:
+    """Everything that defines a :class:`pkmem.models.MemoryTransformer`."""
+
+    vocab_size: int = _opt(256, "vocabulary size (set from the tokenizer by the trainer)")
+    seq_len: int = _opt(256, "context length in tokens (learned positions cover this many)")
+    dim: int = _opt(512, "model width")
+    n_layers: int = _opt(8, "transformer layers")
+    n_heads: int = _opt(8, "attention heads (a divisor of dim)")
+    ffn_mult: float = _opt(4.0, "FFN hidden size as a multiple of dim")
+    dropout: float = _opt(0.0, "dropout of embeddings, attention and FFN, in [0, 1)")
+    bias: bool = _opt(True, "biases in the linear layers and LayerNorms")
+    norm_position: str = _opt(
+        "pre",
+        "LayerNorm before each sublayer (pre) or after its residual sum (post, the paper's)",
+        ("pre", "post"),
+    )
+    pos_emb: str = _opt("learned", "position embedding", ("learned", "rotary", "none"))
+    rope_base: float = _opt(10000.0, "rotary embedding base (pos_emb=rotary)")
+    tie_embeddings: bool = _opt(False, "the output head shares the token embedding")
+    mem_layers: tuple[int, ...] | None = _opt(
+        None, "1-based layers with a memory ([] for none; null: n_memories spread evenly)"
+    )
+    n_memories: int | None = _opt(None, "memories spread at regular intervals when mem_layers is null (1)")
+    mem_mode: str = _opt("replace", "memory in place of the FFN, beside it, or after the block", MEM_MODES)
+    mem_share_values: bool = _opt(False, "all memories read one value table (XLM mem_share_values)")
+    memory: dict[str, Any] = _opt(
+        {}, "ProductKeyMemory's arguments (heads, num_keys, topk, k_dim, ...), passed unchanged"
+    )
+
+    def memory_layers(self) -> tuple[int, ...]:
+        """The resolved 1-based memory layers, sorted."""
+        if self.mem_layers is not None:
+            layers = tuple(self.mem_layers)
+            if self.n_memories is not None and self.n_memories != len(layers):
+                raise ValueError(
+                    f"n_memories={self.n_memories} conflicts with mem_layers={list(layers)}: set only one "
+                    "(mem_layers=[] for a model without memory)"
+                )
+            return tuple(sorted(layers))
+        return default_memory_layers(self.n_layers, 1 if self.n_memories is None else self.n_memories)
+
+    def validate(self) -> MemoryTransformerConfig:
+        """Raise ValueError naming the first bad field; returns self. The memory section is checked by
+        building one ``ProductKeyMemory`` on the meta device (the layer checks its own arguments)."""
+        _check_choices(self)
+        for name in ("vocab_size", "seq_len", "dim", "n_layers", "n_heads"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise not_allowed(name, v, "a positive int")
+        if self.dim % self.n_heads:
+            raise not_allowed("n_heads", self.n_heads, f"a divisor of dim={self.dim}")
+        if self.pos_emb == "rotary" and (self.dim // self.n_heads) % 2:
+            raise not_allowed("n_heads", self.n_heads, "such that dim / n_heads is even (rotary embeddings)")
+        if not isinstance(self.ffn_mult, (int, float)) or self.ffn_mult <= 0:
+            raise not_allowed("ffn_mult", self.ffn_mult, "> 0")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise not_allowed("dropout", self.dropout, "in [0, 1)")
+        if self.mem_layers is not None:
+            layers = list(self.mem_layers)
+            if not all(_is_int(i) and 1 <= i <= self.n_layers for i in layers) or len(set(layers)) != len(
+                layers
+            ):
+                raise not_allowed(
+                    "mem_layers", layers, f"distinct 1-based layer indices in [1, n_layers={self.n_layers}]"
+                )
+        if not isinstance(self.memory, Mapping):
+            raise not_allowed("memory", self.memory, "a mapping of ProductKeyMemory's arguments")
+        _check_memory_keys(self.memory)
+        if self.memory_layers():
+            import torch
+
+            with torch.device("meta"):
+                build_memory(self.memory, self.dim)
+        return self
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
 
 
 @dataclass
@@ -46,97 +232,105 @@ class TrainConfig:
     """Data, optimisation, evaluation and logging of a training run (flat)."""
 
     # data
-    data: str = "stdlib"  # "stdlib" (Python's own library sources), "enwik8" or "text"
-    data_path: str | None = None  # enwik8: the file (.gz/.zip ok); text: a file, directory or glob
-    tokenizer: str = "bytes"  # "bytes" (vocab 256) or "bpe" (trained on the training split)
-    bpe_vocab_size: int = 4096
-    cache_dir: str | None = None  # token-id memmaps; default: <run dir>/data
+    data: str = _opt("stdlib", "Python's library sources, enwik8 or text files", ("stdlib", "enwik8", "text"))
+    data_path: str | None = _opt(None, "enwik8: the file (.gz/.zip ok); text: a file, directory or glob")
+    tokenizer: str = _opt("bytes", "bytes (vocab 256) or bpe (trained on the train split)", ("bytes", "bpe"))
+    bpe_vocab_size: int = _opt(4096, "BPE vocabulary size, in (256, 2**20]")
+    cache_dir: str | None = _opt(None, "where token-id memmaps are cached (null: <run dir>/data)")
     # batches
-    batch_size: int = 16  # sequences per micro-batch, each seq_len tokens
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000
+    batch_size: int = _opt(16, "sequences per micro-batch, each seq_len tokens")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    max_steps: int = _opt(1000, "optimizer steps")
     # optimisation (AdamW; memory values in their own group)
-    lr: float = 3e-4
-    value_lr: float = 1e-3
-    schedule: str = "cosine"  # "cosine", "inverse_sqrt" (Vaswani et al., the paper) or "constant"
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine: final lr = min_lr_ratio * lr
-    lr_decay_steps: int | None = None  # cosine horizon (default max_steps); set it to stop early and resume
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    value_weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    value_grad_clip: float | None = None  # default: grad_clip
+    lr: float = _opt(3e-4, "peak learning rate")
+    value_lr: float = _opt(1e-3, "peak learning rate of the memory values")
+    schedule: str = _opt(
+        "cosine",
+        "after warm-up: cosine, inverse_sqrt (Vaswani et al., the paper) or constant",
+        ("cosine", "inverse_sqrt", "constant"),
+    )
+    warmup_steps: int = _opt(100, "linear warm-up steps")
+    min_lr_ratio: float = _opt(0.1, "cosine: final lr = min_lr_ratio * lr, in [0, 1]")
+    lr_decay_steps: int | None = _opt(None, "cosine horizon (null: max_steps): set it to stop early, resume")
+    betas: tuple[float, float] = _opt((0.9, 0.98), "Adam betas")
+    value_betas: tuple[float, float] | None = _opt(None, "the memory values' Adam betas (null: betas)")
+    value_schedule: str = _opt(
+        "same",
+        "the values' lr after warm-up: same (the schedule's) or constant (value_lr, as XLM)",
+        ("same", "constant"),
+    )
+    eps: float = _opt(1e-8, "Adam epsilon")
+    weight_decay: float = _opt(0.0, "AdamW weight decay of the matrices")
+    value_weight_decay: float = _opt(0.0, "weight decay of the memory values")
+    grad_clip: float = _opt(1.0, "gradient norm clip of everything but the values")
+    value_grad_clip: float | None = _opt(None, "gradient norm clip of the values (null: grad_clip)")
     # runtime
-    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
-    precision: str = "auto"  # "auto" (bf16 autocast on cuda, fp32 on cpu), "fp32" or "bf16"
-    compile: bool = False  # torch.compile the model
-    seed: int = 0
-    max_time_s: float | None = None  # stop (and checkpoint) after this much training time
+    device: str = _opt("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
+    precision: str = _opt(
+        "auto", "auto (bf16 autocast on cuda, fp32 on cpu), fp32 or bf16", ("auto", "fp32", "bf16")
+    )
+    compile: bool = _opt(False, "torch.compile the model")
+    seed: int = _opt(0, "random seed: initialisation and batches (a batch is a function of seed and step)")
+    max_time_s: float | None = _opt(None, "stop (with a checkpoint) after this much training time")
     # evaluation, logging, checkpoints
-    log_every: int = 10  # steps between loss logs (the only host syncs of the loop)
-    eval_every: int = 0  # steps between validation evaluations (0: at the end only)
-    eval_tokens: int = 65536  # tokens of the validation split used by periodic evaluations
-    final_eval_tokens: int | None = None  # tokens of the final evaluation (None: the whole split)
-    eval_batch_size: int | None = None  # default: batch_size
-    ckpt_every: int = 0  # steps between checkpoints (0: at the end only)
-    keep_checkpoints: int = 1
-    track_usage: bool = True  # memory usage in the progress bar and the logs
-    tensorboard: bool = True  # also log to TensorBoard when torch.utils.tensorboard imports
+    log_every: int = _opt(10, "steps between loss logs (the only host syncs of the loop)")
+    eval_every: int = _opt(0, "steps between validation evaluations (0: at the end only)")
+    eval_tokens: int = _opt(65536, "validation tokens of the periodic evaluations")
+    final_eval_tokens: int | None = _opt(None, "validation tokens of the final evaluation (null: all)")
+    eval_batch_size: int | None = _opt(None, "evaluation batch size (null: batch_size)")
+    ckpt_every: int = _opt(0, "steps between checkpoints (0: at the end only)")
+    keep_checkpoints: int = _opt(1, "checkpoints kept in the run directory")
+    track_usage: bool = _opt(True, "memory usage in the progress bar and the logs")
+    tensorboard: bool = _opt(True, "also log to TensorBoard when torch.utils.tensorboard imports")
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field; returns self."""
-        choices = [
-            ("data", DATA_SOURCES),
-            ("tokenizer", TOKENIZERS),
-            ("schedule", SCHEDULES),
-            ("precision", PRECISIONS),
-            ("device", DEVICES),
-        ]
-        for name, allowed in choices:
-            if getattr(self, name) not in allowed:
-                raise _bad(name, getattr(self, name), f"one of {allowed}")
+        _check_choices(self)
         positive = ["batch_size", "grad_accum", "max_steps", "log_every", "eval_tokens", "keep_checkpoints"]
         for name in positive:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise _bad(name, v, "a positive int")
+            if not _is_int(v) or v < 1:
+                raise not_allowed(name, v, "a positive int")
         for name in ("warmup_steps", "eval_every", "ckpt_every"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise _bad(name, v, "an int >= 0")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise _bad("seed", self.seed, "an int in [0, 2**63)")
+            if not _is_int(v) or v < 0:
+                raise not_allowed(name, v, "an int >= 0")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise not_allowed("seed", self.seed, "an int in [0, 2**63)")
         if self.data == "stdlib" and self.data_path is not None:
-            raise _bad("data_path", self.data_path, "null with data='stdlib' (pass data=text for your files)")
+            raise not_allowed(
+                "data_path", self.data_path, "null with data='stdlib' (pass data=text for your files)"
+            )
         for name in ("final_eval_tokens", "eval_batch_size", "lr_decay_steps"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise _bad(name, v, "a positive int or null")
+            if v is not None and (not _is_int(v) or v < 1):
+                raise not_allowed(name, v, "a positive int or null")
         if not 256 < self.bpe_vocab_size <= 2**20:
-            raise _bad("bpe_vocab_size", self.bpe_vocab_size, "an int in (256, 2**20]")
+            raise not_allowed("bpe_vocab_size", self.bpe_vocab_size, "an int in (256, 2**20]")
         for name in ("lr", "value_lr", "eps", "grad_clip"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise _bad(name, v, "a finite number > 0")
+                raise not_allowed(name, v, "a finite number > 0")
         for name in ("weight_decay", "value_weight_decay"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise _bad(name, v, "a finite number >= 0")
+                raise not_allowed(name, v, "a finite number >= 0")
         if self.value_grad_clip is not None and not 0 < self.value_grad_clip < math.inf:
-            raise _bad("value_grad_clip", self.value_grad_clip, "a finite number > 0 or null")
+            raise not_allowed("value_grad_clip", self.value_grad_clip, "a finite number > 0 or null")
         if self.max_time_s is not None and not self.max_time_s > 0:
-            raise _bad("max_time_s", self.max_time_s, "a number > 0 or null")
+            raise not_allowed("max_time_s", self.max_time_s, "a number > 0 or null")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise _bad("min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+            raise not_allowed("min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise _bad("betas", list(self.betas), "two numbers in [0, 1)")
+            raise not_allowed("betas", list(self.betas), "two numbers in [0, 1)")
+        if self.value_betas is not None and (
+            len(self.value_betas) != 2 or not all(0 <= b < 1 for b in self.value_betas)
+        ):
+            raise not_allowed("value_betas", list(self.value_betas), "two numbers in [0, 1) or null")
         return self
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return _plain(dataclasses.asdict(self))
 
 
 @dataclass
@@ -157,140 +351,216 @@ class Config:
 
 
 _SECTIONS = {"model": MemoryTransformerConfig, "train": TrainConfig}
+_HELP = "`pkmem train --help-config` lists the keys"
 
 
-def _owner(key: str) -> tuple[str, str]:
-    """``(section, field)`` for an override key, bare or ``section.field``."""
-    if "." in key:
-        section, name = key.split(".", 1)
-        if section not in _SECTIONS:
-            raise ValueError(f"unknown config section {section!r} in {key!r}: sections are model, train")
-        if name not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
-            raise ValueError(f"unknown config key {key!r}: {section} has no field {name!r}")
-        return section, name
-    for section, cls in _SECTIONS.items():
-        if key in {f.name for f in dataclasses.fields(cls)}:
-            return section, key
-    raise ValueError(f"unknown config key {key!r} (`pkmem train --help-config` lists the keys)")
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _parse_scalar(text: str):
-    """A string from the command line or YAML as a Python value (YAML rules, plus 1e-3 floats)."""
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value.lower() for c in ".e") else int(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _coerce(name: str, hint, value):
-    """``value`` converted to the field type ``hint``; ValueError naming the field otherwise."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(name, arg, value)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{name}={value!r} is not allowed")
-    if isinstance(value, str) and hint is not str:
-        value = _parse_scalar(value)
-    if origin is tuple:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if value is None:
-            value = []
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name}={value!r} is not allowed: {name} must be a list such as [1, 2]")
-        item = args[0] if args else str
-        if len(args) == 2 and args[1] is Ellipsis or len(args) <= 1:
-            return tuple(_coerce(name, item, v) for v in value)
-        if len(value) != len(args):
-            raise ValueError(f"{name}={list(value)!r} is not allowed: {name} must have {len(args)} items")
-        return tuple(_coerce(name, a, v) for a, v in zip(args, value))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"{name}={value!r} is not allowed: {name} must be true or false")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise ValueError(f"{name}={value!r} is not allowed: {name} must be an integer")
-        return int(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}={value!r} is not allowed: {name} must be a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name}={value!r} is not allowed: {name} must be a string")
-        return value
-    return value
-
-
-def override_section(key: str) -> str:
-    """The section ("model" or "train") an override key belongs to (ValueError if unknown)."""
-    return _owner(key)[0]
-
-
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _set(cfg: Config, section: str, name: str, value) -> None:
-    obj = getattr(cfg, section)
-    setattr(obj, name, _coerce(name, _hints(type(obj))[name], value))
+# ---- configs from before the memory section: flat mem_* keys ----------------------------------------
+def _legacy_name(key: str) -> str | None:
+    """``memory.<name>`` for an old flat key (``mem_topk`` -> ``topk``); None if ``key`` is not one."""
+    if key == "mem_impl":
+        return key
+    if key.startswith("mem_") and key not in _fields(MemoryTransformerConfig) and key[4:] in memory_options():
+        return key[4:]
+    return None
 
 
-def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
-    """Apply ``key=value`` strings to ``cfg`` (in place) and validate it; returns ``cfg``."""
+def _translate_legacy(model: dict, source: str, seen: list[str]) -> dict:
+    """The model section with old flat ``mem_*`` keys moved into ``memory``; ``seen`` gets
+    ``"<keys> in <source>"``."""
+    old = [k for k in model if isinstance(k, str) and k.startswith("mem_") and _legacy_name(k)]
+    if not old:
+        return model
+    model, memory = dict(model), dict(model.get("memory") or {})
+    for key in old:
+        value = model.pop(key)
+        if key == "mem_impl":
+            if value not in ("pkmem", None):
+                raise not_allowed(
+                    "mem_impl",
+                    value,
+                    "'pkmem' or left out: other memories plug in through "
+                    "MemoryTransformer(config, make_memory=...), as benchmarks/enwik8_small.py does for "
+                    "product-key-memory",
+                )
+            continue
+        if _legacy_name(key) in memory:
+            raise ValueError(f"{source}: {key} and memory.{key[4:]} are both set: keep memory.{key[4:]}")
+        memory[_legacy_name(key)] = value
+    model["memory"] = memory
+    shown = old if len(old) <= 4 else [*old[:3], f"{len(old) - 3} more"]
+    seen.append(f"{', '.join(shown)} in {source}")
+    return model
+
+
+# ---- building a Config from mappings and key=value overrides (OmegaConf does the typing) ------------
+def _resolve_key(key: str) -> list[str]:
+    """The path of an override key: ``dim`` -> ``[model, dim]``, ``memory.topk`` ->
+    ``[model, memory, topk]``; ValueError for a key no config has."""
+    parts = key.split(".")
+    if parts[0] == "memory":
+        parts = ["model", *parts]
+    if len(parts) == 1:
+        for section, cls in _SECTIONS.items():
+            if key in _fields(cls) or (section == "model" and _legacy_name(key)):
+                return [section, key]
+        raise ValueError(f"unknown config key {key!r} ({_HELP})")
+    section, name = parts[0], parts[1]
+    if section not in _SECTIONS:
+        raise ValueError(f"unknown config section {section!r} in {key!r}: sections are model, train")
+    known = name in _fields(_SECTIONS[section]) or (section == "model" and _legacy_name(name))
+    if not known:
+        raise ValueError(f"unknown config key {key!r}: {section} has no field {name!r}")
+    if len(parts) > 2 and name != "memory" or len(parts) > 3:
+        raise ValueError(f"unknown config key {key!r}: {section}.{name} has no fields")
+    return parts
+
+
+def override_section(key: str) -> str:
+    """The section (``model`` or ``train``) an override key belongs to; ValueError if none has it."""
+    return _resolve_key(key.strip())[0]
+
+
+def _parse_value(path: list[str], text: str):
+    """A command-line value: as written for a string field (a path or glob such as ``*.txt``), else
+    YAML by OmegaConf's rules (``1e-3`` is a float, ``[1, 2]`` a list)."""
+    from omegaconf import OmegaConf
+
+    if len(path) == 2 and path[1] in _fields(_SECTIONS[path[0]]):
+        hint = _hints(_SECTIONS[path[0]])[path[1]]
+        if hint is str or (_allows_none(hint) and str in typing.get_args(hint)):
+            return text.strip()
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text.strip()}"]))["v"]
+
+
+def _overrides_dict(overrides: Sequence[str]) -> dict:
+    """``key=value`` strings as one nested mapping ``{"model": {...}, "train": {...}}``."""
+    out: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not allowed: overrides must be key=value")
+            raise not_allowed("override", item, "key=value")
         key, value = item.split("=", 1)
-        section, name = _owner(key.strip())
-        _set(cfg, section, name, value.strip())
-    return cfg.validate()
+        path = _resolve_key(key.strip())
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = _parse_value(path, value)
+    return out
 
 
-def config_from_dict(d: dict, source: str = "config") -> Config:
-    """A :class:`Config` from ``{"name", "model": {...}, "train": {...}}``; unknown keys are errors."""
-    if not isinstance(d, dict):
-        raise ValueError(
-            f"{source}: expected a mapping with 'model' and 'train' sections, got {type(d).__name__}"
-        )
-    unknown = set(d) - {"name", "model", "train"}
+def _allows_none(hint) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _describe_type(hint) -> str:
+    """What a field of type ``hint`` takes, in words (``an int``, ``a list of 2 numbers or null``)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if _allows_none(hint):
+        return f"{_describe_type(args[0])} or null"
+    if typing.get_origin(hint) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe_type(args[0]).split(' ', 1)[1]}s such as [1, 2]"
+        return f"a list of {len(args)} {_describe_type(args[0]).split(' ', 1)[1]}s"
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
+    return {int: "an int", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _normalise(hint, value):
+    """The forms the old parser took that OmegaConf does not: ``none`` for null, ``1e2`` for an
+    int, ``3`` for a one-item list."""
+    if isinstance(value, str) and value.lower() in ("none", "null", "") and _allows_none(hint):
+        return None
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if typing.get_origin(base) is tuple and isinstance(value, (int, float, str)):
+        return [value]
+    return value
+
+
+def _normalise_memory(name: str, value):
+    """``none`` is null for the layer's arguments that default to None (``gate``, ``v_dim``)."""
+    if isinstance(value, str) and value.lower() in ("none", "") and name in memory_options():
+        if memory_options()[name].default is None:
+            return None
+    return value
+
+
+def _leaves(data: Mapping, source: str):
+    """``(path, name as the user sees it, type hint, value)`` of every value in a config mapping."""
+    unknown = set(data) - {"name", "model", "train"}
     if unknown:
         raise ValueError(
-            f"{source}: unknown top-level key(s) {sorted(unknown)}: allowed are name, model, train"
+            f"{source}: unknown top-level key(s) {sorted(map(str, unknown))}: allowed are name, model, train"
         )
-    cfg = Config(name=str(d.get("name", Path(source).stem)))
-    for section in ("model", "train"):
-        values = d.get(section) or {}
-        if not isinstance(values, dict):
+    if "name" in data:
+        yield ["name"], "name", str, data["name"]
+    for section, cls in _SECTIONS.items():
+        values = data.get(section) or {}
+        if not isinstance(values, Mapping):
             raise ValueError(f"{source}: section {section!r} must be a mapping")
-        fields = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        fields = _fields(cls)
         for name, value in values.items():
             if name not in fields:
                 raise ValueError(f"{source}: unknown key {section}.{name}")
-            _set(cfg, section, name, value)
-    return cfg
+            if name == "memory" and isinstance(value, Mapping):
+                for key, v in value.items():
+                    yield [section, name, str(key)], f"memory.{key}", Any, v
+            else:
+                yield [section, name], name, _hints(cls)[name], value
 
 
+def _set(conf, path: list[str], name: str, hint, value) -> None:
+    """``conf.<path> = value``, typed by OmegaConf; the error names the key, the value and its type."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    typed = _normalise_memory(path[-1], value) if hint is Any else _normalise(hint, value)
+    try:
+        OmegaConf.update(conf, ".".join(path), typed, merge=False)
+    except OmegaConfBaseException:
+        raise not_allowed(name, value, _describe_type(hint)) from None
+
+
+def config_from_dict(d: Mapping, source: str = "config", overrides: Sequence[str] = ()) -> Config:
+    """A validated :class:`Config` from ``{"name", "model": {...}, "train": {...}}`` and ``key=value``
+    ``overrides``; unknown keys are errors. Old flat ``mem_*`` keys are translated (one FutureWarning)."""
+    from omegaconf import OmegaConf
+
+    if not isinstance(d, Mapping):
+        raise ValueError(
+            f"{source}: expected a mapping with 'model' and 'train' sections, got {type(d).__name__}"
+        )
+    conf = OmegaConf.structured(Config)
+    legacy: list[str] = []
+    for where, data in ((source, d), ("overrides", _overrides_dict(overrides))):
+        if isinstance(data.get("model"), Mapping):
+            data = {**data, "model": _translate_legacy(data["model"], where, legacy)}
+        for path, name, hint, value in _leaves(data, where):
+            _set(conf, path, name, hint, value)
+    if legacy:  # one notice per load
+        warnings.warn(
+            f"old config keys {'; '.join(legacy)}: mem_<name> is now memory.<name> (the model's memory "
+            "section holds ProductKeyMemory's arguments under their own names; mem_impl is gone)",
+            FutureWarning,
+            stacklevel=2,
+        )
+    cfg = OmegaConf.to_object(conf)
+    if "name" not in d:
+        cfg.name = Path(source).stem
+    return cfg.validate()
+
+
+# ---- presets and files ------------------------------------------------------------------------------
 def list_presets() -> list[str]:
     """Names of the presets shipped with pkmem."""
     from importlib import resources
@@ -299,48 +569,107 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_preset(name: str) -> tuple[str, str]:
+def _read(name_or_path: str) -> tuple[str, str]:
+    """``(YAML text, source)`` of a preset name or a YAML file."""
     from importlib import resources
 
-    if name not in list_presets():
-        raise ValueError(
-            f"--config {name!r} is neither a preset nor an existing YAML file: presets are {list_presets()}"
-        )
-    return resources.files("pkmem").joinpath("configs", f"{name}.yaml").read_text(), f"preset {name}"
-
-
-def load_config(name_or_path: str | None = "tiny", overrides: Sequence[str] = ()) -> Config:
-    """The preset ``name_or_path`` (or a YAML file), with ``key=value`` overrides, validated."""
-    import yaml
-
-    name_or_path = name_or_path or "tiny"
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"--config {name_or_path!r}: no such file")
         try:
-            text, source = path.read_text(encoding="utf-8"), str(path)
+            return path.read_text(encoding="utf-8"), str(path)
         except UnicodeDecodeError as e:
             raise ValueError(f"--config {name_or_path!r} is not a UTF-8 text (YAML) file: {e}") from None
-    else:
-        text, source = _read_preset(name_or_path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    if name_or_path not in list_presets():
+        raise ValueError(
+            f"--config {name_or_path!r} is neither a preset nor an existing YAML file: "
+            f"presets are {list_presets()}"
+        )
+    return resources.files("pkmem").joinpath("configs", f"{name_or_path}.yaml").read_text(), name_or_path
+
+
+def read_config_file(name_or_path: str) -> tuple[dict, str]:
+    """``(mapping, source)`` of a preset or YAML file, as written (not typed, not validated)."""
+    from omegaconf import OmegaConf
+
+    text, source = _read(name_or_path)
+    try:  # OmegaConf's YAML loader: safe (no Python tags), 1e-3 is a float, duplicate keys are errors
+        data = OmegaConf.to_container(OmegaConf.create(text)) if text.strip() else {}
+    except Exception as e:  # yaml's errors and OmegaConf's
         raise ValueError(f"{source} is not valid YAML: {e}") from None
-    cfg = config_from_dict(data or {}, source)
-    if "name" not in (data or {}):
-        cfg.name = path.stem if source == str(path) else name_or_path
-    return apply_overrides(cfg, overrides)
+    return data, source
+
+
+def load_config(name_or_path: str | None = "tiny", overrides: Sequence[str] = ()) -> Config:
+    """The preset ``name_or_path`` (or a YAML file), with ``key=value`` overrides, validated."""
+    data, source = read_config_file(name_or_path or "tiny")
+    return config_from_dict(data, source, overrides)
+
+
+# ---- description (--help-config) --------------------------------------------------------------------
+def _layer_arg_docs() -> dict[str, str]:
+    """ProductKeyMemory's argument descriptions, from the ``Args:`` block of its docstring."""
+    from pkmem.layer import ProductKeyMemory
+
+    doc = (ProductKeyMemory.__doc__ or "").split("Args:", 1)[-1]
+    out: dict[str, str] = {}
+    names: list[str] = []
+    indent = None
+    for line in doc.splitlines():
+        text = line.strip()
+        if not text:
+            continue
+        here = len(line) - len(line.lstrip())
+        indent = here if indent is None else indent
+        head, sep, rest = text.partition(": ")
+        if here == indent and sep and all(n.strip().isidentifier() for n in head.split(",")):
+            names = [n.strip() for n in head.split(",")]
+            out.update({n: rest for n in names})
+        elif here > indent:
+            out.update({n: f"{out[n]} {text}" for n in names})
+    return out
+
+
+def config_keys(cfg: Config | None = None) -> list[dict]:
+    """Every config key: ``{"key", "type", "default", "help", "choices"}`` (``choices`` may be None);
+    the memory's keys come from ProductKeyMemory's signature and docstring. With ``cfg``,
+    ``default`` is the value ``cfg`` gives the key (what a command with that config uses)."""
+    rows = []
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name == "memory":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if cfg is not None:
+                default = getattr(getattr(cfg, section), f.name)
+            rows.append(
+                {
+                    "key": f"{section}.{f.name}",
+                    "type": _describe_type(_hints(cls)[f.name]),
+                    "default": default,
+                    "help": f.metadata.get("help", ""),
+                    "choices": f.metadata.get("choices"),
+                }
+            )
+    docs = _layer_arg_docs()
+    for name, p in memory_options().items():
+        rows.append(
+            {
+                "key": f"model.memory.{name}",
+                "type": str(p.annotation),
+                "default": cfg.model.memory.get(name, p.default) if cfg is not None else p.default,
+                "help": docs.get(name, ""),
+                "choices": None,
+            }
+        )
+    return rows
 
 
 def describe_keys() -> str:
-    """One line per config key: section, name, type and default (for ``--help-config``)."""
+    """One line per config key: name, type, default and description (for ``--help-config``)."""
     lines = []
-    for section, cls in _SECTIONS.items():
-        hints = _hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            hint = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
-            lines.append(f"{section}.{f.name:<22} {hint:<26} default {default!r}")
+    for row in config_keys():
+        choices = f" (one of {', '.join(map(str, row['choices']))})" if row["choices"] else ""
+        lines.append(f"{row['key']:<28} default {row['default']!r:<12} {row['help']}{choices}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from pkmem import ops
+from pkmem._util import not_allowed
 from pkmem.ops.dispatch import check_backend
 from pkmem.ops.reference import check_score, real_rows, score_weights, update_running_stats
 
@@ -26,7 +27,7 @@ GATES = (None, "swilu")
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}")
+        raise not_allowed(name, value, allowed)
 
 
 def _is_int(v) -> bool:

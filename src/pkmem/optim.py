@@ -228,8 +228,10 @@ def make_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     value_weight_decay: float = 0.0,
+    value_betas: tuple[float, float] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups`; sparse value tables go to a ``SparseAdam`` (``value_lr``).
+    ``value_betas``: the value tables' Adam betas (default ``betas``).
 
     Returns the AdamW alone when no memory has sparse values, else a :class:`MultiOptimizer`
     (AdamW, SparseAdam) whose SparseAdam group is also named ``"values"`` (and has ``sparse=True``).
@@ -238,13 +240,15 @@ def make_optimizer(
     _check_number("lr", lr, positive=True)
     _check_number("value_lr", value_lr, positive=True)
     _check_number("eps", eps, positive=True)
-    if (
-        not isinstance(betas, (tuple, list))
-        or len(betas) != 2
-        or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
-    ):
-        raise ValueError(f"betas={betas!r} is not allowed: betas must be two numbers in [0, 1)")
+    for name, bs in [("betas", betas), ("value_betas", betas if value_betas is None else value_betas)]:
+        if (
+            not isinstance(bs, (tuple, list))
+            or len(bs) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in bs)
+        ):
+            raise ValueError(f"{name}={bs!r} is not allowed: {name} must be two numbers in [0, 1)")
     betas = (float(betas[0]), float(betas[1]))
+    value_betas = betas if value_betas is None else (float(value_betas[0]), float(value_betas[1]))
     groups = param_groups(model, lr, value_lr, weight_decay, value_weight_decay)
     sparse_ids = {id(t) for t, sparse in _value_tables(model) if sparse and t.requires_grad}
     if sparse_ids and value_weight_decay != 0:
@@ -255,6 +259,7 @@ def make_optimizer(
     dense_groups, sparse_params = [], []
     for g in groups:
         if g["name"] == "values":
+            g["betas"] = value_betas
             sparse_params = [p for p in g["params"] if id(p) in sparse_ids]
             g["params"] = [p for p in g["params"] if id(p) not in sparse_ids]
         if g["params"]:
@@ -265,7 +270,7 @@ def make_optimizer(
     if not sparse_params:
         return dense
     sparse_group = {"params": sparse_params, "lr": value_lr, "name": "values", "sparse": True}
-    sparse = torch.optim.SparseAdam([sparse_group], lr=value_lr, betas=betas, eps=eps)
+    sparse = torch.optim.SparseAdam([sparse_group], lr=value_lr, betas=value_betas, eps=eps)
     return MultiOptimizer([o for o in (dense, sparse) if o is not None])
 
 

@@ -7,20 +7,13 @@ from pkmem import ProductKeyMemory
 from pkmem.models import MemoryTransformer, MemoryTransformerConfig, default_memory_layers
 
 
-def small(**kw) -> MemoryTransformerConfig:
-    base = dict(
-        vocab_size=50,
-        seq_len=16,
-        dim=32,
-        n_layers=4,
-        n_heads=4,
-        mem_heads=2,
-        mem_num_keys=8,
-        mem_topk=4,
-        mem_k_dim=16,
-    )
+def small(memory: dict | None = None, **kw) -> MemoryTransformerConfig:
+    """A small config; ``memory`` entries are merged into the small memory section."""
+    base = dict(vocab_size=50, seq_len=16, dim=32, n_layers=4, n_heads=4)
     base.update(kw)
-    return MemoryTransformerConfig(**base)
+    return MemoryTransformerConfig(
+        **base, memory={**dict(heads=2, num_keys=8, topk=4, k_dim=16), **(memory or {})}
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,8 +65,10 @@ def test_memory_layers_resolution():
         (dict(mem_layers=(2,), n_memories=2), "n_memories"),
         (dict(mem_mode="before"), "mem_mode"),
         (dict(pos_emb="alibi"), "pos_emb"),
-        (dict(mem_topk=9), "topk"),  # checked by the layer itself
-        (dict(mem_k_dim=15), "k_dim"),
+        (dict(memory=dict(topk=9)), "memory.topk=9 is not allowed"),  # checked by the layer itself
+        (dict(memory=dict(k_dim=15)), "memory.k_dim=15 is not allowed: memory.k_dim must be even"),
+        (dict(memory=dict(topkk=3)), "unknown config key 'memory.topkk'"),
+        (dict(memory=dict(values=None)), "unknown config key 'memory.values'"),
         (dict(dropout=1.0), "dropout"),
     ],
 )
@@ -196,16 +191,73 @@ def test_generate():
     assert sampled.shape == (2, 8) and int(sampled.max()) < 50
 
 
-def test_product_key_memory_package_in_place_of_ours():
-    pytest.importorskip("product_key_memory")
+class CountingMemory(torch.nn.Module):
+    """A foreign memory: a linear map with the memory protocol of pkmem.metrics and pkmem.optim."""
+
+    def __init__(self, dim: int, values: torch.nn.Parameter | None):
+        super().__init__()
+        self.values = values if values is not None else torch.nn.Parameter(torch.randn(6, dim))
+        self.num_slots, self.usage_stats = 6, None
+        self.calls = []
+
+    def forward(self, x, mask=None):
+        self.calls.append(mask)
+        w = torch.softmax(x @ self.values.t(), -1)  # (B, T, 6)
+        if self.usage_stats is not None:
+            top = w.topk(2, dim=-1)
+            self.usage_stats.update(top.indices.unsqueeze(-2), top.values.unsqueeze(-2))
+        return w @ self.values
+
+
+def test_make_memory_plugs_in_another_memory():
     from pkmem.metrics import UsageTracker
     from pkmem.optim import value_parameters
 
-    model = MemoryTransformer(small(mem_impl="product-key-memory", mem_query_norm="layernorm"))
-    ((_, _, pkm),) = model.memories()
-    assert type(pkm).__module__.startswith("product_key_memory")
-    assert value_parameters(model) == [pkm.values.weight]
+    built = []
+
+    def make_memory(layer, dim, values):
+        built.append((layer, dim, values))
+        return CountingMemory(dim, values)
+
+    model = MemoryTransformer(small(mem_layers=(1, 3), mem_share_values=True), make_memory=make_memory)
+    (l1, m1), (l3, m3) = [(layer, m) for layer, _, m in model.memories()]
+    assert (l1, l3) == (1, 3) and [(b[0], b[1]) for b in built] == [(1, 32), (3, 32)]
+    assert built[0][2] is None and built[1][2] is m1.values and m3.values is m1.values  # shared table
+    assert value_parameters(model) == [m1.values]
+    assert model.num_parameters() - model.num_parameters(values=False) == 6 * 32
+    mask = torch.ones(2, 16, dtype=torch.bool)
     with UsageTracker(model) as tracker:
-        model(torch.randint(0, 50, (2, 16)))
-    rep = tracker.report()["blocks.1.memory"]
+        model(torch.randint(0, 50, (2, 16)), mask)
+    assert m1.calls[-1] is mask and m3.calls[-1] is mask  # one calling convention: memory(x, mask)
+    rep = tracker.report()["blocks.0.memory"]
     assert rep["tokens"] == 32 and 0 < rep["usage"] <= 1
+
+
+@pytest.mark.parametrize("mode", ["replace", "parallel", "after"])
+def test_post_ln_blocks(mode):
+    """norm_position="post": x = ln(x + sublayer(x)) for every sublayer, no final LayerNorm."""
+    torch.manual_seed(0)
+    model = MemoryTransformer(small(mem_layers=(2,), mem_mode=mode, norm_position="post")).eval()
+    assert isinstance(model.ln_f, torch.nn.Identity)
+    assert isinstance(MemoryTransformer(small()).ln_f, torch.nn.LayerNorm)  # pre-LN by default
+    plain, block = model.blocks[0], model.blocks[1]
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        a = plain.ln1(x + plain.attn(x))
+        torch.testing.assert_close(plain(x), plain.ln2(a + plain.ffn(a)))
+        a = block.ln1(x + block.attn(x))
+        if mode == "replace":
+            expected = block.ln2(a + block.memory(a))
+        elif mode == "parallel":
+            expected = block.ln2(a + block.ffn(a) + block.memory(a))
+        else:
+            b = block.ln2(a + block.ffn(a))
+            expected = block.ln3(b + block.memory(b))
+        torch.testing.assert_close(block(x), expected)
+    idx = torch.randint(0, 50, (2, 16))
+    idx2 = idx.clone()
+    idx2[:, 10:] = (idx2[:, 10:] + 7) % 50
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[:, :10], model(idx2)[:, :10])  # causal
+    with pytest.raises(ValueError, match="norm_position='middle' is not allowed"):
+        MemoryTransformer(small(norm_position="middle"))

@@ -12,9 +12,9 @@ SMALL = [
     "seq_len=32",
     "mem_layers=[2]",
     "batch_size=2",
-    "mem_num_keys=8",
+    "memory.num_keys=8",
 ]
-SMALL += ["mem_k_dim=16", "mem_topk=4", "final_eval_tokens=512", "eval_tokens=256", "log_every=1"]
+SMALL += ["memory.k_dim=16", "memory.topk=4", "final_eval_tokens=512", "eval_tokens=256", "log_every=1"]
 
 
 def _load():
@@ -42,3 +42,35 @@ def test_enwik8_small_script(tmp_path, capsys):
     assert "| memory |" in (out / "results.md").read_text()
     assert (out / "runs" / "baseline" / "metrics.jsonl").is_file()
     assert not list((out / "runs").rglob("*.safetensors"))  # checkpoints stay in the work dir
+
+
+def test_product_key_memory_package_in_place_of_ours():
+    """The benchmark's make_memory puts product-key-memory 0.3.0's PKM in the model, with the memory
+    protocol of pkmem.metrics and pkmem.optim."""
+    import pytest
+    import torch
+
+    pytest.importorskip("product_key_memory")
+    from pkmem.config import load_config
+    from pkmem.metrics import UsageTracker
+    from pkmem.models import MemoryTransformer
+    from pkmem.optim import value_parameters
+
+    cfg = load_config("tiny", [*SMALL[:5], "memory.num_keys=8", "memory.k_dim=16", "memory.topk=4"])
+    mod = _load()
+    assert mod.make_memory("memory", cfg.model.memory) is None
+    with pytest.raises(ValueError, match="layernorm"):
+        mod.make_memory("product-key-memory", cfg.model.memory)
+    cfg = load_config(
+        "tiny",
+        [*SMALL[:5], "memory.num_keys=8", "memory.k_dim=16", "memory.topk=4"]
+        + mod.VARIANTS["product-key-memory"],
+    )
+    model = MemoryTransformer(cfg.model, mod.make_memory("product-key-memory", cfg.model.memory))
+    ((_, _, pkm),) = model.memories()
+    assert type(pkm).__module__.startswith("product_key_memory")
+    assert value_parameters(model) == [pkm.values.weight]
+    with UsageTracker(model) as tracker:
+        model(torch.randint(0, 256, (2, 16)))
+    rep = tracker.report()["blocks.1.memory"]
+    assert rep["tokens"] == 32 and 0 < rep["usage"] <= 1

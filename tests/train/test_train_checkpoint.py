@@ -19,11 +19,11 @@ from pkmem.train.checkpoint import (
 from pkmem.train.loop import lr_factor
 
 
-def _model(**kw) -> MemoryTransformer:
+def _model(sparse_values: bool = False, **kw) -> MemoryTransformer:
     torch.manual_seed(0)
-    cfg = dict(vocab_size=40, seq_len=12, dim=16, n_layers=2, n_heads=2, mem_layers=(2,))
-    cfg.update(mem_heads=2, mem_num_keys=6, mem_topk=3, mem_k_dim=8, **kw)
-    return MemoryTransformer(MemoryTransformerConfig(**cfg))
+    cfg = dict(vocab_size=40, seq_len=12, dim=16, n_layers=2, n_heads=2, mem_layers=(2,), **kw)
+    memory = dict(heads=2, num_keys=6, topk=3, k_dim=8, sparse_values=sparse_values)
+    return MemoryTransformer(MemoryTransformerConfig(**cfg, memory=memory))
 
 
 def _step(model, opt, seed: int) -> None:
@@ -55,13 +55,13 @@ def test_flatten_round_trip():
 @pytest.mark.parametrize("sparse", [False, True])
 def test_save_load_continues_exactly(tmp_path, sparse):
     """Model, optimizer (AdamW or AdamW + SparseAdam) and BatchNorm statistics come back bit for bit."""
-    model = _model(mem_sparse_values=sparse, tie_embeddings=True)
+    model = _model(sparse_values=sparse, tie_embeddings=True)
     opt = make_optimizer(model, 1e-2, value_lr=1e-1)
     for s in range(2):
         _step(model, opt, s)
     save_checkpoint(tmp_path, 2, model, opt, {"config": {}}, '{"type": "bytes"}')
 
-    other = _model(mem_sparse_values=sparse, tie_embeddings=True)
+    other = _model(sparse_values=sparse, tie_embeddings=True)
     other_opt = make_optimizer(other, 1e-2, value_lr=1e-1)
     ck = load_checkpoint(tmp_path)
     load_model_state(other, ck["model"])

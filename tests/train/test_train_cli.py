@@ -19,10 +19,10 @@ FAST = [
     "n_layers=2",
     "seq_len=32",
     "mem_layers=[2]",
-    "mem_num_keys=8",
-    "mem_topk=4",
-    "mem_k_dim=16",
-    "mem_heads=2",
+    "memory.num_keys=8",
+    "memory.topk=4",
+    "memory.k_dim=16",
+    "memory.heads=2",
     "batch_size=4",
     "log_every=2",
     "warmup_steps=2",
@@ -141,6 +141,8 @@ def test_resume_refuses_changes_and_existing_runs(run, capsys):
     assert "model setting" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--resume", "--seed", "3", "--max-steps", "8"]) == 2
     assert "seed=3 differs" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "value_betas=[0.5, 0.9]", "--max-steps", "8"]) == 2
+    assert "value_betas=(0.5, 0.9) differs from the run's None" in capsys.readouterr().err
 
 
 def test_truncated_checkpoint_is_a_clear_error_and_loses_nothing(tmp_path, cache_dir, capsys):
@@ -205,7 +207,7 @@ def test_plot_generate_and_bench(run, tmp_path, capsys, cache_dir):
         "0",
     ]
     argv += ["--batch-size", "2", "--device", "cpu", "--out", str(out), "seq_len=16", "n_heads=2"]
-    argv += ["mem_num_keys=8", "mem_topk=4", "mem_k_dim=16", "mem_layers=null"]
+    argv += ["memory.num_keys=8", "memory.topk=4", "memory.k_dim=16", "mem_layers=null"]
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert len(res["rows"]) == 4 and res["env"]["torch"]
@@ -244,6 +246,18 @@ def test_real_pkmem_command(run, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert {"loss", "ppl", "bpb", "tokens_per_s", "memories"} <= set(json.loads(res.stdout))
+    bad = subprocess.run([*cmd, "train", "dimension=3"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "unknown config key 'dimension'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_python_dash_m_pkmem_is_the_command():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "pkmem"]
+    help_out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert help_out.returncode == 0 and help_out.stdout.startswith("usage: pkmem ")
+    for name in ("train", "eval", "bench", "plot", "generate"):
+        assert name in help_out.stdout
     bad = subprocess.run([*cmd, "train", "dimension=3"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "unknown config key 'dimension'" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -343,10 +357,23 @@ def test_resume_with_the_same_named_config_file(tmp_path, cache_dir):
         (["bench", "--memories", ""], "--memories"),
         (["bench", "--out", "{tmp}"], "is a directory"),
         (["train", "--data", "stdlib", "--data-path", "x.txt", "--out", "{tmp}/x"], "data='stdlib'"),
-        (["train", "--out", "{tmp}/x", "mem_topk=100", "mem_num_keys=8"], "mem_topk=100 is not allowed"),
+        (["train", "--out", "{tmp}/x", "memory.topk=100", "memory.num_keys=8"], "memory.topk=100 is not"),
     ],
 )
 def test_cli_input_errors(run, tmp_path, capsys, argv, match):
     argv = [a.format(run=run, tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_research_switches_reach_the_run(tmp_path, cache_dir):
+    from pkmem.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "switches"
+    extra = ["max_steps=3", "warmup_steps=1", "norm_position=post", "value_schedule=constant"]
+    assert _train(out, cache_dir, *extra, "value_betas=[0.5, 0.9]", "value_lr=0.05") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["norm_position"] == "post" and cfg["train"]["value_betas"] == [0.5, 0.9]
+    groups = {g["name"]: g for g in load_checkpoint(out)["optimizer"]["param_groups"]}
+    assert groups["values"]["betas"] == (0.5, 0.9) and groups["decay"]["betas"] == (0.9, 0.98)
+    assert groups["values"]["lr"] == 0.05 and groups["decay"]["lr"] < 3e-3  # constant vs cosine at the end

@@ -2,17 +2,17 @@ import pytest
 import torch
 
 from pkmem.cli import main
-from pkmem.config import PRESETS, apply_overrides, config_from_dict, list_presets, load_config
-from pkmem.models import MemoryTransformer
+from pkmem.config import PRESETS, config_from_dict, config_keys, list_presets, load_config
+from pkmem.models import MemoryTransformer, MemoryTransformerConfig
 
 SHRINK = [
     "dim=32",
     "n_heads=2",
     "n_layers=6",
     "seq_len=16",
-    "mem_num_keys=8",
-    "mem_topk=4",
-    "mem_k_dim=16",
+    "memory.num_keys=8",
+    "memory.topk=4",
+    "memory.k_dim=16",
     "bpe_vocab_size=300",
 ]
 
@@ -37,8 +37,9 @@ def test_each_preset_parses_and_builds(name):
 
 def test_preset_contents_follow_the_paper_and_issue():
     ab = load_config("paper-ablation")
-    assert (ab.model.n_layers, ab.model.memory_layers(), ab.model.mem_num_keys**2) == (6, (5,), 512**2)
-    assert (ab.model.mem_heads, ab.model.mem_topk, ab.model.n_heads) == (4, 32, 8)
+    mem = ab.model.memory
+    assert (ab.model.n_layers, ab.model.memory_layers(), mem["num_keys"] ** 2) == (6, (5,), 512**2)
+    assert (mem["heads"], mem["topk"], ab.model.n_heads) == (4, 32, 8)
     assert ab.train.betas == (0.9, 0.98) and ab.train.schedule == "inverse_sqrt" and ab.train.value_lr == 1e-3
     big = load_config("paper-12l-1024")
     assert (big.model.n_layers, big.model.dim, big.model.memory_layers()) == (12, 1024, (6,))
@@ -62,7 +63,8 @@ def test_overrides_are_typed():
             "n_heads=2",
             "lr=1e-3",
             "mem_layers=[1,3]",
-            "mem_gate=none",
+            "memory.gate=none",
+            "model.memory.query_hidden=[64]",
             "compile=true",
             "betas=[0.8, 0.9]",
             "max_time_s=none",
@@ -74,9 +76,13 @@ def test_overrides_are_typed():
     assert cfg.model.dim == 64 and cfg.model.n_heads == 2
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
     assert cfg.model.mem_layers == (1, 3)
-    assert cfg.model.mem_gate is None and cfg.train.compile is True
+    assert cfg.model.memory["gate"] is None and cfg.train.compile is True
+    assert cfg.model.memory["query_hidden"] == [64] and cfg.model.memory["topk"] == 16  # the preset's
     assert cfg.train.betas == (0.8, 0.9) and cfg.train.max_time_s is None
     assert cfg.train.data_path == "some/file.txt" and cfg.train.warmup_steps == 100
+    globbed = load_config("tiny", ["data=text", "data_path=corpus/*.txt", "cache_dir=[x]: y"])
+    assert globbed.train.data_path == "corpus/*.txt" and globbed.train.cache_dir == "[x]: y"  # as written
+    assert load_config("tiny", ["data=text", "data_path=null"]).train.data_path is None
     assert load_config("tiny", ["mem_layers=3"]).model.mem_layers == (3,)
     assert load_config("tiny", ["mem_layers=[]"]).model.memory_layers() == ()
 
@@ -102,6 +108,13 @@ def test_overrides_are_typed():
         ("schedule=linear", "schedule='linear' is not allowed"),
         ("batch_size=0", "batch_size=0 is not allowed"),
         ("mem_mode=sideways", "mem_mode"),
+        ("memory.topk=999", "memory.topk=999 is not allowed: memory.topk must be <= 128"),
+        ("memory.query_norm=group", "memory.query_norm='group' is not allowed"),
+        ("memory.topkk=3", "unknown config key 'memory.topkk'"),
+        ("memory.dim=3", "unknown config key 'memory.dim'"),
+        ("memory=3", "memory=3 is not allowed: memory must be a mapping"),
+        ("model.dim.x=3", "model.dim has no fields"),
+        ("mem_impl=product-key-memory", "mem_impl='product-key-memory' is not allowed"),
         ("n_heads=3", "n_heads=3 is not allowed"),
         ("lr", "must be key=value"),
     ],
@@ -134,7 +147,7 @@ def test_round_trip_through_dict():
     cfg = load_config("enwik8-small", ["data_path=x.gz"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
-    apply_overrides(again, ["dim=256"])
+    again = config_from_dict(cfg.to_dict(), overrides=["dim=256"])
     assert again.model.dim == 256 and cfg.model.dim == 512
 
 
@@ -144,7 +157,7 @@ def test_round_trip_through_dict():
         (["train", "dimension=3"], "unknown config key 'dimension'"),
         (["train", "dim=abc"], "dim='abc' is not allowed"),
         (["train", "--config", "huge"], "presets are"),
-        (["train", "--max-steps", "0"], "--max-steps 0"),
+        (["train", "--max-steps", "0"], "max_steps=0 is not allowed"),
         (["train", "--data", "text"], "needs --data-path"),
         (["train", "--resume"], "--resume needs --out"),
         (["eval", "/does/not/exist"], "does not exist"),
@@ -170,6 +183,8 @@ def test_cli_help_lists_every_command(capsys):
         main(["train", "--help-config"])
     out = capsys.readouterr().out
     assert "model.mem_layers" in out and "train.lr" in out and "tiny" in out
+    assert "model.memory.topk" in out and "slots read per head" in out  # the layer's own docstring
+    assert "one of cosine, inverse_sqrt, constant" in out
 
 
 def test_argparse_errors_exit_2(capsys):
@@ -182,3 +197,99 @@ def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["plot", "a", "--bogus"])
     assert e.value.code == 2
+
+
+def test_every_key_has_a_description():
+    rows = config_keys()
+    assert all(r["help"] for r in rows), [r["key"] for r in rows if not r["help"]]
+    keys = {r["key"]: r for r in rows}
+    assert keys["train.schedule"]["choices"] == ("cosine", "inverse_sqrt", "constant")
+    assert keys["model.mem_layers"]["type"] == "a list of ints such as [1, 2] or null"
+    assert keys["model.memory.num_keys"]["default"] == 512
+    assert "model.memory.values" not in keys and "model.memory.dim" not in keys
+    tiny = {r["key"]: r["default"] for r in config_keys(load_config("tiny"))}  # a preset's values
+    assert (
+        tiny["model.dim"] == 128
+        and tiny["model.memory.topk"] == 16
+        and tiny["model.memory.score"] == "softmax"
+    )
+
+
+OLD_MODEL = {"dim": 32, "n_heads": 2, "mem_layers": [2], "mem_impl": "pkmem", "mem_heads": 2}
+OLD_MODEL.update(mem_num_keys=8, mem_topk=4, mem_k_dim=16, mem_query_norm="layernorm", mem_gate=None)
+
+
+def test_old_flat_memory_keys_are_translated_with_one_notice(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "model:\n" + "".join(f"  {k}: {'null' if v is None else v}\n" for k, v in OLD_MODEL.items())
+    )
+    with pytest.warns(FutureWarning) as record:
+        cfg = load_config(str(old), ["mem_score=relu", "model.mem_temperature=2"])
+    assert len(record) == 1  # one notice per load, naming the keys and where they were
+    msg = str(record[0].message)
+    assert (
+        "mem_heads, mem_num_keys" in msg
+        and "old.yaml" in msg
+        and "mem_score, mem_temperature in overrides" in msg
+    )
+    expected = dict(heads=2, num_keys=8, topk=4, k_dim=16, query_norm="layernorm", gate=None, score="relu")
+    assert cfg.model.memory == {**expected, "temperature": 2}
+    assert cfg.model.mem_layers == (2,) and not hasattr(cfg.model, "mem_topk")
+    with pytest.warns(FutureWarning):
+        again = load_config(str(old))
+    assert again.model.memory == {k: v for k, v in expected.items() if k != "score"}
+    with pytest.raises(ValueError, match="mem_topk and memory.topk are both set"):
+        load_config("tiny", ["mem_topk=4", "memory.topk=4"])
+    with pytest.raises(ValueError, match="mem_impl='product-key-memory' is not allowed: .*make_memory"):
+        config_from_dict({"model": {**OLD_MODEL, "mem_impl": "product-key-memory"}})
+
+
+def test_new_configs_give_no_notice(recwarn):
+    load_config("tiny", ["memory.topk=8", "mem_layers=[2]", "mem_mode=after", "mem_share_values=true"])
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def _memory_model(sparse_values: bool = False):
+    cfg = MemoryTransformerConfig(vocab_size=20, seq_len=8, dim=16, n_layers=1, n_heads=2, mem_layers=(1,))
+    cfg.memory = dict(heads=1, num_keys=4, topk=2, k_dim=8, sparse_values=sparse_values)
+    return MemoryTransformer(cfg)
+
+
+@pytest.mark.parametrize("value_schedule", ["same", "constant"])
+def test_value_schedule(value_schedule):
+    from pkmem.optim import make_optimizer
+    from pkmem.train.loop import lr_factor, set_lr
+
+    cfg = load_config("tiny", [f"value_schedule={value_schedule}", "warmup_steps=10", "max_steps=100"])
+    opt = make_optimizer(_memory_model(), lr=1.0, value_lr=1.0)
+    lrs = {}
+    for step in (1, 5, 10, 11, 50, 100):
+        base = set_lr(opt, cfg, step)
+        lrs[step] = {g["name"]: g["lr"] for g in opt.param_groups}
+        assert base == lrs[step]["decay"] == cfg.train.lr * lr_factor(step, "cosine", 10, 100, 0.1)
+    for step in (1, 5, 10):  # the warm-up is shared
+        assert lrs[step]["values"] == pytest.approx(cfg.train.value_lr * step / 10)
+    for step in (11, 50, 100):
+        same = cfg.train.value_lr * lr_factor(step, "cosine", 10, 100, 0.1)
+        expected = same if value_schedule == "same" else cfg.train.value_lr
+        assert lrs[step]["values"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_value_betas(sparse):
+    from pkmem.optim import make_optimizer
+
+    cfg = load_config("tiny", ["value_betas=[0.5, 0.9]", "betas=[0.8, 0.95]"])
+    assert cfg.train.value_betas == (0.5, 0.9) and load_config("tiny").train.value_betas is None
+    opt = make_optimizer(
+        _memory_model(sparse), lr=1e-3, betas=cfg.train.betas, value_betas=cfg.train.value_betas
+    )
+    betas = {g["name"]: g["betas"] for g in opt.param_groups}
+    assert betas == {"decay": (0.8, 0.95), "no_decay": (0.8, 0.95), "values": (0.5, 0.9)}
+    default = make_optimizer(_memory_model(sparse), lr=1e-3, betas=(0.8, 0.95))
+    assert {g["betas"] for g in default.param_groups} == {(0.8, 0.95)}
+    with pytest.raises(ValueError, match="value_betas=.* is not allowed"):
+        load_config("tiny", ["value_betas=[0.5, 1.5]"])
+    with pytest.raises(ValueError, match="value_betas=\\(1.0, 0.5\\) is not allowed"):
+        make_optimizer(_memory_model(), lr=1e-3, value_betas=(1.0, 0.5))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pkmem._util import not_allowed
 from pkmem.layer import ProductKeyMemory as _LayerPKM
 from pkmem.layer import _cast, check_bool_mask, check_input, masked_batch_norm
 from pkmem.ops import dispatch, reference
@@ -38,7 +39,7 @@ CD_EPS = 0.1
 
 
 def _fail(name: str, value, allowed: str):
-    raise ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}")
+    raise not_allowed(name, value, allowed)
 
 
 def _is_int(v) -> bool:

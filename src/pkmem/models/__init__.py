@@ -1,5 +1,10 @@
 """Language models that use product-key memories."""
 
-from pkmem.models.transformer import MemoryTransformer, MemoryTransformerConfig, default_memory_layers
+from pkmem.models.transformer import (
+    MakeMemory,
+    MemoryTransformer,
+    MemoryTransformerConfig,
+    default_memory_layers,
+)
 
-__all__ = ["MemoryTransformer", "MemoryTransformerConfig", "default_memory_layers"]
+__all__ = ["MakeMemory", "MemoryTransformer", "MemoryTransformerConfig", "default_memory_layers"]

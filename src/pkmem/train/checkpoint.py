@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pkmem.train.tokenizer import atomic_write_bytes
+from pkmem._util import atomic_write_bytes
 
 __all__ = [
     "CheckpointError",

@@ -35,13 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pkmem.train.tokenizer import (
-    BPETokenizer,
-    ByteTokenizer,
-    atomic_write_bytes,
-    load_tokenizer,
-    train_bpe,
-)
+from pkmem._util import atomic_write_bytes
+from pkmem.train.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe
 
 __all__ = ["TokenData", "prepare_data", "load_corpus", "sample_batch", "eval_windows", "unigram_bits"]
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pkmem._util import not_allowed
 from pkmem.train.data import eval_windows
 
 __all__ = ["evaluate", "autocast", "resolve_device", "memory_report"]
@@ -20,7 +21,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"device={name!r} is not allowed: device must be auto, cpu or cuda")
+        raise not_allowed("device", name, "auto, cpu or cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} is not available: this machine has no CUDA GPU (use --device cpu)")
     return torch.device(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pkmem._util import not_allowed
 from pkmem.train.loop import load_run
 
 __all__ = ["generate_text"]
@@ -20,7 +21,7 @@ def generate_text(
 ) -> str:
     """``prompt`` continued by ``max_new_tokens`` tokens sampled from the run's newest checkpoint."""
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is not allowed: it must be >= 0")
+        raise not_allowed("max_new_tokens", max_new_tokens, ">= 0")
     model, cfg, tok, _ = load_run(run, device)
     ids = tok.encode(prompt) or [tok.encode("\n")[0]]
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)

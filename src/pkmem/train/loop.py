@@ -1,6 +1,12 @@
 """The training loop (explicit, nanoGPT style): data, model, AdamW with value groups, schedule, logs,
 periodic evaluation, atomic checkpoints and exact resumption.
 
+Read it top to bottom: :func:`train` (a new run) and :func:`resume` (a run from its newest
+checkpoint) set a run up (:func:`set_up`: data, model, optimizer, the checkpoint's state), then
+:func:`fit` repeats :func:`train_step` and, when due, :func:`log_window`, :func:`evaluate_split`
+and :func:`save`; :func:`finish` evaluates the final model and writes the run's records. What the
+run works with is a :class:`Run`; what changes from step to step is a :class:`LoopState`.
+
 The loop never syncs the host inside a step: losses accumulate on the device and are read every
 ``log_every`` steps (and at evaluations, checkpoints and the end). A batch is a pure function of
 ``(seed, step)``, the learning rate a function of the step, and a checkpoint holds the model, the
@@ -17,6 +23,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -24,8 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pkmem.config import Config, config_from_dict
-from pkmem.models import MemoryTransformer
+from pkmem._util import atomic_write_bytes, not_allowed
+from pkmem.config import Config, TrainConfig, config_from_dict, override_section, read_config_file
+from pkmem.models import MakeMemory, MemoryTransformer
+from pkmem.optim import clip_grad_norm, make_optimizer
 from pkmem.train import checkpoint as ckpt_lib
 from pkmem.train.data import (
     TokenData,
@@ -36,13 +46,41 @@ from pkmem.train.data import (
     unigram_bits,
 )
 from pkmem.train.evaluate import autocast, evaluate, memory_report, resolve_device
-from pkmem.train.tokenizer import atomic_write_bytes, load_tokenizer
+from pkmem.train.tokenizer import load_tokenizer
 
-__all__ = ["train", "lr_factor", "default_run_dir", "load_data_for", "build_model", "load_run"]
+__all__ = [
+    "train",
+    "resume",
+    "Run",
+    "LoopState",
+    "set_up",
+    "fit",
+    "train_step",
+    "finish",
+    "lr_factor",
+    "default_run_dir",
+    "load_data_for",
+    "build_model",
+    "load_run",
+    "evaluate_run",
+]
 
 METRICS = "metrics.jsonl"
+# train settings a resumed run keeps (the optimizer state holds its betas: a change would not apply)
+FIXED_ON_RESUME = (
+    "data",
+    "data_path",
+    "tokenizer",
+    "bpe_vocab_size",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "betas",
+    "value_betas",
+)
 
 
+# ---- schedule, run directory, data and model --------------------------------------------------------
 def lr_factor(step: int, schedule: str, warmup: int, max_steps: int, min_ratio: float = 0.1) -> float:
     """Multiplier of the base learning rates at optimizer step ``step`` (1-based).
 
@@ -59,9 +97,7 @@ def lr_factor(step: int, schedule: str, warmup: int, max_steps: int, min_ratio: 
         span = max(1, max_steps - warmup)
         progress = min(1.0, (step - warmup) / span)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(
-        f"schedule={schedule!r} is not allowed: schedule must be cosine, inverse_sqrt or constant"
-    )
+    raise not_allowed("schedule", schedule, "cosine, inverse_sqrt or constant")
 
 
 def default_run_dir(cfg: Config, root: str | os.PathLike = "runs") -> Path:
@@ -90,46 +126,267 @@ def load_data_for(cfg: Config, run_dir: Path, tokenizer=None, log=print) -> Toke
     )
 
 
-def build_model(cfg: Config, device: torch.device) -> MemoryTransformer:
+def build_model(
+    cfg: Config, device: torch.device, make_memory: MakeMemory | None = None
+) -> MemoryTransformer:
+    """The run's model, initialised from ``train.seed``."""
     torch.manual_seed(cfg.train.seed)
-    return MemoryTransformer(cfg.model).to(device)
+    return MemoryTransformer(cfg.model, make_memory).to(device)
 
 
-def load_run(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
-    """``(model, config, tokenizer, checkpoint)`` of a run directory or checkpoint directory."""
+def load_run(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    overrides: Sequence[str] = (),
+    make_memory: MakeMemory | None = None,
+):
+    """``(model, config, tokenizer, checkpoint)`` of a run directory or checkpoint directory;
+    ``overrides`` (``key=value``) change the config read from it (e.g. its data)."""
     ck = ckpt_lib.load_checkpoint(path, verify=verify)
-    cfg = config_from_dict(ck["state"]["config"], f"{ck['dir'] / ckpt_lib.STATE}").validate()
+    cfg = config_from_dict(ck["state"]["config"], str(ck["dir"] / ckpt_lib.STATE), overrides)
     tok = load_tokenizer(ck["dir"] / "tokenizer.json")
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    model = MemoryTransformer(cfg.model)
+    model = MemoryTransformer(cfg.model, make_memory)
     ckpt_lib.load_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
     return model.to(device).eval(), cfg, tok, ck
 
 
-def _set_lr(optimizer, cfg: Config, factor: float) -> float:
-    for g in optimizer.param_groups:
-        base = cfg.train.value_lr if g.get("name") == "values" else cfg.train.lr
-        g["lr"] = base * factor
-    return cfg.train.lr * factor
+# ---- the two entry points ---------------------------------------------------------------------------
+def train(
+    cfg: Config,
+    run_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+    log=print,
+    make_memory: MakeMemory | None = None,
+) -> dict:
+    """Train a new run of ``cfg`` (a validated config: :func:`pkmem.config.load_config` gives one)
+    in ``run_dir`` (new or empty; default :func:`default_run_dir`); returns the final summary.
+
+    Writes ``<run_dir>/metrics.jsonl``, ``checkpoints/``, ``tokenizer.json``, ``config.json``,
+    ``eval_valid.json`` and ``plots/``. ``make_memory``: see :class:`pkmem.models.MemoryTransformer`.
+    """
+    run_dir = _new_run_dir(cfg, run_dir)
+    if cfg.train.data_path is not None:  # absolute: the run resumes and evaluates from anywhere
+        cfg.train.data_path = _absolute(cfg.train.data_path)
+    return _run(cfg, run_dir, None, progress, log, make_memory)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def resume(
+    run_dir: str | os.PathLike | None,
+    overrides: Sequence[str] = (),
+    *,
+    config_name: str | None = None,
+    progress: bool = True,
+    log=print,
+    make_memory: MakeMemory | None = None,
+) -> dict:
+    """Continue the run in ``run_dir`` from its newest checkpoint; returns the final summary.
+
+    The run keeps its config; ``overrides`` (``key=value``) may change train settings that keep the
+    run the same computation (``max_steps``, logging, evaluation, ...); ``config_name``, if given,
+    must be the run's.
+    """
+    if run_dir is None:
+        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+    run_dir = Path(run_dir)
+    ck = ckpt_lib.load_checkpoint(run_dir)  # verifies sizes and checksums: clear error if corrupt
+    cfg = _resume_config(ck, list(overrides), config_name)
+    return _run(cfg, run_dir, ck, progress, log, make_memory)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+def _new_run_dir(cfg: Config, run_dir: str | os.PathLike | None) -> Path:
+    """The directory of a new run: new or empty, never one that holds a run or other files."""
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    if ckpt_lib.list_checkpoints(run_dir):
+        raise ValueError(
+            f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it, "
+            "or choose another --out"
+        )
+    if (run_dir / METRICS).exists():
+        raise ValueError(
+            f"--out {str(run_dir)!r} holds a run stopped before its first checkpoint (nothing to "
+            "resume): delete the directory or choose another --out"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {str(run_dir)!r} is a file: it must be a new or empty directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ValueError(
+            f"--out {str(run_dir)!r} is a directory that is not empty and holds no run: choose a new "
+            "or empty directory (pkmem writes config.json, tokenizer.json, plots/, ... there)"
+        )
+    return run_dir
+
+
+def _resume_config(ck: dict, overrides: list[str], config_name: str | None) -> Config:
+    """The config a resumed run continues with: the checkpoint's (read once), with ``overrides`` of
+    train settings that keep the run the same computation."""
+    saved = ck["state"]["config"]
+    if config_name is not None and saved.get("name") not in _names_of(config_name):
+        raise ValueError(
+            f"--config {config_name!r} differs from the run's config {saved.get('name')!r}: a resumed run "
+            "keeps its config (leave --config out with --resume)"
+        )
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if override_section(key) == "model":
+            raise ValueError(f"--resume: {key} is a model setting and cannot change when a run is resumed")
+    cfg = config_from_dict(saved, str(ck["dir"] / ckpt_lib.STATE), overrides)
+    before = {**TrainConfig().to_dict(), **saved["train"]}  # keys added since the run was saved: defaults
+    if cfg.train.data_path is not None and before["data_path"] is not None:
+        if _absolute(cfg.train.data_path) == _absolute(before["data_path"]):
+            cfg.train.data_path = before["data_path"]  # the same files, written another way
+    for key in FIXED_ON_RESUME:
+        if cfg.train.to_dict()[key] != before[key]:
+            raise ValueError(
+                f"--resume: {key}={getattr(cfg.train, key)!r} differs from the run's {before[key]!r}; "
+                "it cannot change when a run is resumed"
+            )
+    return cfg
+
+
+def _names_of(config_name: str) -> set:
+    """The names a ``--config`` may give a run: as written, its file's stem, the file's ``name:``."""
+    names = {config_name, Path(config_name).stem}
+    try:
+        data, _ = read_config_file(config_name)
+        names.add(data.get("name") if isinstance(data, dict) else None)
+    except (ValueError, OSError):  # not a preset or a readable YAML file: the name as written
+        pass
+    return names
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _run(cfg: Config, run_dir: Path, ck: dict | None, progress: bool, log, make_memory) -> dict:
+    """Set up, fit and finish; a new run that fails before its first checkpoint leaves nothing."""
+    if cfg.train.data != "stdlib":  # a missing --data-path is reported before anything is written
+        source_fingerprint(cfg.train.data, cfg.train.data_path)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run = set_up(cfg, run_dir, ck, progress, log, make_memory)
+        state = LoopState(step=run.start_step, last_saved=run.start_step if ck else -1, lr=cfg.train.lr)
+        stopped_early = fit(run, state, log)
+        return finish(run, state, stopped_early, log)
+    except BaseException:
+        if created and not ckpt_lib.list_checkpoints(run_dir):  # nothing worth keeping
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+# ---- set-up -----------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a training run works with, set up once by :func:`set_up`."""
+
+    cfg: Config
+    dir: Path
+    device: torch.device
+    data: TokenData
+    tok: object  # ByteTokenizer or BPETokenizer
+    model: MemoryTransformer
+    forward: Callable  # the model, or its torch.compile'd twin
+    optimizer: torch.optim.Optimizer
+    tracker: object | None  # pkmem.metrics.UsageTracker when the model has memories and track_usage
+    tb: object | None  # a TensorBoard SummaryWriter
+    pbar: object | None  # the tqdm progress bar
+    start_step: int  # 0, or the step of the checkpoint resumed from
+    t_start: float  # time.perf_counter() when the run started
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.model.seq_len * self.cfg.train.grad_accum
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / METRICS
+
+
+@dataclass
+class LoopState:
+    """What changes from step to step of :func:`fit`."""
+
+    step: int  # the last optimizer step taken
+    lr: float  # the base learning rate of that step
+    norms: tuple = field(default_factory=lambda: (torch.zeros(()), torch.zeros(())))  # its gradient norms
+    losses: list = field(default_factory=list)  # per-step losses (on the device) since the last log
+    window_t0: float = field(default_factory=time.perf_counter)  # start of the logging window
+    window_steps: int = 0
+    train_seconds: float = 0.0  # training time of the logged windows
+    last_record: dict = field(default_factory=dict)  # the last train record of metrics.jsonl
+    last_saved: int = -1  # the step of the newest checkpoint
+
+
+def set_up(
+    cfg: Config, run_dir: Path, ck: dict | None, progress: bool, log, make_memory: MakeMemory | None = None
+) -> Run:
+    """Data and tokenizer, model and optimizer (restored from ``ck`` when resuming), logging."""
+    t, t_start = cfg.train, time.perf_counter()
+    device = resolve_device(t.device)
+    data = load_data_for(
+        cfg, run_dir, tokenizer=load_tokenizer(ck["dir"] / "tokenizer.json") if ck else None, log=log
+    )
+    tok = data.tokenizer
+    cfg.model.vocab_size = tok.vocab_size
+    tok.save(run_dir / "tokenizer.json")
+
+    model = build_model(cfg, device, make_memory)
+    optimizer = make_optimizer(
+        model,
+        lr=t.lr,
+        value_lr=t.value_lr,
+        betas=tuple(t.betas),
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        value_weight_decay=t.value_weight_decay,
+        value_betas=None if t.value_betas is None else tuple(t.value_betas),
+    )
+    start_step = _restore(model, optimizer, ck, run_dir, log) if ck else 0
+    if start_step >= t.max_steps and ck:
+        log(f"the run is already at step {start_step} >= max_steps={t.max_steps}: evaluating only")
+    atomic_write_bytes(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+
+    n_params, n_dense = model.num_parameters(), model.num_parameters(values=False)
+    log(
+        f"model: {cfg.model.n_layers} layers, dim {cfg.model.dim}, memories at layers "
+        f"{list(model.mem_layer_indices) or 'none'} ({cfg.model.mem_mode}); {n_params / 1e6:.2f}M parameters "
+        f"({n_dense / 1e6:.2f}M without memory values); device {device}"
+    )
+    log(
+        f"data: {data.meta['description']}, {len(data.tokens('train')):,} training tokens "
+        f"({tok.kind} tokenizer)"
+    )
+    return Run(
+        cfg=cfg,
+        dir=run_dir,
+        device=device,
+        data=data,
+        tok=tok,
+        model=model,
+        forward=torch.compile(model) if t.compile else model,
+        optimizer=optimizer,
+        tracker=_usage_tracker(model, t.track_usage),
+        tb=_tensorboard(run_dir, t.tensorboard),
+        pbar=_progress_bar(t.max_steps, start_step) if progress else None,
+        start_step=start_step,
+        t_start=t_start,
+    )
+
+
+def _restore(model, optimizer, ck: dict, run_dir: Path, log) -> int:
+    """Load a checkpoint's model, optimizer and RNG states; returns its step."""
+    ckpt_lib.load_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
+    if ck["optimizer"] is not None:
+        optimizer.load_state_dict(ck["optimizer"])
+    ckpt_lib.set_rng_state(ck["state"].get("rng", {}))
+    step = int(ck["state"]["step"])
+    _truncate_metrics(run_dir / METRICS, step)
+    log(f"resuming {run_dir} from step {step} ({ck['dir'].name})")
+    return step
 
 
 def _usage_tracker(model, enabled: bool):
@@ -150,125 +407,291 @@ def _tensorboard(run_dir: Path, enabled: bool):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _fmt_mem(memories: list[dict]) -> str:
-    return " ".join(f"L{m['layer']}:{100 * m['usage']:.0f}%" for m in memories)
+def _progress_bar(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.2 if tty else 15.0,  # a log file gets a line every 15 s, not a flood
+    )
 
 
-def _absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
+# ---- the loop ---------------------------------------------------------------------------------------
+def fit(run: Run, state: LoopState, log) -> bool:
+    """Train from ``state.step`` to ``max_steps``, logging, evaluating and checkpointing when due.
 
-
-FIXED_ON_RESUME = ("data", "data_path", "tokenizer", "bpe_vocab_size", "batch_size", "grad_accum", "seed")
-
-
-def _config_file_name(path: str) -> str | None:
-    """The ``name:`` a YAML config file gives itself, if it is a readable file that has one."""
-    try:
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except Exception:  # not a file, not YAML: then the name is the preset's or the file's stem
-        return None
-    return data.get("name") if isinstance(data, dict) else None
-
-
-def _resume_config(saved: Config, overrides: list[str], config_name: str | None) -> Config:
-    """The saved config with ``overrides`` of train settings that do not change what is computed."""
-    from pkmem.config import apply_overrides, override_section
-
-    if config_name is not None and saved.name not in (
-        config_name,
-        Path(config_name).stem,
-        _config_file_name(config_name),
-    ):
-        raise ValueError(
-            f"--config {config_name!r} differs from the run's config {saved.name!r}: a resumed run keeps its "
-            "config (leave --config out with --resume)"
-        )
-    before = saved.to_dict()
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if override_section(key) == "model":
-            raise ValueError(f"--resume: {key} is a model setting and cannot change when a run is resumed")
-    apply_overrides(saved, overrides)
-    if saved.train.data_path is not None and before["train"]["data_path"] is not None:
-        if _absolute(saved.train.data_path) == _absolute(before["train"]["data_path"]):
-            saved.train.data_path = before["train"]["data_path"]  # the same files, written another way
-    for key in FIXED_ON_RESUME:
-        if saved.train.to_dict()[key] != before["train"][key]:
-            raise ValueError(
-                f"--resume: {key}={getattr(saved.train, key)!r} differs from the run's "
-                f"{before['train'][key]!r}; it cannot change when a run is resumed"
-            )
-    return saved
-
-
-def train(
-    cfg: Config | None,
-    run_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    max_steps: int | None = None,
-    overrides: list[str] | None = None,
-    config_name: str | None = None,
-    progress: bool = True,
-    log=print,
-) -> dict:
-    """Train (or, with ``resume``, continue) a run; returns the final summary dict.
-
-    ``cfg`` is the run's config; with ``resume`` it is not needed: the saved config is used, with
-    ``max_steps`` and ``overrides`` of train settings that keep the run the same (``config_name``,
-    if given, must be the run's). Writes ``<run_dir>/metrics.jsonl``,
-    ``checkpoints/``, ``tokenizer.json``, ``config.json``, ``eval_valid.json`` and ``plots/``.
+    Returns whether ``max_time_s`` stopped it early; a Ctrl-C (or SIGTERM) stops it after the step
+    with a checkpoint and raises KeyboardInterrupt.
     """
-    overrides = list(overrides or [])
-    resumed = None
-    if resume:
-        if run_dir is None:
-            raise ValueError("--resume needs --out RUN_DIR: the run to continue")
-        run_dir = Path(run_dir)
-        ck = ckpt_lib.load_checkpoint(run_dir)  # verifies sizes and checksums: clear error if corrupt
-        saved = config_from_dict(ck["state"]["config"], str(ck["dir"] / ckpt_lib.STATE))
-        saved = _resume_config(saved, overrides, config_name)
-        if max_steps is not None:
-            saved.train.max_steps = max_steps
-        cfg, resumed = saved.validate(), ck
-    else:
-        if cfg is None:
-            raise ValueError("train() needs a config")
-        if max_steps is not None:
-            cfg.train.max_steps = max_steps
-            cfg.validate()
-        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-        if ckpt_lib.list_checkpoints(run_dir):
-            raise ValueError(
-                f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it, "
-                "or choose another --out"
-            )
-        if (run_dir / METRICS).exists():
-            raise ValueError(
-                f"--out {str(run_dir)!r} holds a run stopped before its first checkpoint (nothing to "
-                "resume): delete the directory or choose another --out"
-            )
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"--out {str(run_dir)!r} is a file: it must be a new or empty directory")
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            raise ValueError(
-                f"--out {str(run_dir)!r} is a directory that is not empty and holds no run: choose a new "
-                "or empty directory (pkmem writes config.json, tokenizer.json, plots/, ... there)"
-            )
-        if cfg.train.data_path is not None:  # absolute: the run resumes and evaluates from anywhere
-            cfg.train.data_path = _absolute(cfg.train.data_path)
-    t = cfg.train
-    if t.data != "stdlib":  # a missing --data-path is reported before anything is written
-        source_fingerprint(t.data, t.data_path)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    t = run.cfg.train
+    stopped_early = False
+    loop_t0 = time.perf_counter()
+    state.window_t0 = time.perf_counter()
+    run.model.train()
+    if run.tracker is not None:
+        run.tracker.start()
+    interrupt = _GracefulInterrupt().install()
     try:
-        return _train(cfg, run_dir, resumed, progress, log)
-    except BaseException:
-        if created and not ckpt_lib.list_checkpoints(run_dir):  # nothing worth keeping
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        while state.step < t.max_steps:
+            state.step += 1
+            train_step(run, state)
+            out_of_time = t.max_time_s is not None and time.perf_counter() - loop_t0 >= t.max_time_s
+            stop = interrupt.requested  # read once: a Ctrl-C arriving later is handled next step
+            last = state.step == t.max_steps or out_of_time or stop
+            do_ckpt = last or (t.ckpt_every and state.step % t.ckpt_every == 0)
+            do_eval = t.eval_every and state.step % t.eval_every == 0 and not last
+            if state.step % t.log_every == 0 or do_ckpt or do_eval or last:
+                log_window(run, state)
+            if do_eval:
+                periodic_evaluation(run, state)
+            if do_ckpt:
+                save(run, state)
+            if stop:
+                resume_with = f"--out {run.dir} --resume"
+                log(f"\ninterrupted at step {state.step}: checkpoint saved; continue with {resume_with}")
+                raise KeyboardInterrupt
+            if out_of_time:
+                stopped_early = state.step < t.max_steps
+                if stopped_early:
+                    log(
+                        f"max_time_s={t.max_time_s} reached at step {state.step}: stopping (checkpoint saved)"
+                    )
+                break
+    finally:
+        interrupt.uninstall()
+    if run.pbar is not None:
+        run.pbar.close()
+    if state.last_saved != state.step:
+        save(run, state)
+    return stopped_early
+
+
+def train_step(run: Run, state: LoopState) -> None:
+    """One optimizer step (``grad_accum`` micro-batches) at ``state.step``; its loss stays on the device."""
+    t, model, device = run.cfg.train, run.model, run.device
+    state.lr = set_lr(run.optimizer, run.cfg, state.step)
+    B, T, A = t.batch_size, run.cfg.model.seq_len, t.grad_accum
+    train_tokens = run.data.tokens("train")
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(A):
+        xy = torch.from_numpy(sample_batch(train_tokens, B, T, t.seed, state.step, micro))
+        if device.type == "cuda":
+            xy = xy.pin_memory()
+        xy = xy.to(device, non_blocking=True)
+        with autocast(device, t.precision):
+            logits = run.forward(xy[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
+        (loss / A).backward()
+        loss_sum += loss.detach() / A
+    state.norms = clip_grad_norm(model, t.grad_clip, t.value_grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.losses.append(loss_sum)
+    state.window_steps += 1
+    if run.pbar is not None:
+        run.pbar.update(1)
+
+
+def set_lr(optimizer, cfg: Config, step: int) -> float:
+    """Set every group's learning rate for ``step``; returns the base (non-value) learning rate.
+
+    The values follow the same warm-up; after it, the schedule too (``value_schedule="same"``) or
+    stay at ``value_lr`` (``"constant"``, as the paper's code).
+    """
+    t = cfg.train
+    factor = lr_factor(step, t.schedule, t.warmup_steps, t.lr_decay_steps or t.max_steps, t.min_lr_ratio)
+    value_factor = factor
+    if t.value_schedule == "constant":
+        value_factor = lr_factor(step, "constant", t.warmup_steps, t.max_steps)
+    for g in optimizer.param_groups:
+        g["lr"] = t.value_lr * value_factor if g.get("name") == "values" else t.lr * factor
+    return t.lr * factor
+
+
+def log_window(run: Run, state: LoopState) -> dict:
+    """Read the window's losses (the loop's one host sync), append a train record to metrics.jsonl,
+    TensorBoard and the progress bar; raise FloatingPointError on a non-finite loss."""
+    if not state.losses:
+        return state.last_record
+    losses = torch.stack(state.losses).tolist()
+    dt = time.perf_counter() - state.window_t0
+    state.train_seconds += dt
+    rec = {
+        "type": "train",
+        "step": state.step,
+        "tokens": state.step * run.tokens_per_step,
+        "loss": float(np.mean(losses)),
+        "losses": losses,
+        "lr": state.lr,
+        "grad_norm": float(state.norms[0]),
+        "value_grad_norm": float(state.norms[1]),
+        "tokens_per_s": state.window_steps * run.tokens_per_step / max(dt, 1e-9),
+        "elapsed_s": time.perf_counter() - run.t_start,
+    }
+    if run.tracker is not None:
+        mems = memory_report(run.tracker, _layer_of(run.model))
+        rec["memories"] = [{"layer": m["layer"], "usage": m["usage"], "kl": m["kl"]} for m in mems]
+        run.tracker.reset()
+    _append_jsonl(run.metrics_path, rec)
+    if run.tb is not None:
+        run.tb.add_scalar("train/loss", rec["loss"], state.step)
+        run.tb.add_scalar("train/lr", state.lr, state.step)
+        run.tb.add_scalar("train/tokens_per_s", rec["tokens_per_s"], state.step)
+        for m in rec.get("memories", []):
+            run.tb.add_scalar(f"memory/L{m['layer']}/usage", m["usage"], state.step)
+            run.tb.add_scalar(f"memory/L{m['layer']}/kl", m["kl"], state.step)
+    if run.pbar is not None:
+        post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+        if rec.get("memories"):
+            post["mem"] = " ".join(f"L{m['layer']}:{100 * m['usage']:.0f}%" for m in rec["memories"])
+        run.pbar.set_postfix(post, refresh=False)
+    state.losses, state.window_t0, state.window_steps = [], time.perf_counter(), 0
+    state.last_record = rec
+    if not math.isfinite(rec["loss"]):
+        raise FloatingPointError(f"the training loss is {rec['loss']} at step {state.step}: lower lr")
+    return rec
+
+
+def evaluate_split(run: Run, split: str, max_tokens: int | None) -> dict:
+    """:func:`pkmem.train.evaluate.evaluate` of the model on ``split`` (the training usage paused)."""
+    if run.tracker is not None:
+        run.tracker.stop()
+    splits = run.data.meta["splits"]
+    words_per_token = splits["valid"]["words"] / max(1, splits["valid"]["tokens"])
+    t = run.cfg.train
+    res = evaluate(
+        run.model,
+        run.data.tokens(split),
+        run.cfg.model.seq_len,
+        t.eval_batch_size or t.batch_size,
+        run.device,
+        t.precision,
+        max_tokens=max_tokens,
+        is_bytes=run.tok.is_bytes,
+        words_per_token=words_per_token if split == "valid" else None,
+        forward=run.forward,
+    )
+    if run.tracker is not None:
+        run.tracker.start()
+    return res
+
+
+def periodic_evaluation(run: Run, state: LoopState) -> None:
+    """``eval_tokens`` of the validation split, recorded in metrics.jsonl and TensorBoard."""
+    res = evaluate_split(run, "valid", run.cfg.train.eval_tokens)
+    _append_jsonl(run.metrics_path, {"type": "eval", "split": "valid", "step": state.step, **res})
+    if run.tb is not None:
+        run.tb.add_scalar("valid/loss", res["loss"], state.step)
+    state.window_t0 = time.perf_counter()
+
+
+def save(run: Run, state: LoopState) -> Path:
+    """A checkpoint of the model, optimizer, RNG states and the run's config at ``state.step``."""
+    t, step = run.cfg.train, state.step
+    meta = run.data.meta
+    ckpt_state = {
+        "config": run.cfg.to_dict(),
+        "rng": ckpt_lib.rng_state(),
+        "data_position": {"step": step, "seed": t.seed, "note": "batches are a function of (seed, step)"},
+        "tokens": step * run.tokens_per_step,
+        "metrics": {k: v for k, v in state.last_record.items() if k not in ("losses", "memories")},
+        "data": {k: meta[k] for k in ("source", "data_path", "fingerprint", "tokenizer", "vocab_size")},
+        "pkmem_version": __import__("pkmem").__version__,
+        "torch_version": torch.__version__,
+    }
+    path = ckpt_lib.save_checkpoint(
+        run.dir, step, run.model, run.optimizer, ckpt_state, run.tok.to_json(), t.keep_checkpoints
+    )
+    state.last_saved, state.window_t0 = step, time.perf_counter()
+    return path
+
+
+# ---- the end ----------------------------------------------------------------------------------------
+def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
+    """Evaluate the final model on the validation split, write eval_valid.json and the plots; returns
+    the run's summary. A resumed run that had finished already only reports (its records stay)."""
+    t, T, tok = run.cfg.train, run.cfg.model.seq_len, run.tok
+    res = evaluate_split(run, "valid", t.final_eval_tokens)
+    if run.tracker is not None:
+        run.tracker.stop()
+    valid = run.data.tokens("valid")
+    starts = eval_windows(len(valid), T, t.final_eval_tokens)
+    targets = np.asarray(valid[(starts[:, None] + np.arange(1, T + 1)).reshape(-1)])
+    res["unigram_bits_per_token"] = unigram_bits(run.data.tokens("train"), targets, tok.vocab_size)
+    res.update(
+        {
+            "step": state.step,
+            "split": "valid",
+            "train_seconds": state.train_seconds,
+            "stopped_early": stopped_early,
+        }
+    )
+    finished_before = run.start_step >= t.max_steps  # resumed after the end: nothing was trained
+    if not finished_before:
+        _append_jsonl(run.metrics_path, {"type": "eval", **res})
+        atomic_write_bytes(run.dir / "eval_valid.json", json.dumps(res, indent=1).encode())
+    if run.tb is not None:
+        run.tb.add_scalar("valid/loss", res["loss"], state.step)
+        run.tb.close()
+    plots = []
+    try:
+        from pkmem.train.plot import plot_runs
+
+        plots = plot_runs([run.dir], run.dir / "plots")
+    except ImportError as e:  # matplotlib missing: the run itself is complete
+        log(f"no plots: {e}")
+    tokens_trained = (state.step - run.start_step) * run.tokens_per_step
+    summary = {
+        "run_dir": str(run.dir),
+        "step": state.step,
+        "tokens": state.step * run.tokens_per_step,
+        "wall_s": time.perf_counter() - run.t_start,
+        "train_tokens_per_s": tokens_trained / max(state.train_seconds, 1e-9),
+        "valid": res,
+        "plots": [str(p) for p in plots],
+    }
+    unit = "bits per byte" if tok.is_bytes else "bits per token"
+    log(
+        f"done: step {state.step}, {summary['tokens']:,} tokens, {summary['wall_s']:.0f} s "
+        f"({summary['train_tokens_per_s']:,.0f} training tokens/s)"
+    )
+    log(
+        f"validation: {res['bits_per_token']:.3f} {unit} (loss {res['loss']:.3f}, ppl {res['ppl']:.2f}); "
+        f"unigram baseline {res['unigram_bits_per_token']:.3f} {unit}"
+    )
+    for m in res["memories"]:
+        log(f"memory layer {m['layer']}: usage {100 * m['usage']:.1f}%, KL {m['kl']:.3f}")
+    log(f"run directory: {run.dir} (checkpoint, {METRICS}, plots/)")
+    return summary
+
+
+# ---- small pieces -----------------------------------------------------------------------------------
+def _layer_of(model) -> dict[str, int]:
+    return {name: layer for layer, name, _ in model.memories()}
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
 class _GracefulInterrupt:
@@ -298,277 +721,7 @@ class _GracefulInterrupt:
             self._previous = None
 
 
-def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool, log) -> dict:
-    t = cfg.train
-    device = resolve_device(t.device)
-    t_start = time.perf_counter()
-
-    # data and tokenizer
-    run_tok = load_tokenizer(resumed["dir"] / "tokenizer.json") if resumed else None
-    data = load_data_for(cfg, run_dir, tokenizer=run_tok, log=log)
-    tok = data.tokenizer
-    cfg.model.vocab_size = tok.vocab_size
-    tok.save(run_dir / "tokenizer.json")
-    train_tokens = data.tokens("train")
-
-    # model and optimizer
-    from pkmem.optim import clip_grad_norm, make_optimizer
-
-    model = build_model(cfg, device)
-    optimizer = make_optimizer(
-        model,
-        lr=t.lr,
-        value_lr=t.value_lr,
-        betas=tuple(t.betas),
-        eps=t.eps,
-        weight_decay=t.weight_decay,
-        value_weight_decay=t.value_weight_decay,
-    )
-    step = 0
-    if resumed:
-        ckpt_lib.load_model_state(model, resumed["model"], str(resumed["dir"] / "model.safetensors"))
-        if resumed["optimizer"] is not None:
-            optimizer.load_state_dict(resumed["optimizer"])
-        ckpt_lib.set_rng_state(resumed["state"].get("rng", {}))
-        step = int(resumed["state"]["step"])
-        _truncate_metrics(run_dir / METRICS, step)
-        log(f"resuming {run_dir} from step {step} ({resumed['dir'].name})")
-        if step >= t.max_steps:
-            log(f"the run is already at step {step} >= max_steps={t.max_steps}: evaluating only")
-    finished_before = bool(resumed) and step >= t.max_steps  # its records are written already
-    atomic_write_bytes(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
-    forward = torch.compile(model) if t.compile else model
-    n_params = model.num_parameters()
-    n_dense = model.num_parameters(values=False)
-    log(
-        f"model: {cfg.model.n_layers} layers, dim {cfg.model.dim}, memories at layers "
-        f"{list(model.mem_layer_indices) or 'none'} ({cfg.model.mem_mode}); {n_params / 1e6:.2f}M parameters "
-        f"({n_dense / 1e6:.2f}M without memory values); device {device}"
-    )
-    log(f"data: {data.meta['description']}, {len(train_tokens):,} training tokens ({tok.kind} tokenizer)")
-
-    B, T, A = t.batch_size, cfg.model.seq_len, t.grad_accum
-    tokens_per_step = B * T * A
-    words_per_token = data.meta["splits"]["valid"]["words"] / max(1, data.meta["splits"]["valid"]["tokens"])
-    eval_bs = t.eval_batch_size or B
-    tracker = _usage_tracker(model, t.track_usage)
-    layer_of = {name: layer for layer, name, _ in model.memories()}
-    tb = _tensorboard(run_dir, t.tensorboard)
-    metrics_path = run_dir / METRICS
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        tty = sys.stderr.isatty()
-        pbar = tqdm(
-            total=t.max_steps,
-            initial=step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.2 if tty else 15.0,  # a log file gets a line every 15 s, not a flood
-        )
-
-    def do_eval(split: str, max_tokens: int | None) -> dict:
-        if tracker is not None:
-            tracker.stop()
-        res = evaluate(
-            model,
-            data.tokens(split),
-            T,
-            eval_bs,
-            device,
-            t.precision,
-            max_tokens=max_tokens,
-            is_bytes=tok.is_bytes,
-            words_per_token=words_per_token if split == "valid" else None,
-            forward=forward,
-        )
-        if tracker is not None:
-            tracker.start()
-        return res
-
-    step_losses: list[torch.Tensor] = []
-    window_t0, window_steps = time.perf_counter(), 0
-    train_seconds = 0.0
-    last_saved = step if resumed else -1
-    last_record: dict = {}
-    stopped_early = False
-    model.train()
-    if tracker is not None:
-        tracker.start()
-
-    def flush_log(step: int, lr: float, norms) -> dict:
-        nonlocal window_t0, window_steps, step_losses, train_seconds
-        if not step_losses:
-            return last_record
-        losses = torch.stack(step_losses).tolist()  # the one host sync of a logging window
-        dt = time.perf_counter() - window_t0
-        train_seconds += dt
-        rec = {
-            "type": "train",
-            "step": step,
-            "tokens": step * tokens_per_step,
-            "loss": float(np.mean(losses)),
-            "losses": losses,
-            "lr": lr,
-            "grad_norm": float(norms[0]),
-            "value_grad_norm": float(norms[1]),
-            "tokens_per_s": window_steps * tokens_per_step / max(dt, 1e-9),
-            "elapsed_s": time.perf_counter() - t_start,
-        }
-        if tracker is not None:
-            mems = memory_report(tracker, layer_of)
-            rec["memories"] = [{"layer": m["layer"], "usage": m["usage"], "kl": m["kl"]} for m in mems]
-            tracker.reset()
-        _append_jsonl(metrics_path, rec)
-        if tb is not None:
-            tb.add_scalar("train/loss", rec["loss"], step)
-            tb.add_scalar("train/lr", lr, step)
-            tb.add_scalar("train/tokens_per_s", rec["tokens_per_s"], step)
-            for m in rec.get("memories", []):
-                tb.add_scalar(f"memory/L{m['layer']}/usage", m["usage"], step)
-                tb.add_scalar(f"memory/L{m['layer']}/kl", m["kl"], step)
-        if pbar is not None:
-            post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-            if rec.get("memories"):
-                post["mem"] = _fmt_mem(rec["memories"])
-            pbar.set_postfix(post, refresh=False)
-        step_losses, window_t0, window_steps = [], time.perf_counter(), 0
-        return rec
-
-    def save(step: int) -> Path:
-        state = {
-            "config": cfg.to_dict(),
-            "rng": ckpt_lib.rng_state(),
-            "data_position": {"step": step, "seed": t.seed, "note": "batches are a function of (seed, step)"},
-            "tokens": step * tokens_per_step,
-            "metrics": {k: v for k, v in last_record.items() if k not in ("losses", "memories")},
-            "data": {
-                k: data.meta[k] for k in ("source", "data_path", "fingerprint", "tokenizer", "vocab_size")
-            },
-            "pkmem_version": __import__("pkmem").__version__,
-            "torch_version": torch.__version__,
-        }
-        return ckpt_lib.save_checkpoint(
-            run_dir, step, model, optimizer, state, tok.to_json(), t.keep_checkpoints
-        )
-
-    lr = cfg.train.lr
-    norms = (torch.zeros(()), torch.zeros(()))
-    loop_t0 = time.perf_counter()
-    interrupt = _GracefulInterrupt().install()
-    try:
-        while step < t.max_steps:
-            step += 1
-            factor = lr_factor(
-                step, t.schedule, t.warmup_steps, t.lr_decay_steps or t.max_steps, t.min_lr_ratio
-            )
-            lr = _set_lr(optimizer, cfg, factor)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(A):
-                xy = torch.from_numpy(sample_batch(train_tokens, B, T, t.seed, step, micro))
-                if device.type == "cuda":
-                    xy = xy.pin_memory()
-                xy = xy.to(device, non_blocking=True)
-                with autocast(device, t.precision):
-                    logits = forward(xy[:, :-1])
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
-                (loss / A).backward()
-                loss_sum += loss.detach() / A
-            norms = clip_grad_norm(model, t.grad_clip, t.value_grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_losses.append(loss_sum)
-            window_steps += 1
-            if pbar is not None:
-                pbar.update(1)
-            out_of_time = t.max_time_s is not None and time.perf_counter() - loop_t0 >= t.max_time_s
-            stop = interrupt.requested  # read once: a Ctrl-C arriving later is handled next step
-            last = step == t.max_steps or out_of_time or stop
-            do_ckpt = last or (t.ckpt_every and step % t.ckpt_every == 0)
-            do_eval_now = t.eval_every and step % t.eval_every == 0 and not last
-            if step % t.log_every == 0 or do_ckpt or do_eval_now or last:
-                last_record = flush_log(step, lr, norms)
-                if not math.isfinite(last_record["loss"]):
-                    raise FloatingPointError(
-                        f"the training loss is {last_record['loss']} at step {step}: lower lr"
-                    )
-            if do_eval_now:
-                res = do_eval("valid", t.eval_tokens)
-                _append_jsonl(metrics_path, {"type": "eval", "split": "valid", "step": step, **res})
-                if tb is not None:
-                    tb.add_scalar("valid/loss", res["loss"], step)
-                window_t0 = time.perf_counter()
-            if do_ckpt:
-                save(step)
-                last_saved = step
-                window_t0 = time.perf_counter()
-            if stop:
-                log(f"\ninterrupted at step {step}: checkpoint saved; continue with --out {run_dir} --resume")
-                raise KeyboardInterrupt
-            if out_of_time:
-                stopped_early = step < t.max_steps
-                if stopped_early:
-                    log(f"max_time_s={t.max_time_s} reached at step {step}: stopping (checkpoint saved)")
-                break
-    finally:
-        interrupt.uninstall()
-    if pbar is not None:
-        pbar.close()
-    if last_saved != step:
-        save(step)
-
-    # final evaluation on the validation split
-    res = do_eval("valid", t.final_eval_tokens)
-    if tracker is not None:
-        tracker.stop()
-    valid = data.tokens("valid")
-    starts = eval_windows(len(valid), T, t.final_eval_tokens)
-    targets = np.asarray(valid[(starts[:, None] + np.arange(1, T + 1)).reshape(-1)])
-    res["unigram_bits_per_token"] = unigram_bits(train_tokens, targets, tok.vocab_size)
-    res.update(
-        {"step": step, "split": "valid", "train_seconds": train_seconds, "stopped_early": stopped_early}
-    )
-    if not finished_before:  # a resumed finished run only reports: its records stay as they are
-        _append_jsonl(metrics_path, {"type": "eval", **res})
-        atomic_write_bytes(run_dir / "eval_valid.json", json.dumps(res, indent=1).encode())
-    if tb is not None:
-        tb.add_scalar("valid/loss", res["loss"], step)
-        tb.close()
-    plots = []
-    try:
-        from pkmem.train.plot import plot_runs
-
-        plots = plot_runs([run_dir], run_dir / "plots")
-    except ImportError as e:  # matplotlib missing: the run itself is complete
-        log(f"no plots: {e}")
-    summary = {
-        "run_dir": str(run_dir),
-        "step": step,
-        "tokens": step * tokens_per_step,
-        "wall_s": time.perf_counter() - t_start,
-        "train_tokens_per_s": (step - (int(resumed["state"]["step"]) if resumed else 0))
-        * tokens_per_step
-        / max(train_seconds, 1e-9),
-        "valid": res,
-        "plots": [str(p) for p in plots],
-    }
-    unit = "bits per byte" if tok.is_bytes else "bits per token"
-    log(
-        f"done: step {step}, {summary['tokens']:,} tokens, {summary['wall_s']:.0f} s "
-        f"({summary['train_tokens_per_s']:,.0f} training tokens/s)"
-    )
-    log(
-        f"validation: {res['bits_per_token']:.3f} {unit} (loss {res['loss']:.3f}, ppl {res['ppl']:.2f}); "
-        f"unigram baseline {res['unigram_bits_per_token']:.3f} {unit}"
-    )
-    for m in res["memories"]:
-        log(f"memory layer {m['layer']}: usage {100 * m['usage']:.1f}%, KL {m['kl']:.3f}")
-    log(f"run directory: {run_dir} (checkpoint, {METRICS}, plots/)")
-    return summary
-
-
+# ---- evaluating a finished run ----------------------------------------------------------------------
 def evaluate_run(
     path: str | os.PathLike,
     data: str | None = None,
@@ -582,14 +735,15 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a run's newest checkpoint (or a checkpoint) on a split of its data or of other data."""
     if split not in ("valid", "test", "train"):
-        raise ValueError(f"--split {split!r} is not allowed: split must be valid or test (or train)")
+        raise not_allowed("--split", split, "valid or test (or train)")
     dev = resolve_device(device)
-    model, cfg, tok, ck = load_run(path, dev)
+    overrides = []  # other data: --data alone drops the run's data_path, --data-path alone keeps its source
+    if data is not None:
+        overrides += [f"data={data}", f"data_path={data_path if data_path is not None else 'null'}"]
+    elif data_path is not None:
+        overrides.append(f"data_path={data_path}")
+    model, cfg, tok, ck = load_run(path, dev, overrides=overrides)
     run_dir = ck["dir"].parent.parent
-    if data is not None or data_path is not None:
-        cfg.train.data = data or cfg.train.data
-        cfg.train.data_path = data_path if data_path is not None else (None if data else cfg.train.data_path)
-        cfg.train.validate()
     data_obj = load_data_for(cfg, run_dir, tokenizer=tok, log=log)  # the run's tokenizer, whatever the data
     stats = data_obj.meta["splits"][split]
     res = evaluate(

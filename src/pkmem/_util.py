@@ -1,0 +1,40 @@
+"""Small helpers shared across pkmem: the "is not allowed" error and atomic file writes.
+
+Torch-free: the ``pkmem`` command imports it before it knows whether torch is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["not_allowed", "atomic_write_bytes"]
+
+
+def not_allowed(name: str, value, allowed: str) -> ValueError:
+    """The ValueError for a bad input: ``name=value is not allowed: name must be <allowed>``.
+
+    ``name`` is what the user wrote (an argument, a config key such as ``memory.topk``, or a
+    command-line flag: ``--seq-len 0 is not allowed: --seq-len must be >= 1``). Returned, not
+    raised: ``raise not_allowed("topk", topk, "an int in [1, num_keys]")``.
+    """
+    shown = f"{name} {value!r}" if name.startswith("-") else f"{name}={value!r}"
+    return ValueError(f"{shown} is not allowed: {name} must be {allowed}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
