@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -140,8 +138,13 @@ def _table3() -> list[Variant]:
 def _table4() -> list[Variant]:
     out = [BASELINE]
     for n in (128, 256):
-        out.append(Variant(f"{_size(n)} flat keys", (f"memory.num_keys={n}", "memory.product_keys=false"),
-                           _paper(_T4_FLAT[n])))
+        out.append(
+            Variant(
+                f"{_size(n)} flat keys",
+                (f"memory.num_keys={n}", "memory.product_keys=false"),
+                _paper(_T4_FLAT[n]),
+            )
+        )
         out.append(Variant(f"{_size(n)} product keys", (f"memory.num_keys={n}",), _paper(_T2[(n, True)])))
     return out
 
@@ -191,7 +194,9 @@ JOBS: dict[str, Job] = {
             seeds=(0, 1, 2),
         ),
         Job("table2", "Table 2 / Fig. 5: memory size x query BatchNorm", tuple(_table2()), steps=2000),
-        Job("table3", "Table 3 / Fig. 6: memory position; heads x k at h*k = 64", tuple(_table3()), steps=2000),
+        Job(
+            "table3", "Table 3 / Fig. 6: memory position; heads x k at h*k = 64", tuple(_table3()), steps=2000
+        ),
         Job("table4", "Table 4: flat keys vs product keys", tuple(_table4()), steps=2000),
         Job(
             "table1",
@@ -200,8 +205,12 @@ JOBS: dict[str, Job] = {
             steps=2000,
             paper_setting="paper Table 1: dimension 1024, 16 heads, CC-News BPE, test perplexity",
         ),
-        Job("recipe", "What makes a memory pay off at this scale (validation split only)", tuple(_recipe()),
-            steps=3000),
+        Job(
+            "recipe",
+            "What makes a memory pay off at this scale (validation split only)",
+            tuple(_recipe()),
+            steps=3000,
+        ),
     )
 }
 
@@ -271,9 +280,18 @@ def _train_cmd(run: Run, args) -> list[str]:
     return cmd + ([] if "--resume" in cmd else run.overrides)
 
 
-def _test_cmd(run: Run) -> list[str]:
-    return [*_python(), "eval", str(run.dir), "--split", "test", "--json", "--output",
-            str(run.dir / "eval_test.json")]
+def _test_cmd(run: Run, args) -> list[str]:
+    cmd = [
+        *_python(),
+        "eval",
+        str(run.dir),
+        "--split",
+        "test",
+        "--json",
+        "--output",
+        str(run.dir / "eval_test.json"),
+    ]
+    return cmd + (["--max-tokens", "1024"] if args.tiny else [])
 
 
 def _env(gpu: str | None) -> dict:
@@ -324,17 +342,39 @@ def _prepare_cache(args) -> None:
 
 # ---- timing -----------------------------------------------------------------------------------------
 def time_steps(job: Job, args, log) -> dict[str, float]:
-    """Seconds per training step of each variant, alone on the device (median of timed steps)."""
+    """Seconds per training step of each variant, alone on the device: the loop's own step
+    (:func:`pkmem.train.loop.train_step`, usage tracking on), median of ``--time-steps`` after warm-up."""
+    import tempfile
+
     import torch
 
     from pkmem.config import load_config
-    from pkmem.train.loop import time_train_steps
+    from pkmem.train.loop import LoopState, set_up, train_step
+
+    def sync() -> None:
+        if torch.cuda.is_available() and args.device != "cpu":
+            torch.cuda.synchronize()
 
     out = {}
     for v in job.variants:
         cfg = load_config(BASE, plan_runs(Job(job.name, "", (v,), job.steps), args)[0].overrides)
         try:
-            out[v.name] = time_train_steps(cfg, steps=args.time_steps, warmup=max(3, args.time_steps // 3))
+            with tempfile.TemporaryDirectory() as d:
+                run = set_up(cfg, Path(d), None, progress=False, log=lambda *a: None)
+                state = LoopState(step=0, lr=cfg.train.lr)
+                run.model.train()
+                if run.tracker is not None:
+                    run.tracker.start()
+                times = []
+                for _ in range(max(3, args.time_steps // 3) + args.time_steps):
+                    sync()
+                    t0 = time.perf_counter()
+                    state.step += 1
+                    train_step(run, state)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                out[v.name] = statistics.median(times[-args.time_steps :])
+                del run, state
         except (RuntimeError, ValueError) as e:  # out of memory, say: the run itself may still have trained
             log(f"  timing {v.name}: {type(e).__name__}: {e}")
         log(f"  {v.name}: {1000 * out.get(v.name, float('nan')):.1f} ms/step")
@@ -359,7 +399,7 @@ def _curve(run: Run) -> list[tuple[int, float]]:
     """(step, bits per byte) of the periodic evaluations on the validation subset."""
     pts = {}
     for r in _read_jsonl(run.dir / "metrics.jsonl"):
-        if r.get("type") == "eval" and r.get("split", "valid") == "valid" and "final" not in r:
+        if r.get("type") == "eval" and r.get("split") == "valid" and "stopped_early" not in r:
             if r.get("tokens_evaluated", r.get("tokens")) and r.get("bpb") is not None:
                 pts[int(r["step"])] = float(r["bpb"])
     return sorted(pts.items())
@@ -456,11 +496,18 @@ def summarize(job: Job, runs: list[Run], args, step_s: dict[str, float], noise_s
             "test_bpb": _mean_sd([r["test_bpb"] for r in rows]),
             "usage": _mean_sd([r["usage"] for r in rows])[0],
             "kl": _mean_sd([r["kl"] for r in rows])[0],
-            "diff_valid": {"mean": mean, "sd": sd, "n": len(diffs), "sd_used": ref_sd,
-                           "sd_from": "this job" if sd is not None else ("noise job" if noise_sd else None)},
+            "diff_valid": {
+                "mean": mean,
+                "sd": sd,
+                "n": len(diffs),
+                "sd_used": ref_sd,
+                "sd_from": "this job" if sd is not None else ("noise job" if noise_sd else None),
+            },
             "diff_test": {"mean": t_mean, "sd": t_sd, "n": len(test_diffs)},
             "verdict_valid": _verdict(mean, ref_sd) if v is not base else "baseline",
-            "verdict_test": _verdict(t_mean, t_sd if t_sd is not None else noise_sd) if v is not base else "baseline",
+            "verdict_test": _verdict(t_mean, t_sd if t_sd is not None else noise_sd)
+            if v is not base
+            else "baseline",
             "diff_curves": curves,
             "step_s": step_s.get(v.name),
             "params": params,
@@ -481,7 +528,8 @@ def summarize(job: Job, runs: list[Run], args, step_s: dict[str, float], noise_s
                 "valid_subset_bpb": _mean_sd(vals)[0],
                 "diff": _mean_sd(paired)[0],
                 "note": "validation subset; beyond its last step a faster variant is held at its final value"
-                if step > args.steps else "validation subset",
+                if step > args.steps
+                else "validation subset",
             }
     return {
         "job": job.name,
@@ -529,8 +577,15 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             out[name] = None
     try:
-        out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent).stdout.strip() or None
+        out["git"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         out["git"] = None
     return out
@@ -546,7 +601,7 @@ def _pm(ms: tuple, fmt: str = ".4f") -> str:
     m, s = ms
     if m is None:
         return "–"
-    return f"{m:{fmt}}" + (f" ± {s:{fmt}}" if s is not None else "")
+    return f"{m:{fmt}}" + (f" ± {s:{fmt.lstrip('+')}}" if s is not None else "")
 
 
 def markdown(res: dict) -> str:
@@ -558,11 +613,18 @@ def markdown(res: dict) -> str:
     for v in res["variants"]:
         d, dt, p, eq = v["diff_valid"], v["diff_test"], v["paper"] or {}, v["equal_time"] or {}
         cells = [v["name"], _pm(v["valid_bpb"])]
-        cells += ["–" if v["verdict_valid"] == "baseline" else _pm((d["mean"], d["sd"]), "+.4f"), v["verdict_valid"]]
+        cells += [
+            "–" if v["verdict_valid"] == "baseline" else _pm((d["mean"], d["sd"]), "+.4f"),
+            v["verdict_valid"],
+        ]
         cells += [_f(v["usage"], pct=True), _f(v["kl"], ".2f")]
         if has_test:
-            cells += [_pm(v["test_bpb"]), "–" if v["verdict_test"] == "baseline" else _pm((dt["mean"], dt["sd"]), "+.4f")]
-        cells += [_f(v["step_s"] and 1000 * v["step_s"], ".1f"), _f(eq.get("diff"), "+.4f")]
+            cells += [
+                _pm(v["test_bpb"]),
+                "–" if v["verdict_test"] == "baseline" else _pm((dt["mean"], dt["sd"]), "+.4f"),
+            ]
+        base = v["verdict_valid"] == "baseline"
+        cells += [_f(v["step_s"] and 1000 * v["step_s"], ".1f"), "–" if base else _f(eq.get("diff"), "+.4f")]
         cells += [f"{v['params'] / 1e6:.1f}M ({v['value_params'] / 1e6:.1f}M)", _f(p.get("ppl"), ".1f")]
         cells += [_f(p.get("usage"), pct=True), _f(p.get("kl"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -608,13 +670,20 @@ def plot(res: dict, path: Path) -> Path | None:
         (line,) = ax.plot(x, mean, marker="o", ms=3, label=v["name"])
         if len(curves) > 1:
             sd = [statistics.stdev(y) for y in ys]
-            ax.fill_between(x, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
-                            color=line.get_color(), alpha=0.15)
+            ax.fill_between(
+                x,
+                [m - s for m, s in zip(mean, sd)],
+                [m + s for m, s in zip(mean, sd)],
+                color=line.get_color(),
+                alpha=0.15,
+            )
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("Δ bits per byte vs baseline (same seed)")
-    ax.set_title(f"{res['title']}\nenwik8 validation subset; below 0 = better than {res['variants'][0]['name']}",
-                 fontsize=9)
+    ax.set_title(
+        f"{res['title']}\nenwik8 validation subset; below 0 = better than {res['variants'][0]['name']}",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -633,14 +702,20 @@ def _atomic_write(path: Path, text: str) -> None:
 
 # ---- main -------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s JOB [options] [key=value ...]")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], usage="%(prog)s JOB [options] [key=value ...]"
+    )
     p.add_argument("job", choices=list(JOBS), help="which table")
     p.add_argument("--data-path", required=True, help="enwik8, enwik8.gz or enwik8.zip")
     p.add_argument("--out", default="runs/repro", help="runs and results (default: runs/repro)")
     p.add_argument("--steps", type=int, help="training steps per run (default: the job's)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the job's)")
-    p.add_argument("--gpus", default="0", help="comma-separated CUDA devices, one process each at a time "
-                   "times --jobs (default: 0); ignored with --device cpu")
+    p.add_argument(
+        "--gpus",
+        default="0",
+        help="comma-separated CUDA devices, one process each at a time "
+        "times --jobs (default: 0); ignored with --device cpu",
+    )
     p.add_argument("--jobs", type=int, default=4, help="runs side by side per GPU (default 4)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--variants", help="comma-separated indices of the job's variants to run (default: all)")
@@ -649,7 +724,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke test on the CPU")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     job = JOBS[args.job]
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else job.steps)
     if args.steps < 1:
@@ -674,7 +749,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except ValueError:
             p.error(f"--variants {args.variants!r} is not allowed: give comma-separated variant indices")
         if idx[0] < 0 or idx[-1] >= len(job.variants):
-            p.error(f"--variants {args.variants!r} is not allowed: indices must be in [0, {len(job.variants) - 1}]")
+            p.error(
+                f"--variants {args.variants!r} is not allowed: indices must be in "
+                f"[0, {len(job.variants) - 1}]"
+            )
         if 0 not in idx:
             idx = [0, *idx]  # the baseline is always part of a table
         args.variant_indices = idx
@@ -686,28 +764,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     job = JOBS[args.job]
-    job = Job(job.name, job.title, tuple(job.variants[i] for i in args.variant_indices), job.steps,
-              job.seeds, job.extra, job.paper_setting)
+    job = Job(
+        job.name,
+        job.title,
+        tuple(job.variants[i] for i in args.variant_indices),
+        job.steps,
+        job.seeds,
+        job.extra,
+        job.paper_setting,
+    )
     out = Path(args.out)
     runs = plan_runs(job, args)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     todo = [r for r in runs if not r.done]
-    log(f"{job.title}: {len(job.variants)} variants x {len(args.seeds)} seeds, {args.steps} steps each; "
-        f"{len(runs) - len(todo)} done, {len(todo)} to train")
+    log(
+        f"{job.title}: {len(job.variants)} variants x {len(args.seeds)} seeds, {args.steps} steps each; "
+        f"{len(runs) - len(todo)} done, {len(todo)} to train"
+    )
     if args.dry_run:
         for r in runs:
-            log(f"[{'done' if r.done else 'todo'}] {r.variant.name} seed {r.seed}: {' '.join(_train_cmd(r, args))}")
+            log(
+                f"[{'done' if r.done else 'todo'}] {r.variant.name} seed {r.seed}: "
+                + " ".join(_train_cmd(r, args))
+            )
         return 0
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     gpus: list[str | None] = [None] if args.device == "cpu" else args.gpus
     if todo:
         _prepare_cache(args)
-        execute([(r, _train_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in todo], gpus, args.jobs, log)
-    tests = [r for r in runs if r.done and not (r.dir / "eval_test.json").is_file()] if not args.no_test else []
+        execute(
+            [(r, _train_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in todo], gpus, args.jobs, log
+        )
+    tests = (
+        [r for r in runs if r.done and not (r.dir / "eval_test.json").is_file()] if not args.no_test else []
+    )
     if tests:
         log(f"test split: {len(tests)} runs")
-        execute([(r, _test_cmd(r), r.dir.parent / f"{r.dir.name}.log") for r in tests], gpus, args.jobs, log)
+        execute(
+            [(r, _test_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in tests], gpus, args.jobs, log
+        )
     step_s = time_steps(job, args, log) if args.time_steps > 0 else {}
     noise = _load(out / "noise.json")
     noise_sd = None
@@ -722,7 +818,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"wrote {out / f'{job.name}.json'}, {out / f'{job.name}.md'}" + (f", {png}" if png else ""))
     failed = [r for r in runs if r.status == "failed"]
     if failed:
-        log(f"{len(failed)} run(s) failed: " + "; ".join(f"{r.variant.name} s{r.seed}: {r.error}" for r in failed))
+        log(
+            f"{len(failed)} run(s) failed: "
+            + "; ".join(f"{r.variant.name} s{r.seed}: {r.error}" for r in failed)
+        )
         return 1
     return 0
 
