@@ -6,24 +6,33 @@
 Each run trains a fresh byte-level :class:`pkmem.models.MemoryTransformer` on the sentences of
 ``N`` synthetic facts (:mod:`pkmem.tasks.facts`: ``"<name> lives in <city>."`` in four phrasings,
 100 cities) and measures **recall**: the fraction of facts whose city the model ranks first among
-all cities by log-likelihood, on the training phrasing and on a phrasing never trained on. The
-table is the number of facts recalled (above chance) against ``N`` for these variants, all at the
-same steps, batches (a function of seed and step) and learning rates:
+all cities by log-likelihood, on a training phrasing and on a phrasing never trained on. The table
+is the number of facts recalled above chance against ``N`` for these variants, all at the same
+steps, batches (a function of seed and step) and learning rates:
 
-- ``ffn``: the base model (4 layers, dim 128, 64-byte context; FFNs of 4 x dim);
-- ``ffn-flops``: every FFN widened so the model's forward FLOPs per token equal the largest
-  memory model's (its parameters stay far below);
-- ``ffn-params``: every FFN widened so the model's parameters equal the smallest memory model's
-  (its FLOPs are then far above every memory model's);
+- ``ffn``: the base model: 2 layers, dim 64, 2 heads, 64-byte context, FFNs of 4 x dim. It is
+  this small so that its capacity is spent within the budget: facts take a few hundred exposures
+  to be learnt, so a base whose capacity exceeds what the steps can teach would measure learning
+  speed instead (``--full`` trains 8000 steps and adds N = 256k; ``--dim``, ``--n-layers`` change
+  the base);
+- ``ffn-flops``: every FFN widened so that the forward FLOPs per token equal the largest memory
+  model's (its parameters stay far below);
+- ``ffn-params``: every FFN widened so that the parameters equal the smallest memory model's (its
+  FLOPs are then far above every memory model's; matching the larger memories' parameters with
+  dense FFNs would cost 4-16x more again, beyond the budget);
 - ``mem-64k``, ``mem-256k``, ``mem-1M``: a product-key memory of 256^2 / 512^2 / 1024^2 slots
-  (4 heads, top-32, 128-dim queries) in place of the FFN of layer 3.
+  (4 heads, top-32, 128-dim queries, query BatchNorm) in place of the FFN of layer 2.
+
+Training: AdamW from ``pkmem.make_optimizer`` (value tables in their own group at a 5x higher
+learning rate), linear warm-up then cosine decay, ``pkmem.clip_grad_norm``, bf16 autocast on CUDA.
 
 Small models leave a GPU mostly idle: ``--jobs K`` runs K (variant, N) jobs at once as separate
 processes on one GPU (``--gpus 0,1`` spreads them over GPUs). Resumable: a finished job writes
 ``runs/<variant>-<N>.json`` under ``--out`` and is not run again while its settings are unchanged.
 Writes ``results.json`` (device, versions, settings, every run's recall curve over steps and final
-recall on both query phrasings), ``results.md`` and ``facts.png``. ``--estimate`` prints the
-FLOPs, parameters and an estimated GPU time per variant and exits.
+recall on both query phrasings), ``results.md``, ``facts.png`` (facts recalled vs N) and
+``curves.png`` (recall over training steps). ``--estimate`` prints the FLOPs, parameters and an
+estimated H200 time per variant and exits.
 """
 
 from __future__ import annotations
@@ -45,13 +54,13 @@ from pathlib import Path
 
 # ---- settings -----------------------------------------------------------------------------------
 DEFAULT = {
-    "model": {"dim": 128, "n_layers": 4, "n_heads": 4, "seq_len": 64, "ffn_mult": 4.0, "memory_layer": 3},
+    "model": {"dim": 64, "n_layers": 2, "n_heads": 2, "seq_len": 64, "ffn_mult": 4.0, "memory_layer": 2},
     # ProductKeyMemory's own argument names; num_keys comes from memory_keys
     "memory": {"heads": 4, "topk": 32, "k_dim": 128, "query_norm": "batchnorm"},
     "memory_keys": [256, 512, 1024],
     "train": {
         "steps": 3000,
-        "batch_size": 512,
+        "batch_size": 1024,
         "lr": 2e-3,
         "value_lr": 1e-2,
         "warmup_steps": 100,
@@ -60,7 +69,8 @@ DEFAULT = {
         "seed": 0,
     },
     "facts": {"n_facts": [1024, 4096, 16384, 65536], "n_values": 100, "seed": 0},
-    "eval": {"queries": 2048, "curve_queries": 256, "curve_points": 8, "batch_size": 8192},
+    # batch_size: sequences per evaluation call (each query is n_values sequences of ~50 bytes)
+    "eval": {"queries": 2048, "curve_queries": 256, "curve_points": 8, "batch_size": 2048},
 }
 # --full: the issue's budget (~20 min of one H200): more steps, and 256k facts
 FULL = {"train": {"steps": 8000}, "facts": {"n_facts": [1024, 4096, 16384, 65536, 262144]}}
@@ -123,6 +133,18 @@ def model_config(s: dict, variant: str):
     )
 
 
+def memory_of(cfg) -> tuple[int, dict]:
+    """``(number of memories, the memory's ProductKeyMemory arguments)`` of a config made by
+    :func:`model_config` (each memory replaces its layer's FFN)."""
+    args = {
+        "heads": cfg.mem_heads,
+        "num_keys": cfg.mem_num_keys,
+        "topk": cfg.mem_topk,
+        "k_dim": cfg.mem_k_dim,
+    }
+    return len(cfg.memory_layers()), {**args, "v_dim": cfg.mem_v_dim or cfg.dim}
+
+
 def flops_per_token(cfg) -> float:
     """Forward FLOPs per token (multiply-adds x 2) of a MemoryTransformer config: the linear layers,
     attention over an average causal context of ``seq_len / 2``, and each memory's query network,
@@ -131,14 +153,10 @@ def flops_per_token(cfg) -> float:
     hidden = int(round(cfg.ffn_mult * d))
     attn = 2 * d * 3 * d + 2 * d * d + 2 * 2 * (T / 2) * d
     ffn = 2 * 2 * d * hidden
-    mem = 0.0
-    if cfg.memory_layers():
-        h, nk, kd, k = cfg.mem_heads, cfg.mem_num_keys, cfg.mem_k_dim, cfg.mem_topk
-        v = cfg.mem_v_dim or d
-        mem = 2 * d * h * kd + 2 * h * nk * kd + 2 * h * k * v
-    n_mem = len(cfg.memory_layers())
-    ffn_layers = cfg.n_layers - n_mem if cfg.mem_mode == "replace" else cfg.n_layers
-    return cfg.n_layers * attn + ffn_layers * ffn + n_mem * mem + 2 * d * cfg.vocab_size
+    n_mem, m = memory_of(cfg)
+    mem = 2 * d * m["heads"] * m["k_dim"] + 2 * m["heads"] * m["num_keys"] * m["k_dim"]
+    mem += 2 * m["heads"] * m["topk"] * m["v_dim"]
+    return cfg.n_layers * attn + (cfg.n_layers - n_mem) * ffn + n_mem * mem + 2 * d * cfg.vocab_size
 
 
 def num_params(cfg) -> tuple[int, int]:
@@ -377,11 +395,9 @@ def estimate(s: dict, variants: list[str], jobs: int) -> dict:
         # activations, forward and backward: ~40 bf16 passes over (tokens, dim) per layer and ~10
         # over (tokens, hidden) per FFN; a memory reads and scatters heads * topk value rows a token
         hidden = int(round(cfg.ffn_mult * cfg.dim))
-        n_ffn = cfg.n_layers - len(cfg.memory_layers())
-        act = 2 * tokens * (40 * cfg.dim * cfg.n_layers + 10 * hidden * n_ffn)
-        mem = 0
-        if cfg.memory_layers():
-            mem = 3 * tokens * cfg.mem_heads * cfg.mem_topk * (cfg.mem_v_dim or cfg.dim) * 2
+        n_mem, m = memory_of(cfg)
+        act = 2 * tokens * (40 * cfg.dim * cfg.n_layers + 10 * hidden * (cfg.n_layers - n_mem))
+        mem = n_mem * 3 * tokens * m["heads"] * m["topk"] * m["v_dim"] * 2
         device_s += (28 * params + act + mem) / GPU_BYTES_PER_S
         host_s = _count_ops(s, v) * HOST_S_PER_OP
         # evaluation: sequences of ~45 bytes, both phrasings, at a third of a training token's cost
@@ -477,37 +493,49 @@ def markdown(res: dict) -> str:
             )
         lines.append("")
     t = s["train"]
+    run_s = sum(r["train_s"] + r["eval_s"] for v in res["runs"].values() for r in v.values())
     lines.append(
         f"{t['steps']} steps x {t['batch_size']} x {s['model']['seq_len']} bytes "
         f"= {t['steps'] * t['batch_size'] * s['model']['seq_len']:,} training bytes per run, the same "
         f"batches for every variant; recall on {s['eval']['queries']} sampled facts (all when N is smaller); "
-        f"{s['facts']['n_values']} cities; device: {res['device']}; {res['wall_s']:.0f} s wall time, "
-        f"{res['jobs']} jobs at once."
+        f"{s['facts']['n_values']} cities; device: {res['device']}; {run_s:.0f} s of training and "
+        f"evaluation in all, {res['jobs']} jobs at once."
     )
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict, path: Path) -> None:
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot(res: dict, out: Path) -> list[Path]:
+    """``facts.png`` (facts recalled above chance vs N, both query phrasings) and ``curves.png``
+    (recall in the training phrasing over the steps, one panel per N) under ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     ns = res["settings"]["facts"]["n_facts"]
+    style = {v: ("--" if v.startswith("ffn") else "-") for v in res["variants"]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, kind, title in (
         (axes[0], "train_template", "queried in a training phrasing"),
-        (axes[1], "heldout_template", "queried in a new phrasing"),
+        (axes[1], "heldout_template", "queried in a phrasing never trained on"),
     ):
-        ax.plot(ns, ns, ls=":", c="grey", label="all facts")
+        ax.plot(ns, ns, ls=":", c="grey", label="every fact")
         for v in res["variants"]:
-            pts = [
-                (n, res["runs"][v][str(n)]["final"][kind]["facts_above_chance"])
-                for n in ns
-                if str(n) in res["runs"].get(v, {})
-            ]
+            runs = res["runs"].get(v, {})
+            pts = [(n, runs[str(n)]["final"][kind]["facts_above_chance"]) for n in ns if str(n) in runs]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ls="--" if v.startswith("ffn") else "-", label=v)
+                ax.plot(*zip(*pts), marker="o", ls=style[v], label=v)
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=max(1, min(ns) / 10))
         ax.set_xlabel("facts in the training text, N (count)")
@@ -515,14 +543,30 @@ def plot(res: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("facts recalled above chance (count)")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"Fact capacity at {res['settings']['train']['steps']} steps ({res['device']})")
+    fig.suptitle(f"Facts recalled at {res['settings']['train']['steps']} steps ({res['device']})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, out / "facts.png")
+
+    fig, axes = plt.subplots(1, len(ns), figsize=(3.2 * len(ns) + 1, 3.4), sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        for v in res["variants"]:
+            run = res["runs"].get(v, {}).get(str(n))
+            if run:
+                ax.plot(
+                    [c["step"] for c in run["curve"]],
+                    [c["train_template"] for c in run["curve"]],
+                    ls=style[v],
+                    label=v,
+                )
+        ax.axhline(1 / res["settings"]["facts"]["n_values"], c="grey", ls=":", label="chance")
+        ax.set_title(f"N = {n:,}")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("recall, training phrasing (fraction)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out / "curves.png")
+    return [out / "facts.png", out / "curves.png"]
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -536,6 +580,11 @@ def _settings(args) -> dict:
         s["train"]["steps"] = args.steps
     if args.batch_size is not None:
         s["train"]["batch_size"] = args.batch_size
+    for name in ("dim", "n_layers", "n_heads"):
+        if getattr(args, name) is not None:
+            s["model"][name] = getattr(args, name)
+    if args.n_layers is not None:  # the paper's place: late, not last (layer 5 of 6)
+        s["model"]["memory_layer"] = args.n_layers - 1 if args.n_layers > 2 else args.n_layers
     if args.n_facts:
         s["facts"]["n_facts"] = _ints(args.n_facts)
     if args.seed is not None:
@@ -563,6 +612,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-facts", help="comma-separated fact counts (default: the preset's)")
     p.add_argument("--steps", type=int, help="training steps per run")
     p.add_argument("--batch-size", type=int, help="sequences per step")
+    p.add_argument("--dim", type=int, help="the base model's width")
+    p.add_argument(
+        "--n-layers",
+        type=int,
+        help="the base model's layers (a memory replaces the FFN of layer n_layers - 1, or the last of 1-2)",
+    )
+    p.add_argument("--n-heads", type=int, help="the base model's attention heads")
     p.add_argument("--seed", type=int, help="the model's and the batches' seed")
     p.add_argument("--estimate", action="store_true", help="print the estimated GPU time and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -572,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs} is not allowed: give at least 1")
-    for name in ("steps", "batch_size"):
+    for name in ("steps", "batch_size", "dim", "n_layers", "n_heads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is not allowed: give at least 1")
     s = _settings(args)
@@ -683,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     _atomic_write(out / "results.json", json.dumps(res, indent=1))
     _atomic_write(out / "results.md", markdown(res))
-    plot(res, out / "facts.png")
+    plot(res, out)
     print("\n" + markdown(res), flush=True)
     if failed:
         print(f"{len(failed)} job(s) failed: {failed}", flush=True)

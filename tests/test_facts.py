@@ -259,18 +259,25 @@ def test_benchmark_tiny_cpu_run_writes_results_and_resumes(tmp_path, capsys):
     for kind in ("train_template", "heldout_template"):
         assert 0 <= run["final"][kind]["recall"] <= 1 and run["final"][kind]["n_queries"] == 16
         assert kind in run["curve"][-1]
-    assert "| mem-64 |" in (out / "results.md").read_text() and (out / "facts.png").stat().st_size > 0
+    assert "| mem-64 |" in (out / "results.md").read_text()
+    assert (out / "facts.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     capsys.readouterr()
-    # resumes: only N = 48 runs, here in two worker processes at once
-    assert bench.main([*argv, "--n-facts", "32,48", "--jobs", "2"]) == 0
+    # resumes: only mem-64 at N = 48 runs, in a worker process (the path of --jobs > 1)
+    assert bench.main([*argv, "--n-facts", "32,48", "--variants", "mem-64", "--jobs", "2"]) == 0
     said = capsys.readouterr().out
-    assert said.count("done already") == 2 and said.count("N=48: finished") == 2
+    assert said.count("done already") == 1 and "mem-64 N=48: finished" in said and said.count("finished") == 1
     assert all((out / "runs" / n).stat().st_mtime_ns == t for n, t in stamps.items())
     assert "step 4/4" in (out / "logs" / "mem-64-48.log").read_text()
     res = json.loads((out / "results.json").read_text())
-    assert set(res["runs"]["ffn"]) == set(res["runs"]["mem-64"]) == {"32", "48"}
+    assert set(res["runs"]) == {"mem-64"} and set(res["runs"]["mem-64"]) == {"32", "48"}
     capsys.readouterr()
     assert bench.main([*argv, "--n-facts", "32", "--variants", "ffn", "--steps", "3"]) == 0  # new settings
     said = capsys.readouterr().out
     assert "done already" not in said and "ffn N=32 step 3/3" in said
+
+
+def test_benchmark_estimate(capsys):
+    assert _bench().main(["--tiny", "--estimate", "--jobs", "3"]) == 0
+    said = capsys.readouterr().out
+    assert "mem-256" in said and "min on one H200 with --jobs 3" in said

@@ -451,8 +451,9 @@ def evaluate_recall(
             for s in range(0, len(prompts), per_call):
                 chunk = prompts[s : s + per_call]
                 Q = len(chunk)
-                plen = torch.tensor([len(p) for p in chunk], device=device)
-                T = int(plen.max()) + L
+                lens = [len(p) for p in chunk]
+                T = max(lens) + L
+                plen = torch.tensor(lens, device=device)
                 x = torch.zeros(Q, T, dtype=torch.int64)
                 for q, p in enumerate(chunk):
                     x[q, : len(p)] = torch.frombuffer(bytearray(p), dtype=torch.uint8)
