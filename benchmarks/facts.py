@@ -328,6 +328,7 @@ def run_job(s: dict, variant: str, n_facts: int, device: str, out: Path, log=pri
         "steps": t["steps"],
         "tokens": t["steps"] * t["batch_size"] * cfg.seq_len,
         "train_s": train_s,
+        "train_tokens_per_s": t["steps"] * t["batch_size"] * cfg.seq_len / train_s,
         "eval_s": eval_s,
         "device": _device_name(dev),
         "curve": curve,
