@@ -13,7 +13,7 @@ steps, batches (a function of seed and step) and learning rates:
 - ``ffn``: the base model: 2 layers, dim 64, 2 heads, 64-byte context, FFNs of 4 x dim. It is
   this small so that its capacity is spent within the budget: facts take a few hundred exposures
   to be learnt, so a base whose capacity exceeds what the steps can teach would measure learning
-  speed instead (``--full`` trains 8000 steps and adds N = 256k; ``--dim``, ``--n-layers`` change
+  speed instead (``--full`` trains 6000 steps and adds N = 256k; ``--dim``, ``--n-layers`` change
   the base);
 - ``ffn-flops``: every FFN widened so that the forward FLOPs per token equal the largest memory
   model's (its parameters stay far below);
@@ -73,7 +73,7 @@ DEFAULT = {
     "eval": {"queries": 2048, "curve_queries": 256, "curve_points": 8, "batch_size": 2048},
 }
 # --full: the budget (~20 min of one H200): more steps, and 256k facts
-FULL = {"train": {"steps": 8000}, "facts": {"n_facts": [1024, 4096, 16384, 65536, 262144]}}
+FULL = {"train": {"steps": 6000}, "facts": {"n_facts": [1024, 4096, 16384, 65536, 262144]}}
 TINY = {
     "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "seq_len": 48, "memory_layer": 2},
     "memory": {"heads": 2, "topk": 4, "k_dim": 16},
