@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 BASE = "enwik8-small"
@@ -180,6 +180,7 @@ class Job:
     steps: int  # training steps per run (the same for every variant)
     seeds: tuple[int, ...] = (0,)
     extra: tuple[str, ...] = ()  # overrides for every variant of the job
+    test: bool = True  # evaluate the test split (the recipe search chooses on validation only)
     paper_setting: str = "paper §4.5: 6 layers, 8 heads, dim 1024 (not given), memory at layer 5, CC-News BPE"
 
 
@@ -357,7 +358,7 @@ def time_steps(job: Job, args, log) -> dict[str, float]:
 
     out = {}
     for v in job.variants:
-        cfg = load_config(BASE, plan_runs(Job(job.name, "", (v,), job.steps), args)[0].overrides)
+        cfg = load_config(BASE, plan_runs(replace(job, variants=(v,)), args)[0].overrides)
         try:
             with tempfile.TemporaryDirectory() as d:
                 run = set_up(cfg, Path(d), None, progress=False, log=lambda *a: None)
@@ -471,6 +472,9 @@ def summarize(job: Job, runs: list[Run], args, step_s: dict[str, float], noise_s
                 "usage": mem[0].get("usage"),
                 "kl": mem[0].get("kl"),
                 "curve": _curve(r),
+                # training tokens/s side by side with the job's other runs (shared GPU: not a speed claim)
+                "tokens_per_s_shared": (valid or {}).get("train_seconds")
+                and tokens_per_step * valid["step"] / valid["train_seconds"],
             }
             b = base_runs.get(r.seed)
             if b is not None and row["valid_bpb"] is not None:
@@ -706,7 +710,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], usage="%(prog)s JOB [options] [key=value ...]"
     )
     p.add_argument("job", choices=list(JOBS), help="which table")
-    p.add_argument("--data-path", required=True, help="enwik8, enwik8.gz or enwik8.zip")
+    p.add_argument("--data-path", help="enwik8, enwik8.gz or enwik8.zip (needed unless --report-only)")
     p.add_argument("--out", default="runs/repro", help="runs and results (default: runs/repro)")
     p.add_argument("--steps", type=int, help="training steps per run (default: the job's)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the job's)")
@@ -723,6 +727,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-steps", type=int, default=20, help="timed steps per variant alone (0: no timing)")
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke test on the CPU")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the table and plot from <out>/<job>.json, run nothing",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = p.parse_intermixed_args(argv)
     job = JOBS[args.job]
@@ -737,7 +746,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--seeds {args.seeds!r} is not allowed: give comma-separated integers such as 0,1,2")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         p.error(f"--seeds {args.seeds} is not allowed: give distinct integers >= 0")
-    if not Path(args.data_path).is_file():
+    if args.report_only:
+        args.data_path = args.data_path or ""
+    elif not args.data_path or not Path(args.data_path).is_file():
         p.error(f"--data-path {args.data_path!r} does not exist or is not a file")
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -764,18 +775,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     job = JOBS[args.job]
-    job = Job(
-        job.name,
-        job.title,
-        tuple(job.variants[i] for i in args.variant_indices),
-        job.steps,
-        job.seeds,
-        job.extra,
-        job.paper_setting,
-    )
+    job = replace(job, variants=tuple(job.variants[i] for i in args.variant_indices))
     out = Path(args.out)
-    runs = plan_runs(job, args)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
+    if args.report_only:  # the table and plot again, from a job's JSON (e.g. one made on a GPU machine)
+        res = _load(out / f"{job.name}.json")
+        if res is None:
+            raise SystemExit(f"--report-only: {out / f'{job.name}.json'} does not exist or is not JSON")
+        return _report(res, out, log)
+    runs = plan_runs(job, args)
     todo = [r for r in runs if not r.done]
     log(
         f"{job.title}: {len(job.variants)} variants x {len(args.seeds)} seeds, {args.steps} steps each; "
@@ -783,27 +791,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.dry_run:
         for r in runs:
-            log(
-                f"[{'done' if r.done else 'todo'}] {r.variant.name} seed {r.seed}: "
-                + " ".join(_train_cmd(r, args))
-            )
+            state = "done" if r.done else "todo"
+            log(f"[{state}] {r.variant.name} seed {r.seed}: " + " ".join(_train_cmd(r, args)))
         return 0
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     gpus: list[str | None] = [None] if args.device == "cpu" else args.gpus
     if todo:
         _prepare_cache(args)
-        execute(
-            [(r, _train_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in todo], gpus, args.jobs, log
-        )
-    tests = (
-        [r for r in runs if r.done and not (r.dir / "eval_test.json").is_file()] if not args.no_test else []
-    )
-    if tests:
+        tasks = [(r, _train_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in todo]
+        execute(tasks, gpus, args.jobs, log)
+    tests = [r for r in runs if r.done and not (r.dir / "eval_test.json").is_file()]
+    if tests and job.test and not args.no_test:
         log(f"test split: {len(tests)} runs")
-        execute(
-            [(r, _test_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in tests], gpus, args.jobs, log
-        )
+        tasks = [(r, _test_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in tests]
+        execute(tasks, gpus, args.jobs, log)
     step_s = time_steps(job, args, log) if args.time_steps > 0 else {}
     noise = _load(out / "noise.json")
     noise_sd = None
@@ -812,10 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = summarize(job, runs, args, step_s, noise_sd)
     res["wall_s"] = time.perf_counter() - t0
     _atomic_write(out / f"{job.name}.json", json.dumps(res, indent=1))
-    _atomic_write(out / f"{job.name}.md", markdown(res))
-    png = plot(res, out / f"{job.name}-diff.png")
-    log("\n" + markdown(res))
-    log(f"wrote {out / f'{job.name}.json'}, {out / f'{job.name}.md'}" + (f", {png}" if png else ""))
+    status = _report(res, out, log)
     failed = [r for r in runs if r.status == "failed"]
     if failed:
         log(
@@ -823,6 +822,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             + "; ".join(f"{r.variant.name} s{r.seed}: {r.error}" for r in failed)
         )
         return 1
+    return status
+
+
+def _report(res: dict, out: Path, log) -> int:
+    """Write ``<job>.md`` and ``<job>-diff.png`` from the job's results and print the table."""
+    _atomic_write(out / f"{res['job']}.md", markdown(res))
+    png = plot(res, out / f"{res['job']}-diff.png")
+    log("\n" + markdown(res))
+    log(f"wrote {out / (res['job'] + '.json')}, {out / (res['job'] + '.md')}" + (f", {png}" if png else ""))
     return 0
 
 
