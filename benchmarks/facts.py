@@ -126,23 +126,17 @@ def model_config(s: dict, variant: str):
         raise ValueError(f"variant={variant!r} is not allowed: variant must be one of {variant_names(s)}")
     memory = {**s["memory"], "num_keys": keys[variant]}
     return MemoryTransformerConfig(
-        **base,
-        ffn_mult=m["ffn_mult"],
-        mem_layers=(m["memory_layer"],),
-        **{f"mem_{k}": v for k, v in memory.items()},
+        **base, ffn_mult=m["ffn_mult"], mem_layers=(m["memory_layer"],), memory=memory
     )
 
 
 def memory_of(cfg) -> tuple[int, dict]:
     """``(number of memories, the memory's ProductKeyMemory arguments)`` of a config made by
     :func:`model_config` (each memory replaces its layer's FFN)."""
-    args = {
-        "heads": cfg.mem_heads,
-        "num_keys": cfg.mem_num_keys,
-        "topk": cfg.mem_topk,
-        "k_dim": cfg.mem_k_dim,
-    }
-    return len(cfg.memory_layers()), {**args, "v_dim": cfg.mem_v_dim or cfg.dim}
+    from pkmem.config import memory_options
+
+    args = {**{n: p.default for n, p in memory_options().items()}, **dict(cfg.memory)}
+    return len(cfg.memory_layers()), {**args, "v_dim": args.get("v_dim") or cfg.dim}
 
 
 def flops_per_token(cfg) -> float:

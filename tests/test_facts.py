@@ -198,10 +198,7 @@ def test_recall_on_a_memory_transformer_is_deterministic_and_keeps_train_mode():
         n_layers=2,
         n_heads=2,
         mem_layers=(2,),
-        mem_heads=2,
-        mem_num_keys=8,
-        mem_topk=4,
-        mem_k_dim=16,
+        memory={"heads": 2, "num_keys": 8, "topk": 4, "k_dim": 16},
     )
     model = MemoryTransformer(cfg)
     f = make_facts(12, 5, seed=0)
@@ -236,7 +233,7 @@ def test_benchmark_matches_ffn_widths():
     s = bench.DEFAULT
     assert bench.variant_names(s) == ["ffn", "ffn-flops", "ffn-params", "mem-64k", "mem-256k", "mem-1M"]
     assert (
-        bench.model_config(s, "mem-1M").mem_num_keys == 1024
+        bench.model_config(s, "mem-1M").memory["num_keys"] == 1024
         and bench.model_config(s, "ffn").memory_layers() == ()
     )
     flops = bench.flops_per_token(bench.model_config(s, "ffn-flops"))

@@ -388,8 +388,7 @@ def _translate_legacy(model: dict, source: str, seen: list[str]) -> dict:
                     "mem_impl",
                     value,
                     "'pkmem' or left out: other memories plug in through "
-                    "MemoryTransformer(config, make_memory=...), as benchmarks/enwik8_small.py does for "
-                    "product-key-memory",
+                    "MemoryTransformer(config, make_memory=...) (see its docstring)",
                 )
             continue
         if _legacy_name(key) in memory:
