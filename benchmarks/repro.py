@@ -247,7 +247,8 @@ class Run:
 
 
 def _run_dir(out: Path, overrides: Sequence[str], seed: int, steps: int) -> Path:
-    """A directory named by what the run computes: runs shared by several jobs are trained once."""
+    """A directory named by what the run computes (the overrides that change the model, the data
+    order or the training, not where the data lies): runs shared by jobs are trained once."""
     key = json.dumps({"base": BASE, "overrides": sorted(overrides), "seed": seed, "steps": steps})
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return out / "runs" / f"{digest}-s{seed}"
@@ -264,12 +265,12 @@ def plan_runs(job: Job, args) -> list[Run]:
         "ckpt_every=0",
         "tensorboard=false",
     ]
-    common += list(job.extra) + (TINY if args.tiny else []) + list(args.overrides)
+    what = list(job.extra) + (TINY if args.tiny else []) + list(args.overrides)
     runs = []
     for v in job.variants:
         for seed in args.seeds:
-            ov = common + list(v.overrides)
-            runs.append(Run(v, seed, ov, _run_dir(Path(args.out), ov, seed, args.steps)))
+            ov = what + list(v.overrides)
+            runs.append(Run(v, seed, common + ov, _run_dir(Path(args.out), ov, seed, args.steps)))
     return runs
 
 
@@ -552,7 +553,7 @@ def summarize(job: Job, runs: list[Run], args, step_s: dict[str, float], noise_s
         "split_note": "valid_bpb: whole validation split; test_bpb: whole test split; curves: "
         "validation subset (eval_tokens) every steps/10",
         "variants": variants,
-        "device": _device(args.device),
+        "device": args.trained_on or _device(args.device),
         "versions": _versions(),
         "command": " ".join(["python", "benchmarks/repro.py", *sys.argv[1:]]),
     }
@@ -732,6 +733,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-steps", type=int, default=20, help="timed steps per variant alone (0: no timing)")
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke test on the CPU")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    p.add_argument(
+        "--trained-on",
+        help="the device the runs were trained on, when this summary is made on another machine",
+    )
     p.add_argument(
         "--report-only",
         action="store_true",
