@@ -248,7 +248,7 @@ def gather_backward_rows(
 ) -> torch.Tensor | None:
     """Backward of :func:`weighted_gather` into a :class:`~pkmem.ops.rows.RowGrad`: each row read
     (a valid index) gets its gradient added to ``row_grad`` (``touched`` set, ``sumsq`` its squared
-    norm, appended to ``rows[:count]`` the first time); returns the weights' gradient (or None).
+    norm); returns the weights' gradient (or None).
     Twin of the Triton kernel's row mode (``pkmem.ops.triton.gather.gather_backward(row_grad=...)``).
     """
     v = values.detach().requires_grad_()
@@ -265,10 +265,6 @@ def gather_backward_rows(
     row_grad.grad[rows] = new
     row_grad.sumsq[rows] = new.float().square().sum(1)
     row_grad.touched[rows] = 1
-    fresh = rows[~was].to(torch.int32)
-    start = int(row_grad.count.item())
-    row_grad.rows[start : start + fresh.numel()] = fresh
-    row_grad.count += fresh.numel()
     row_grad.added(indices.numel())
     return grads[1].to(weights.dtype) if need_weights else None
 

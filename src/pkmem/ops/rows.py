@@ -7,19 +7,20 @@ over backward passes, on the device:
 - ``grad`` ``(N, v)`` in the table's dtype: row ``r`` holds its gradient where ``touched[r]``;
 - ``touched`` ``(N,)`` int8; ``sumsq`` ``(N,)`` float32: the squared norm of each touched row
   (the value gradient's norm for clipping without reading the rows again);
-- ``rows[:count]`` ``(N,)`` int32: the touched rows in no particular order (``count`` stays on the
-  device; the host knows an upper bound, ``bound``);
+- ``bound``: a host-side upper bound of the number of touched rows (the update's grid);
 - ``scale``: a pending factor (the clipping coefficient), applied when the rows are consumed.
 
-A row optimizer (:class:`pkmem.optim.RowAdam`) attaches one to each table it owns (the table's
-``_pkmem_row_grad`` attribute). While that optimizer lives, the weighted gather's backward
-(:func:`pkmem.ops.weighted_gather`, both backends) writes the rows it read into it, and returns no
-dense gradient: ``table.grad`` stays None. Gradients that reach ``table.grad`` anyway (another op
-reading the table, ``torch.compile``) are folded in by the optimizer (:meth:`RowGrad.fold_grad`).
+:meth:`RowGrad.compact` lists the touched rows (``rows[:count]``, ascending, ``count`` on the
+device: a prefix sum, no host sync). A row optimizer (:class:`pkmem.optim.RowAdam`) attaches a
+``RowGrad`` to each table it owns (the table's ``_pkmem_row_grad`` attribute). While that optimizer
+lives, the weighted gather's backward (:func:`pkmem.ops.weighted_gather`, both backends) adds the
+rows it read into it and returns no dense gradient: ``table.grad`` stays None. Gradients that reach
+``table.grad`` anyway (another op reading the table, ``torch.compile``) are folded in by the
+optimizer (:meth:`RowGrad.fold_grad`).
 
 :func:`row_adam_update` is one Adam(W) step over the rows (float32 moments; 16-bit tables rounded
 stochastically or to nearest), lazy (untouched rows are left alone, the paper's sparse updates) or
-exact (equal to dense AdamW: rows untouched for some steps are brought up to date in closed form,
+exact (equal to dense AdamW: the steps a row missed are applied when it is next read or updated,
 step by step in registers, from per-row "last step" counters and the per-step coefficients).
 :func:`row_adam_reference` is its PyTorch twin; the Triton kernel is in ``pkmem.ops.triton.row_adam``.
 """
@@ -60,10 +61,10 @@ class RowGrad:
         self.grad: torch.Tensor | None = None
         self.touched: torch.Tensor | None = None
         self.sumsq: torch.Tensor | None = None
-        self.rows: torch.Tensor | None = None
-        self.count: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # (N + 1,) int32 scratch of compact()
+        self.count: torch.Tensor | None = None  # (1,) int32
         self.reads: torch.Tensor | None = None  # (N,) int8 scratch of before_read
-        self.bound = 0  # host upper bound of count
+        self.bound = 0  # host upper bound of the number of touched rows
         self.backwards = 0  # contributions since the last step / clear
         self.folded_sparse = False  # a sparse table.grad was folded in since the last step / clear
         self.scale: torch.Tensor | None = None
@@ -93,7 +94,7 @@ class RowGrad:
             self.grad = torch.empty(N, v, device=dev, dtype=table.dtype)
             self.touched = torch.zeros(N, device=dev, dtype=torch.int8)
             self.sumsq = torch.zeros(N, device=dev, dtype=torch.float32)
-            self.rows = torch.zeros(N, device=dev, dtype=torch.int32)
+            self.rows = torch.zeros(N + 1, device=dev, dtype=torch.int32)
             self.count = torch.zeros(1, device=dev, dtype=torch.int32)
             self.reads = None
             self.bound, self.backwards, self.scale, self._key = 0, 0, None, key
@@ -112,6 +113,16 @@ class RowGrad:
         """Record a contribution of ``entries`` gathered entries (at most that many new rows)."""
         self.backwards += 1
         self.bound = min(self.grad.shape[0], self.bound + int(entries))
+
+    def compact(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, count)``: the touched rows, ascending, in ``rows[:count]`` (``rows`` has room for
+        ``N``; ``count`` a ``(1,)`` int32 device tensor): a prefix sum and a scatter, no host sync."""
+        N = self.touched.shape[0]
+        pos = torch.cumsum(self.touched, 0, dtype=torch.int32)
+        self.count.copy_(pos[-1:])
+        dest = torch.where(self.touched.bool(), pos - 1, N)  # untouched rows: the spare slot N
+        self.rows.scatter_(0, dest.long(), torch.arange(N, device=pos.device, dtype=torch.int32))
+        return self.rows, self.count
 
     def sq_norm(self) -> torch.Tensor:
         """The squared L2 norm of the pending gradient (0-dim float32, no host sync)."""
@@ -148,24 +159,17 @@ class RowGrad:
         new = (torch.where(was[:, None], self.grad[idx].float(), 0.0) + vals).to(self.grad.dtype)
         self.grad[idx] = new
         self.sumsq[idx] = new.float().square().sum(1)
-        fresh = idx[~was].to(torch.int32)  # synchronises: a fallback path
-        start = int(self.count.item())
-        self.rows[start : start + fresh.numel()] = fresh
-        self.count += fresh.numel()
         self.touched[idx] = 1
         self.added(idx.numel())
 
     def consumed(self) -> None:
         """After an update that cleared ``touched`` of every listed row: nothing is pending."""
-        if self.count is not None:
-            self.count.zero_()
         self.bound, self.backwards, self.scale, self.folded_sparse = 0, 0, None, False
 
     def clear(self) -> None:
         """Drop the pending gradient (``optimizer.zero_grad()``)."""
-        if self.pending or self.bound:
+        if self.pending:
             self.touched.zero_()
-            self.count.zero_()
         self.bound, self.backwards, self.scale, self.folded_sparse = 0, 0, None, False
 
     def read_flags(self, table: torch.Tensor) -> torch.Tensor:
@@ -311,7 +315,7 @@ def row_adam_reference(
     dev, f32 = param.device, torch.float32
     has_grad = isinstance(rows, str) and rows == "grad"
     if has_grad:
-        r = grad.rows[: int(grad.count.item())].long()
+        r = grad.touched.nonzero().flatten()
         g = grad.grad[r].float()
         if grad.scale is not None:
             g = g * grad.scale.float()

@@ -84,8 +84,6 @@ def _gather_bwd_kernel(
     SORTED,
     TOUCHED,
     SUMSQ,
-    RLIST,
-    COUNT,
     n_rows,
     v_dim,
     stride_v,
@@ -114,9 +112,8 @@ def _gather_bwd_kernel(
     A program handles VPP column blocks of its row one after the other (its segment bounds read once).
 
     ROWMODE (a RowGrad's rows, VPP = all column blocks): row ``row``'s gradient is added to GV[row]
-    (an (N, v) buffer whose rows are valid where TOUCHED) and its squared norm written to
-    SUMSQ[row]; a row touched for the first time is appended to RLIST (slot from an int atomic on
-    COUNT: the list's order varies, the values do not). BY_ENTRY: one program per sorted entry,
+    (an (N, v) buffer whose rows are valid where TOUCHED), its squared norm written to SUMSQ[row]
+    and TOUCHED[row] set; no other row is written. BY_ENTRY: one program per sorted entry,
     the first entry of each row's segment does the row (OFFS[i]: the segment's end), for steps
     with fewer entries than rows; else one program per row of the table (empty ones write nothing)."""
     r = tl.program_id(0)
@@ -197,9 +194,6 @@ def _gather_bwd_kernel(
     if ROWMODE:
         tl.store(SUMSQ + row, ss, mask=has)
         tl.store(TOUCHED + row, 1, mask=has)
-        fresh = has & (before == 0)
-        slot = tl.atomic_add(COUNT, 1, mask=fresh)
-        tl.store(RLIST + slot, row.to(tl.int32), mask=fresh)
 
 
 # ---- launchers ------------------------------------------------------------------------------------
@@ -384,8 +378,6 @@ def gather_backward(
             sorted_keys if by_entry else offsets,
             rg.touched if rg else offsets,
             rg.sumsq if rg else offsets,
-            rg.rows if rg else offsets,
-            rg.count if rg else offsets,
             n_rows,
             v,
             values.stride(0),

@@ -3,7 +3,8 @@
 One program per row (all its columns, ``BLOCK_V`` at a time): it reads the row's gradient (times
 the pending clipping scale), parameter and float32 moments once, and writes them once; nothing else
 of the table is touched. Rows come from the :class:`~pkmem.ops.rows.RowGrad`'s list
-(``rows[:count]``: the grid is the host's upper bound, programs past ``count`` return at once), from
+(``rows[:count]`` from :meth:`~pkmem.ops.rows.RowGrad.compact`: the grid is the host's upper
+bound, programs past ``count`` do nothing), from
 ``(N,)`` flags, or are all rows. Exact mode: each program first applies the zero-gradient steps
 its row missed, ``last[row] + 1 ..``, in registers, with the coefficients ``hist[k]`` of those
 steps (no memory traffic but the row's own), then writes ``last[row]``. One program per row: no
@@ -173,8 +174,8 @@ def row_adam_update(
     dummy = exp_avg  # any pointer for the arguments a mode does not read
     if has_grad:
         source, grid = 0, max(1, grad.bound)
-        gd, touched, rlist, count = grad.grad, grad.touched, grad.rows, grad.count
-        scale = grad.scale
+        rlist, count = grad.compact()
+        gd, touched, scale = grad.grad, grad.touched, grad.scale
     else:
         source = 1 if isinstance(rows, str) else 2
         grid, gd, touched, rlist, count, scale = N, dummy, dummy, dummy, dummy, None
