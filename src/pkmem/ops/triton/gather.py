@@ -99,8 +99,8 @@ def _gather_bwd_kernel(
     POS: tl.constexpr,
     VPP: tl.constexpr,
     GW_ADD: tl.constexpr,
-    ROWMODE: tl.constexpr = False,
-    BY_ENTRY: tl.constexpr = False,
+    ROWMODE: tl.constexpr,
+    BY_ENTRY: tl.constexpr,
 ):
     """Row ``r`` of the value gradient, columns of block ``vb``: the row's entries are
     OFFS[r]:OFFS[r+1] of the sorted order PERM, E at a time, as (columns, entries) tiles: a
