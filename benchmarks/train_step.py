@@ -354,7 +354,7 @@ def value_update(model, cfg, variant: str, batches, device, args) -> dict:
     if isinstance(opt, RowAdam):
         rg = opt.row_grad(table_)
         saved = (rg.touched.clone(), rg.count.clone(), rg.bound, rg.backwards)
-        rows = int(rg.count.item())
+        rows = int(rg.touched.sum())
         es_g, es_m = table_.element_size(), 4
 
         def arm():

@@ -206,11 +206,21 @@ def weighted_gather(
     """
     rg = active_row_grad(values)
     if rg is not None:
-        if rg.before_read is not None:
-            rg.before_read(values, indices)
-        if torch.is_grad_enabled() and values.requires_grad:
-            return _RowGather.apply(values, indices, weights, rg)
+        if torch.compiler.is_compiling():
+            return _row_gather_eager(values, indices, weights, sparse, rg)
+        return _row_gather(values, indices, weights, sparse, rg)
     return _weighted_gather(values, indices, weights, sparse)
+
+
+def _row_gather(values, indices, weights, sparse: bool, rg: RowGrad) -> torch.Tensor:
+    if rg.before_read is not None:
+        rg.before_read(values, indices)
+    if torch.is_grad_enabled() and values.requires_grad:
+        return _RowGather.apply(values, indices, weights, rg)
+    return _weighted_gather(values, indices, weights, sparse)
+
+
+_row_gather_eager = torch.compiler.disable(_row_gather)  # under torch.compile: a graph break
 
 
 def _weighted_gather(values, indices, weights, sparse: bool = False) -> torch.Tensor:

@@ -483,15 +483,16 @@ class _WeightedGather(torch.autograd.Function):
         return gv, None, gw, None, None
 
 
-@torch.compiler.disable
 def _row_gather(values, indices, weights, sparse: bool, rg: RowGrad) -> torch.Tensor:
-    """The gather of a table owned by a row optimizer (outside torch.compile's graphs: the backward
-    writes into the optimizer's RowGrad)."""
+    """The gather of a table owned by a row optimizer: the backward writes into its RowGrad."""
     if rg.before_read is not None:
         rg.before_read(values, indices)
     if torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad):
         return _WeightedGather.apply(values, indices, weights, sparse, rg if values.requires_grad else None)
     return gather_forward(values, indices, weights)
+
+
+_row_gather_eager = torch.compiler.disable(_row_gather)  # under torch.compile: a graph break
 
 
 def weighted_gather(
@@ -502,6 +503,8 @@ def weighted_gather(
     _check_inputs(values, indices, weights)
     rg = active_row_grad(values)
     if rg is not None:
+        if torch.compiler.is_compiling():
+            return _row_gather_eager(values, indices, weights, sparse, rg)
         return _row_gather(values, indices, weights, sparse, rg)
     if torch.compiler.is_compiling() and not sparse:
         return _gather_op(values, indices, weights)
