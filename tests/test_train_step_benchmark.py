@@ -23,7 +23,7 @@ def test_train_step_benchmark_smoke(tmp_path):
     data = json.loads(out.read_text())
     rows = {r["variant"]: r for r in data["results"]}
     assert list(rows) == variants.split(",")
-    for name, r in rows.items():
+    for r in rows.values():
         assert "error" not in r, r
         assert r["wall_ms"] > 0 and r["tokens_per_s"] > 0
         assert set(r["device_ms"]) >= {"forward", "metrics", "backward", "clip", "optimizer", "step"}
