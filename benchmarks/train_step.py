@@ -244,12 +244,12 @@ def busy_ms(step, device: torch.device, steps: int = 3) -> float | None:
         for _ in range(steps):
             step(None)
         sync(device)
-    total = 0.0
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0.0)
-        total += t
+    from torch.autograd import DeviceType
+
+    total = 0.0  # kernels and copies on the device (not the annotations spanning them)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            total += e.time_range.elapsed_us()
     return total / 1e3 / steps
 
 
@@ -411,6 +411,7 @@ def quality(args, device) -> dict:
     from pkmem.train.loop import lr_factor
 
     source = ["data=enwik8", f"data_path={args.data_path}"] if args.data_path else ["data=stdlib"]
+    source += [f"seed={args.seed}"]  # the initial weights and the batches
     cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pkmem-train-step")
     results = []
     for variant in QUALITY_VARIANTS:
@@ -461,7 +462,7 @@ def quality(args, device) -> dict:
     base = results[0]["valid_bits_per_token"]
     for r in results:
         r["diff_vs_" + QUALITY_VARIANTS[0].replace(" ", "_")] = r["valid_bits_per_token"] - base
-    return {"data": args.data_path or "stdlib", "results": results}
+    return {"data": args.data_path or "stdlib", "seed": args.seed, "results": results}
 
 
 # ---- output ---------------------------------------------------------------------------------------
@@ -519,6 +520,7 @@ def main() -> None:
     ap.add_argument("--data-path", default=None, help="enwik8 for --quality (default: stdlib data)")
     ap.add_argument("--eval-tokens", type=int, default=None, help="validation tokens for --quality")
     ap.add_argument("--cache-dir", default=None, help="token cache for --quality")
+    ap.add_argument("--seed", type=int, default=0, help="--quality: seed of the weights and batches")
     args = ap.parse_args()
     device = torch.device(args.device)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)

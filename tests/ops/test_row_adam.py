@@ -34,10 +34,10 @@ class State:
     """A table with its moments (and the exact mode's counters), copied for the two sides."""
 
     def __init__(self, N, v, dtype, device, exact, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.p = torch.randn(N, v, generator=g).to(device, dtype)
-        self.m = (torch.randn(N, v, generator=g) * 0.01).to(device)
-        self.s = (torch.rand(N, v, generator=g) * 1e-4).to(device)
+        g = torch.Generator(device=device).manual_seed(seed)  # drawn where they live (GPU: 134M values)
+        self.p = torch.randn(N, v, generator=g, device=device).to(dtype)
+        self.m = torch.randn(N, v, generator=g, device=device) * 0.01
+        self.s = torch.rand(N, v, generator=g, device=device) * 1e-4
         self.last = torch.zeros(N, dtype=torch.int32, device=device) if exact else None
         self.hist = torch.zeros(32, 3, dtype=torch.float32, device=device) if exact else None
         self.exact = exact
