@@ -667,3 +667,26 @@ def test_row_adam_under_torch_compile():
             o.zero_grad()
     assert mem.values.grad is None and opt.state[mem.values]["step"] == 3
     torch.testing.assert_close(mem.state_dict()["values"], ref.state_dict()["values"], atol=1e-6, rtol=1e-5)
+
+
+def test_make_optimizer_fused():
+    """fused: torch's fused AdamW (the default on CUDA; chosen here on the CPU), the same steps."""
+
+    def model():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"lin": nn.Linear(5, 5), "table": Table()})
+
+    a, b = model(), model()
+    opt_a = make_optimizer(a, lr=1e-2, weight_decay=0.1)
+    opt_b = make_optimizer(b, lr=1e-2, weight_decay=0.1, fused=True)
+    assert not opt_a.defaults.get("fused") and opt_b.defaults["fused"]
+    idx, w = torch.tensor([[1, 3], [3, 0]]), torch.tensor([[0.5, 1.0], [2.0, -1.0]])
+    for m, opt in ((a, opt_a), (b, opt_b)):
+        for _ in range(3):
+            m["lin"](m["table"](idx, w)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="fused"):
+        make_optimizer(a, lr=1e-2, fused="yes")
