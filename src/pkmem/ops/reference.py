@@ -207,7 +207,7 @@ def weighted_gather(
     rg = active_row_grad(values)
     if rg is not None:
         if torch.compiler.is_compiling():
-            return _row_gather_eager(values, indices, weights, sparse, rg)
+            return row_gather_outside_graph()(values, indices, weights, sparse, rg)
         return _row_gather(values, indices, weights, sparse, rg)
     return _weighted_gather(values, indices, weights, sparse)
 
@@ -220,7 +220,17 @@ def _row_gather(values, indices, weights, sparse: bool, rg: RowGrad) -> torch.Te
     return _weighted_gather(values, indices, weights, sparse)
 
 
-_row_gather_eager = torch.compiler.disable(_row_gather)  # under torch.compile: a graph break
+_row_gather_eager = None
+
+
+def row_gather_outside_graph():
+    """``_row_gather`` behind ``torch.compiler.disable`` (a graph break under torch.compile), made
+    on the first call: it imports torch._dynamo, which ``import pkmem`` must not (a RowGrad makes it
+    when its optimizer attaches, before anything is compiled)."""
+    global _row_gather_eager
+    if _row_gather_eager is None:
+        _row_gather_eager = torch.compiler.disable(_row_gather)
+    return _row_gather_eager
 
 
 def _weighted_gather(values, indices, weights, sparse: bool = False) -> torch.Tensor:

@@ -70,6 +70,9 @@ class RowGrad:
         self.scale: torch.Tensor | None = None
         self.before_read = None  # callable(table, indices) of an exact optimizer
         self._key = None
+        from pkmem.ops.reference import row_gather_outside_graph
+
+        row_gather_outside_graph()  # made now, in eager mode (torch.compile then finds it made)
 
     def __reduce__(self):  # a pickled table (torch.save(model)) leaves its optimizer's RowGrad behind
         return (type(None), ())
