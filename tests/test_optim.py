@@ -690,3 +690,17 @@ def test_make_optimizer_fused():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
     with pytest.raises(ValueError, match="fused"):
         make_optimizer(a, lr=1e-2, fused="yes")
+
+
+def test_value_betas():
+    """``value_betas``: the value tables' own Adam betas, whichever optimizer takes them."""
+    for value_optimizer in ("adamw", "lazy_adam", "exact_adam"):
+        opt = make_optimizer(
+            Model(), lr=1e-3, betas=(0.8, 0.9), value_betas=(0.5, 0.6), value_optimizer=value_optimizer
+        )
+        groups = {g["name"]: g for g in opt.param_groups}
+        assert groups["decay"]["betas"] == (0.8, 0.9) and groups["values"]["betas"] == (0.5, 0.6)
+    opt = make_optimizer(nn.ModuleList([memory(sparse_values=True)]), lr=1e-3, value_betas=(0.5, 0.6))
+    assert opt.optimizers[-1].param_groups[0]["betas"] == (0.5, 0.6)
+    with pytest.raises(ValueError, match="value_betas"):
+        make_optimizer(Model(), lr=1e-3, value_betas=(0.5, 1.0))

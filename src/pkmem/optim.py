@@ -465,13 +465,13 @@ def _weak_method(obj, name: str):
     return call
 
 
-def _check_betas(betas) -> None:
+def _check_betas(betas, name: str = "betas") -> None:
     if (
         not isinstance(betas, (tuple, list))
         or len(betas) != 2
         or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
     ):
-        raise ValueError(f"betas={betas!r} is not allowed: betas must be two numbers in [0, 1)")
+        raise ValueError(f"{name}={betas!r} is not allowed: {name} must be two numbers in [0, 1)")
 
 
 def make_optimizer(
@@ -484,8 +484,10 @@ def make_optimizer(
     value_weight_decay: float = 0.0,
     value_optimizer: str = "adamw",
     fused: bool | None = None,
+    value_betas: tuple[float, float] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`, the value tables as ``value_optimizer`` says.
+    """AdamW over :func:`param_groups`, the value tables as ``value_optimizer`` says
+    (``value_betas``: the value tables' Adam betas, default ``betas``).
 
     ``fused``: torch's fused AdamW kernel (one pass per tensor instead of ~10 ``foreach`` passes);
     None (default): fused when every parameter of the AdamW is a CUDA tensor.
@@ -509,6 +511,7 @@ def make_optimizer(
     _check_number("value_lr", value_lr, positive=True)
     _check_number("eps", eps, positive=True)
     _check_betas(betas)
+    _check_betas(betas if value_betas is None else value_betas, "value_betas")
     if value_optimizer not in VALUE_OPTIMIZERS:
         raise ValueError(
             f"value_optimizer={value_optimizer!r} is not allowed: value_optimizer must be one of "
@@ -517,6 +520,7 @@ def make_optimizer(
     if fused is not None and not isinstance(fused, bool):
         raise ValueError(f"fused={fused!r} is not allowed: fused must be True, False or None")
     betas = (float(betas[0]), float(betas[1]))
+    value_betas = betas if value_betas is None else (float(value_betas[0]), float(value_betas[1]))
     groups = param_groups(model, lr, value_lr, weight_decay, value_weight_decay)
     tables = [(t, sparse) for t, sparse in _value_tables(model) if t.requires_grad]
     if value_optimizer == "sparse_adam":
@@ -547,6 +551,7 @@ def make_optimizer(
     dense_groups, table_params = [], []
     for g in groups:
         if g["name"] == "values":
+            g["betas"] = value_betas
             table_params = [p for p in g["params"] if id(p) in apart]
             g["params"] = [p for p in g["params"] if id(p) not in apart]
         if g["params"]:
@@ -562,11 +567,11 @@ def make_optimizer(
         return dense
     if value_optimizer in ("adamw", "sparse_adam"):
         group = {"params": table_params, "lr": value_lr, "name": "values", "sparse": True}
-        values = torch.optim.SparseAdam([group], lr=value_lr, betas=betas, eps=eps)
+        values = torch.optim.SparseAdam([group], lr=value_lr, betas=value_betas, eps=eps)
     else:
         group = {"params": table_params, "lr": value_lr, "weight_decay": value_weight_decay, "name": "values"}
         mode = "lazy" if value_optimizer == "lazy_adam" else "exact"
-        values = RowAdam([group], lr=value_lr, betas=betas, eps=eps, mode=mode)
+        values = RowAdam([group], lr=value_lr, betas=value_betas, eps=eps, mode=mode)
         if mode == "exact":
             classes = _memory_classes()
             for m in model.modules():
