@@ -251,9 +251,11 @@ class RowAdam(torch.optim.Optimizer):
     while this optimizer lives, the weighted gather's backward adds the rows it read there, and
     ``table.grad`` stays None (a gradient that reaches ``table.grad`` anyway, dense or sparse, is
     folded in). :meth:`step` runs one fused kernel over those rows (no host sync; the same inputs
-    give the same bits); :meth:`zero_grad` drops them; :func:`clip_grad_norm` clips them (their
-    norms are computed by the backward; the scale is applied inside the update). Gradient
-    accumulation (several backward passes before a step) and shared tables add up.
+    give the same bits); :meth:`zero_grad` drops them (``model.zero_grad()`` does not: the rows
+    wait for the next step); :func:`clip_grad_norm` clips them (their norms are computed by the
+    backward; the scale is applied inside the update). Gradient accumulation (several backward
+    passes before a step) and shared tables add up. Under ``torch.compile`` the gather of such a
+    table runs outside the graph (a graph break).
 
     ``mode="lazy"``: the rows read get the AdamW update with the step count of the table (bias
     correction as dense AdamW); untouched rows and their moments are left alone (the paper's sparse
