@@ -23,6 +23,7 @@ from pkmem.ops.reference import check_score, real_rows, score_weights, update_ru
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 GATES = (None, "swilu")
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -163,6 +164,10 @@ class ProductKeyMemory(nn.Module):
         sparse_values: values get a row-sparse gradient (for ``torch.optim.SparseAdam``).
         values: an existing value table ``(num_keys**2, v_dim)`` to share (XLM ``mem_share_values``).
         zero_init_values: start the values at zero instead of N(0, v_dim**-0.5).
+        value_dtype: the value table's dtype, ``torch.float32`` (default) or ``torch.bfloat16`` (or
+            "float32" / "bfloat16"): half the bytes of the gathers, the gradient and the table;
+            train it with ``make_optimizer(..., value_optimizer="exact_adam" | "lazy_adam")``
+            (float32 moments, stochastic rounding). Default for a shared table: its own dtype.
         backend: "auto" (Triton kernels on CUDA when available), "torch" or "triton".
     """
 
@@ -190,6 +195,7 @@ class ProductKeyMemory(nn.Module):
         sparse_values: bool = False,
         values: nn.Parameter | None = None,
         zero_init_values: bool = False,
+        value_dtype: torch.dtype | str | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -258,11 +264,24 @@ class ProductKeyMemory(nn.Module):
             )
 
         # values: one table for all heads, N(0, v_dim^-0.5), or a shared one
+        dtype = VALUE_DTYPES.get(value_dtype, value_dtype) if isinstance(value_dtype, str) else value_dtype
+        _check(
+            dtype is None or dtype in VALUE_DTYPES.values(),
+            "value_dtype",
+            value_dtype,
+            "torch.float32, torch.bfloat16, 'float32', 'bfloat16' or None",
+        )
         if values is None:
-            values = nn.Parameter(torch.zeros(self.num_slots, v_dim))
+            table = torch.zeros(self.num_slots, v_dim)
             if not zero_init_values:
-                nn.init.normal_(values, std=v_dim**-0.5)
-        elif not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim):
+                nn.init.normal_(table, std=v_dim**-0.5)
+            values = nn.Parameter(table.to(dtype or torch.float32))  # drawn in float32, then rounded
+        elif dtype is not None and isinstance(values, torch.Tensor) and values.dtype != dtype:
+            raise ValueError(
+                f"value_dtype={value_dtype!r} is not allowed with a shared table of dtype {values.dtype}: "
+                "leave value_dtype out (None) or give the table's dtype"
+            )
+        if not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim):
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(
                 f"values={shape} is not allowed: values must be an nn.Parameter of shape "
@@ -369,4 +388,5 @@ class ProductKeyMemory(nn.Module):
             f"topk={self.topk}, k_dim={self.k_dim}, v_dim={self.v_dim}, query_norm={self.query_norm!r}, "
             f"score={self.score!r}, product_keys={self.product_keys}, gate={self.gate!r}, "
             f"sparse_values={self.sparse_values}"
+            + ("" if self.values.dtype == torch.float32 else f", value_dtype={self.values.dtype}")
         )

@@ -49,9 +49,11 @@ def main() -> int:
     w_types = dict(
         V="*bf16", G="*bf16", W="*fp32", PERM="*i64", OFFS="*i64", ROWS="*i64", GV="*bf16", GW="*fp32"
     )
+    w_types.update(SORTED="*i32", TOUCHED="*i8", SUMSQ="*fp32")  # row mode's (pkmem.ops.rows.RowGrad)
     w_types.update(n_rows=i32, v_dim=i32, stride_v=i32, stride_g=i32, TJ=i32)
     consts = dict(J=128, BLOCK_V=g["BLOCK_V"], E=g["E"], SPARSE=False, NEED_GV=True, NEED_GW=True)
     consts.update(PREFETCH=g["PREFETCH"], POS=triton.language.int32, VPP=g["VPP"], GW_ADD=True)
+    consts.update(ROWMODE=False, BY_ENTRY=False)
     print("gather backward:", build(gather._gather_bwd_kernel, w_types, consts, g["num_warps"]))
     consts.update(VPP=2, GW_ADD=False)
     print(
