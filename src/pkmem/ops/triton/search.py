@@ -522,11 +522,12 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int, precision: str, dev: De
       at 64 tokens, 31.7 vs 36.3 and 50.0 at 512 tokens: the decode sweep of
       ``benchmarks/overhead.py``, ``benchmarks/results/overhead-h200.json``, commit deb4a07.
 
-    8-row programs once every SM gets at least 16 of them (on an H200 from 16896 token-heads;
-    the measured sizes have 256, 2048 and 32768), so a GPU with fewer SMs switches at a smaller
-    batch. ``precision`` is the fused variant's ``tl.dot`` precision (a compile-time constant; the
-    default variant takes the half scores from cuBLAS in that precision). Cached: read-only."""
-    many = cdiv(T * H, 8) >= 16 * dev.sms
+    8-row programs once they number 15.5 per SM (2048 on an H200, from 16384 token-heads, where the
+    switch was set between the measured 2048 and 32768), so a GPU with fewer SMs switches at a
+    smaller batch. ``precision`` is the fused variant's ``tl.dot`` precision (a compile-time
+    constant; the default variant takes the half scores from cuBLAS in that precision). Cached:
+    read-only."""
+    many = cdiv(T * H, 8) >= 15.5 * dev.sms
     bn = max(min(next_pow2(n), 64 if many else 128), KP, 16)
     cfg = {
         "BT": 8 if many else 4,
