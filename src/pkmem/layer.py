@@ -167,6 +167,9 @@ class ProductKeyMemory(nn.Module):
         values: an existing value table ``(num_keys**2, v_dim)`` to share (XLM ``mem_share_values``).
         zero_init_values: start the values at zero instead of N(0, v_dim**-0.5).
         backend: "auto" (Triton kernels on CUDA when available), "torch" or "triton".
+
+    The arguments are checked here, once; a call checks only its input (``x``, ``mask``) and
+    picks each op's implementation once per device type and dtypes (the host's time per call).
     """
 
     def __init__(
