@@ -38,6 +38,7 @@ __all__ = [
     "real_rows",
     "update_running_stats",
     "batch_norm",
+    "normalize",
 ]
 
 
@@ -405,6 +406,22 @@ def batch_norm(
     (training), the running statistics are also updated in place (:func:`update_running_stats`).
     """
     check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
+    return normalize(x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)
+
+
+def normalize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    eps: float,
+    training: bool,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    momentum: float | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_norm` on checked arguments."""
     y, mean, var = _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var, shift)
     if x.dtype in LOW_PRECISION:
         y = y.to(x.dtype)
