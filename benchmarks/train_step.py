@@ -84,7 +84,7 @@ def build_config(preset: str, memory: bool, tiny: bool, extra: list[str] = ()):
     overrides = []
     if tiny:
         overrides += ["dim=64", "n_heads=2", "n_layers=2", "seq_len=32", "batch_size=2", "grad_accum=2"]
-        overrides += ["mem_num_keys=16", "mem_k_dim=16", "mem_topk=4", "mem_heads=2"]
+        overrides += ["memory.num_keys=16", "memory.k_dim=16", "memory.topk=4", "memory.heads=2"]
         overrides += ["mem_layers=[2]", "n_memories=null", "bpe_vocab_size=300"]
     if not memory:
         overrides += ["mem_layers=[]", "n_memories=null"]

@@ -77,6 +77,7 @@ FIXED_ON_RESUME = (
     "seed",
     "betas",
     "value_betas",
+    "value_optimizer",
 )
 
 
@@ -344,6 +345,7 @@ def set_up(
         weight_decay=t.weight_decay,
         value_weight_decay=t.value_weight_decay,
         value_betas=None if t.value_betas is None else tuple(t.value_betas),
+        value_optimizer=t.value_optimizer,
     )
     start_step = _restore(model, optimizer, ck, run_dir, log) if ck else 0
     if start_step >= t.max_steps and ck:
