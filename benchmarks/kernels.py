@@ -183,6 +183,7 @@ def bench_scatter(T=8192, H=4, n=512, D=256, k=32) -> dict:
     gs = torch.randn_like(w)
     rows, first = [], None
     for c in SCATTER_CONFIGS:
+
         def run(c=c):
             return search.search_backward(gs, q, sk, idx, weights=w, score="softmax", config=c)
 
