@@ -32,24 +32,16 @@ def text_run(tmp_path_factory, corpus):
 
 def test_time_limit_says_what_stops_the_run_and_how_to_continue(tmp_path, cache_dir, capsys):
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--out",
-        str(out),
-        *FAST,
-        f"cache_dir={cache_dir}",
-        "max_time_s=1.5",
-        "--max-steps",
-        "100000",
-    ]
+    argv = ["train", "--out", str(out), *FAST, f"cache_dir={cache_dir}", "max_time_s=5"]
+    argv += ["--max-steps", "100000"]
     assert main(argv) == 0  # with the progress bar
     text = capsys.readouterr().out
-    assert "limits: max_steps=100000 and max_time_s=1.5" in text
-    assert "max_time_s=1.5 will stop the run at about step" in text  # once the speed is known
+    assert "limits: max_steps=100000 and max_time_s=5" in text
+    assert "max_time_s=5 will stop the run at about step" in text  # once the speed is known
     final = json.loads((out / "eval_valid.json").read_text())
     step = final["step"]
     assert final["stopped_early"] and final["stopped_by"] == "max_time_s" and final["max_steps"] == 100000
-    assert f"stopped at step {step} of 100000 by max_time_s=1.5" in text
+    assert f"stopped at step {step} of 100000 by max_time_s=5" in text
     assert f"continue with: pkmem train --out {out} --resume" in text
     assert text.rstrip().splitlines()[-1].startswith("note: stopped at step")  # the last word
     # the run continues to the end; the new result is not stopped early
@@ -66,20 +58,28 @@ def _limit(max_steps, max_time_s, elapsed, name="tiny"):
     cfg = SimpleNamespace(name=name, train=SimpleNamespace(max_steps=max_steps, max_time_s=max_time_s))
     run = SimpleNamespace(cfg=cfg, pbar=tqdm(total=max_steps, file=io.StringIO()), dir=Path("runs/x"))
     limit = _TimeLimit(run, 0, time.perf_counter() - elapsed, said.append)
+    limit.t1 = limit.t0  # as if the first step had taken no time
     return limit, run.pbar, said
 
 
 def test_the_progress_bar_follows_the_limit_that_stops_the_run():
     limit, pbar, said = _limit(750, 240, elapsed=24.0)  # 10 steps in 24 s: 0.42 steps/s
+    pbar.n = 10
     limit.follow(10)
     assert pbar.total == pytest.approx(100, abs=1)  # the ETA is that of max_time_s
+    assert "10/100" in str(pbar) or "10/101" in str(pbar)
     assert "will stop the run at about step 100 of max_steps=750" in said[-1]
     assert "not the preset's documented result (max_time_s=null runs every step)" in said[-1]
     limit, pbar, said = _limit(750, 240, elapsed=2.0)  # 5 steps/s: 750 steps in 2.5 min
     limit.follow(10)
     assert pbar.total == 750 and "max_steps=750 ends the run in about 2.5 min" in said[-1]
+    limit.last = 0.0  # a second later
     limit.follow(20)
     assert len(said) == 2  # said once
+    limit, pbar, said = _limit(750, 240, elapsed=239.99)  # at the limit: the total stays above n
+    pbar.n = 99
+    limit.follow(99)
+    assert pbar.total == 100 and "99/100" in str(pbar)
 
 
 def test_a_run_references_the_shared_data_cache(text_run):

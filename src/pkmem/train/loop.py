@@ -379,7 +379,7 @@ def set_up(
     )
     log(
         f"data: {data.meta['description']}, {len(data.tokens('train')):,} training tokens "
-        f"({tok.kind} tokenizer)"
+        f"({tok.kind} tokenizer; token ids cached in {data.directory})"
     )
     return Run(
         cfg=cfg,
@@ -487,8 +487,8 @@ def fit(run: Run, state: LoopState, log) -> bool:
             do_eval = t.eval_every and state.step % t.eval_every == 0 and not last
             if state.step % t.log_every == 0 or do_ckpt or do_eval or last:
                 log_window(run, state)
-                if limit is not None and not last:
-                    limit.follow(state.step)
+            if limit is not None and not last:
+                limit.follow(state.step)  # no host sync: step counts and the clock
             if do_eval:
                 periodic_evaluation(run, state)
             if do_ckpt:
@@ -500,7 +500,9 @@ def fit(run: Run, state: LoopState, log) -> bool:
             if out_of_time:
                 stopped_early = state.step < t.max_steps
                 if stopped_early:
-                    _say(run, log, f"{_stop_note(run, state.step)} (checkpoint saved)")
+                    if run.pbar is not None:  # the bar ends full: its total was the estimated stop
+                        run.pbar.total = state.step
+                    _say(run, log, _stop_note(run, state.step, " (checkpoint saved)"))
                 break
     finally:
         interrupt.uninstall()
@@ -718,31 +720,39 @@ def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
 
 # ---- the time limit ---------------------------------------------------------------------------------
 def _say(run: Run, log, message: str) -> None:
-    """``log(message)`` without breaking the progress bar."""
-    if run.pbar is not None and not run.pbar.disable:
-        run.pbar.clear()
+    """``log(message)`` without breaking the progress bar (on a terminal)."""
+    bar = run.pbar if run.pbar is not None and not run.pbar.disable and _on_terminal(run.pbar) else None
+    if bar is not None:
+        bar.clear()
     log(message)
-    if run.pbar is not None and not run.pbar.disable:
-        run.pbar.refresh()
+    if bar is not None:
+        bar.refresh()
 
 
-def _stop_note(run: Run, step: int) -> str:
+def _on_terminal(bar) -> bool:
+    isatty = getattr(getattr(bar, "fp", None), "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _stop_note(run: Run, step: int, saved: str = "") -> str:
     """What stopping at ``step`` by ``max_time_s`` means, and how to go on."""
     t = run.cfg.train
     which = f" nor the {run.cfg.name} preset's documented one" if run.cfg.name in PRESETS else ""
     return (
-        f"stopped at step {step} of {t.max_steps} by max_time_s={t.max_time_s:g}: the result is not that "
-        f"of the full run{which}; continue with: pkmem train --out {run.dir} --resume (add "
+        f"stopped at step {step} of {t.max_steps} by max_time_s={t.max_time_s:g}{saved}: the result is not "
+        f"that of the full run{which}; continue with: pkmem train --out {run.dir} --resume (add "
         "max_time_s=null to run every remaining step)"
     )
 
 
 class _TimeLimit:
     """With ``max_time_s`` and ``max_steps`` both set: says which one will stop the run (once the speed
-    is known) and points the progress bar's total, hence its ETA, at the earlier one."""
+    is measured: two seconds of steps after the first, which may compile or warm up) and points the
+    progress bar's total, hence its ETA, at the earlier one (updated once a second)."""
 
     def __init__(self, run: Run, first_step: int, t0: float, log):
-        self.run, self.first_step, self.t0, self.log = run, first_step, t0, log
+        self.run, self.t0, self.log = run, t0, log
+        self.first_step, self.t1, self.last = first_step, None, 0.0
         t = run.cfg.train
         self.said = False
         if first_step < t.max_steps:
@@ -755,17 +765,20 @@ class _TimeLimit:
 
     def follow(self, step: int) -> None:
         t, pbar = self.run.cfg.train, self.run.pbar
-        elapsed = time.perf_counter() - self.t0
-        if step <= self.first_step or elapsed <= 0:
+        now = time.perf_counter()
+        if self.t1 is None:  # the speed is measured from the end of the first step on
+            self.t1, self.first_step = now, step
             return
-        rate = (step - self.first_step) / elapsed  # steps per second so far
-        at_limit = step + rate * max(0.0, t.max_time_s - elapsed)  # the step max_time_s would stop at
+        if now - self.last < 1.0 or step <= self.first_step:
+            return
+        self.last = now
+        rate = (step - self.first_step) / (now - self.t1)  # steps per second
+        at_limit = step + rate * max(0.0, t.max_time_s - (now - self.t0))  # the step max_time_s stops at
         by_time = at_limit < t.max_steps
-        if pbar is not None:
-            pbar.total = max(step, round(at_limit)) if by_time else t.max_steps
+        if pbar is not None:  # the total stays above the step: tqdm drops a total that n passed
+            pbar.total = max(step + 1, math.ceil(at_limit)) if by_time else t.max_steps
             pbar.set_description("train (until max_time_s)" if by_time else "train", refresh=False)
-            pbar.refresh()
-        if self.said:
+        if self.said or now - self.t1 < 2.0:
             return
         self.said = True
         if by_time:
