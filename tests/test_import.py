@@ -15,3 +15,28 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_import_and_cli_help_do_not_import_torch():
+    """`pkmem --help` stays fast: neither `import pkmem` nor the command's parser imports torch."""
+    code = (
+        "import sys, pkmem, pkmem.cli\n"
+        "pkmem.cli.build_parser().format_help()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "from pkmem import ProductKeyMemory, make_optimizer\n"  # the public names still import
+        "assert 'torch' in sys.modules and pkmem.optim.make_optimizer is make_optimizer\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_py_typed_is_shipped():
+    from importlib import resources
+
+    assert resources.files("pkmem").joinpath("py.typed").is_file()
+
+
+def test_lazy_names_are_all_of_all():
+    import pkmem
+
+    assert sorted(pkmem.__all__) == sorted([*pkmem._WHERE, "__version__"])

@@ -26,3 +26,15 @@ def test_atomic_write_bytes_replaces_whole_files_only(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(path, b"three")
     assert path.read_bytes() == b"two" and os.listdir(path.parent) == ["f.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_bytes_gives_the_umask_mode_not_0600(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "f.json", b"{}")
+        open(tmp_path / "plain", "wb").close()  # what open() gives under the same umask
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / "f.json").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain").st_mode & 0o777 == 0o666 & ~umask

@@ -19,16 +19,21 @@ from pkmem._util import atomic_write_bytes, not_allowed
 __all__ = ["main", "build_parser"]
 
 
-class _HelpConfig(argparse.Action):
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+def _max_tokens(text: str) -> int | None:
+    """``--max-tokens``: a positive int, or ``all`` (the whole split, returned as None)."""
+    if text.strip().lower() in ("all", "full"):
+        return None
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of tokens nor 'all'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: --max-tokens must be >= 1 or 'all'")
+    return value
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        from pkmem.config import describe_keys, list_presets
 
-        print(f"presets: {', '.join(list_presets())}\nconfig keys (override with key=value):")
-        print(describe_keys())
-        parser.exit()
+EVAL_TOKENS = 262_144  # pkmem eval's default: about 40 s for the main job's run on 2 busy CPU cores
+THREADS_HELP = "CPU threads (default: the cores other programs leave free; OMP_NUM_THREADS is respected)"
 
 
 def _ints(text: str) -> list[int]:
@@ -57,14 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", choices=["stdlib", "enwik8", "text"], help="data source (default: the config's)")
     t.add_argument("--data-path", help="enwik8 file (.gz/.zip ok), or text file / directory / glob")
     t.add_argument("--out", help="run directory (default: runs/<config>-<data>-<timestamp>)")
-    t.add_argument("--max-steps", type=int, help="optimizer steps (with --resume: continue up to this step)")
+    t.add_argument(
+        "--max-steps",
+        type=int,
+        help="optimizer steps (with --resume: continue up to this step); a preset's max_time_s may stop "
+        "the run earlier: add max_time_s=null to run every step",
+    )
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (default: the config's, auto)")
     t.add_argument("--seed", type=int, help="random seed")
     t.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
     )
+    t.add_argument("--threads", type=int, help=THREADS_HELP + "; a resumed run keeps its own")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--help-config", action=_HelpConfig, help="list presets and config keys, then exit")
+    t.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key with the value this command would use (the --config preset with "
+        "the flags and key=value given), what it takes and what it does, then exit",
+    )
 
     e = sub.add_parser(
         "eval", help="evaluate a run or checkpoint: loss, ppl, bits per byte, usage, KL, speed"
@@ -74,43 +90,78 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-path", help="path for --data enwik8 / text")
     e.add_argument("--split", default="valid", choices=["valid", "test"], help="split (default: valid)")
     e.add_argument(
-        "--max-tokens", type=int, help="evaluate about this many tokens (default: the whole split)"
+        "--max-tokens",
+        type=_max_tokens,
+        default=EVAL_TOKENS,
+        metavar="N|all",
+        help=f"evaluate about N tokens in windows spread evenly over the split (default {EVAL_TOKENS:,}); "
+        "'all' for the whole split",
     )
     e.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--threads", type=int, help=THREADS_HELP)
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     e.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     e.add_argument(
         "--output", help="write the JSON here (default: a new <run>/evals/<split>-<data>-<time>.json)"
     )
 
-    b = sub.add_parser("bench", help="inference speed of configurations side by side (paper Figure 4)")
+    b = sub.add_parser(
+        "bench",
+        help="inference speed of configurations side by side (paper Figure 4)",
+        usage="pkmem bench [options] [key=value ...]",
+        description="Forward speed of the --config model and of variants with other layer counts, widths "
+        "and memory counts. The preset's memory placement is kept where its layer and memory counts "
+        "are; other combinations spread the memories evenly (the paper's §4.3).",
+    )
     b.add_argument("--config", default="tiny", help="base preset or YAML file (default: tiny)")
     b.add_argument("--layers", type=_ints, help="comma-separated layer counts (default: the config's)")
     b.add_argument("--dims", type=_ints, help="comma-separated model dims (default: the config's)")
     b.add_argument(
-        "--memories", type=_ints, default=[0, 1], help="comma-separated memory counts (default 0,1)"
+        "--memories", type=_ints, help="comma-separated memory counts (default: 0 and the config's)"
     )
-    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     b.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--tokens-per-word", type=float, default=1.0, help="for words/s (default 1.0)")
-    b.add_argument("--out", help="JSON output file (default: bench.json)", default="bench.json")
+    b.add_argument("--threads", type=int, help=THREADS_HELP)
+    b.add_argument(
+        "--repeats", type=int, default=5, help="timed forwards; the median is reported (default 5)"
+    )
+    b.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default 2)")
+    b.add_argument(
+        "--tokens-per-word",
+        type=float,
+        help="also report words/s = tokens/s / this (e.g. 5.5 bytes per word of English text)",
+    )
+    b.add_argument("--out", help="also write the results as JSON to this file")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="model config overrides")
 
     pl = sub.add_parser("plot", help="PNG plots of runs: loss curves, usage and KL, speed vs perplexity")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--out", help="output directory (default: <RUN_DIR>/plots for one run, else plots/)")
 
-    g = sub.add_parser("generate", help="sample text from a trained run")
+    g = sub.add_parser(
+        "generate",
+        help="sample text from a trained run (streamed as it is generated)",
+        description="Continue --prompt with tokens sampled from the run's newest checkpoint, printed as "
+        "they come. The attention keeps its keys and values (a KV cache): one token per step.",
+    )
     g.add_argument("run", metavar="RUN_OR_CHECKPOINT")
-    g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument(
+        "--top-k", type=int, default=40, help="sample from the k likeliest tokens; 0 = all (default 40)"
+    )
+    g.add_argument(
+        "--top-p", type=float, help="sample from the likeliest tokens that reach this probability (nucleus)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
     g.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--threads", type=int, help=THREADS_HELP)
+    g.add_argument(
+        "--no-cache", action="store_true", help="run the whole context for every token (slow; for comparison)"
+    )
     return p
 
 
@@ -136,8 +187,19 @@ def _cmd_train(args, overrides: list[str]) -> int:
 
     data = _infer_data(args.data, args.data_path)
     flags = {"data": data, "data_path": args.data_path, "device": args.device, "seed": args.seed}
-    flags["max_steps"] = args.max_steps
+    flags.update(max_steps=args.max_steps, threads=args.threads)
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + overrides
+    if args.help_config:
+        from pkmem.config import describe_keys, list_presets
+
+        name = args.config or "tiny"
+        print(
+            f"pkmem train --config {name}{''.join(' ' + o for o in overrides)}: the value of every config "
+            "key (* = not the default: the config or the command line sets it), what it does and [what "
+            f"it takes]. Override with key=value. Presets: {', '.join(list_presets())}.\n"
+        )
+        print(describe_keys(load_config(name, overrides)))
+        return 0
     if args.resume:
         resume(args.out, overrides, config_name=args.config, progress=not args.no_progress)
     else:
@@ -148,12 +210,11 @@ def _cmd_train(args, overrides: list[str]) -> int:
 def _cmd_eval(args) -> int:
     from pkmem.train.loop import evaluate_run
 
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise not_allowed("--max-tokens", args.max_tokens, ">= 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise not_allowed("--batch-size", args.batch_size, ">= 1")
     _check_output_file("--output", args.output)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    threads = _set_threads(args.threads, log)
     res = evaluate_run(
         args.run,
         _infer_data(args.data, args.data_path),
@@ -163,8 +224,9 @@ def _cmd_eval(args) -> int:
         args.batch_size,
         args.device,
         log=log,
+        progress=not args.no_progress,
     )
-    res["memories"] = [{k: m[k] for k in m} for m in res["memories"]]
+    res["cpu_threads"] = threads
     text = json.dumps(res, indent=1, allow_nan=True)
     run_dir = Path(res["checkpoint"]).parent.parent
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -176,18 +238,18 @@ def _cmd_eval(args) -> int:
     if args.json:
         print(text)
         return 0
+    per = "byte" if res["bpb"] is not None else "token"
     rows = [
         ("checkpoint", res["checkpoint"]),
         ("data / split", f"{res['data']} / {res['split']}"),
-        ("tokens", res["tokens"]),
-        ("loss (nats/token)", res["loss"]),
-        ("perplexity", res["ppl"]),
         (
-            "bits per byte" if res["bpb"] is not None else "bits per token",
-            res["bpb"] or res["bits_per_token"],
+            "tokens",
+            f"{res['tokens']:,} of {res['split_tokens']:,}" if res.get("split_tokens") else res["tokens"],
         ),
-        ("tokens/s", res["tokens_per_s"]),
-        ("words/s", res["words_per_s"]),
+        (f"loss (nats per {per})", res["loss"]),
+        (f"perplexity (per {per})", res["ppl"]),
+        (f"bits per {per}", res["bits_per_token"]),
+        ("tokens/s" if per == "token" else "tokens/s (= bytes/s)", res["tokens_per_s"]),
     ]
     for m in res["memories"]:
         rows.append((f"memory layer {m['layer']} usage", f"{100 * m['usage']:.1f}%"))
@@ -199,9 +261,7 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    import torch
-
+def _cmd_bench(args, overrides: list[str]) -> int:
     from pkmem.config import load_config
     from pkmem.train.bench import bench_models, environment
     from pkmem.train.evaluate import resolve_device
@@ -214,33 +274,38 @@ def _cmd_bench(args) -> int:
         raise not_allowed("--memories", "", "at least one memory count, e.g. 0,1")
     _check_output_file("--out", args.out)
     extra = [f"seq_len={args.seq_len}"] if args.seq_len is not None else []
-    cfg = load_config(args.config, extra + list(args.overrides))
+    cfg = load_config(args.config, extra + list(args.overrides) + overrides)
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
             raise not_allowed(f"--{name.replace('_', '-')}", getattr(args, name), ">= 1")
-    if not args.tokens_per_word > 0:
+    if args.tokens_per_word is not None and not args.tokens_per_word > 0:
         raise not_allowed("--tokens-per-word", args.tokens_per_word, "> 0")
     device = resolve_device(args.device)
+    _set_threads(args.threads, print)
+    n_mem = len(cfg.model.memory_layers())
+    memories = args.memories if args.memories is not None else sorted({0, n_mem})
+    print(
+        f"pkmem bench --config {cfg.name}: forward of {args.batch_size} x {cfg.model.seq_len} tokens, "
+        f"median of {args.repeats} after {args.warmup} untimed; device {device}"
+    )
     rows = bench_models(
         cfg.model,
         args.layers or [cfg.model.n_layers],
         args.dims or [cfg.model.dim],
-        args.memories,
+        memories,
         args.batch_size,
         device,
         cfg.train.precision,
         args.warmup,
         args.repeats,
         args.tokens_per_word,
+        log=print,  # the table, a row at a time
     )
-    out = {
-        "config": cfg.name,
-        "env": environment(device),
-        "tokens_per_word": args.tokens_per_word,
-        "rows": rows,
-    }
-    atomic_write_bytes(Path(args.out), json.dumps(out, indent=1).encode())
-    print(f"wrote {args.out} ({torch.__version__}, {out['env']['device_name']})")
+    if args.out:
+        out = {"config": cfg.name, "env": environment(device), "tokens_per_word": args.tokens_per_word}
+        out["rows"] = rows
+        atomic_write_bytes(Path(args.out), json.dumps(out, indent=1).encode())
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -254,27 +319,47 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from pkmem.train.generate import generate_text
+    from pkmem.train.generate import stream_text
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise not_allowed("--temperature", args.temperature, "a finite number >= 0")
+    if args.top_k < 0:
+        raise not_allowed("--top-k", args.top_k, ">= 0 (0: all tokens)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise not_allowed("--top-p", args.top_p, "in (0, 1]")
+    if args.max_new_tokens < 0:
+        raise not_allowed("--max-new-tokens", args.max_new_tokens, ">= 0")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise not_allowed("--prompt", args.prompt, "valid UTF-8 text") from None
-
-    print(
-        generate_text(
-            args.run,
-            args.prompt,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_k if args.top_k and args.top_k > 0 else None,
-            args.seed,
-            args.device,
-        )
+    _set_threads(args.threads, None)
+    pieces = stream_text(
+        args.run,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k or None,
+        args.top_p,
+        args.seed,
+        args.device,
+        use_cache=not args.no_cache,
     )
+    first = next(pieces, "")  # the model is loaded: errors come before any output
+    sys.stdout.write(args.prompt + first)
+    sys.stdout.flush()
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
+
+
+def _set_threads(requested: int | None, log) -> int:
+    """Set torch's CPU threads (see :func:`pkmem.train.evaluate.choose_threads`)."""
+    from pkmem.train.evaluate import set_threads
+
+    return set_threads(requested, log)
 
 
 def _check_output_file(flag: str, path: str | None) -> None:
@@ -292,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides = []
     for item in extra:
-        if args.command == "train" and "=" in item and not item.startswith("-"):
+        if args.command in ("train", "bench") and "=" in item and not item.startswith("-"):
             overrides.append(item)
         else:
             parser.error(f"unrecognized argument {item!r}")
@@ -310,7 +395,7 @@ def _run(args, overrides: list[str]) -> int:
         if args.command == "eval":
             return _cmd_eval(args)
         if args.command == "bench":
-            return _cmd_bench(args)
+            return _cmd_bench(args, overrides)
         if args.command == "plot":
             return _cmd_plot(args)
         return _cmd_generate(args)

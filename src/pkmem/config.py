@@ -236,11 +236,13 @@ class TrainConfig:
     data_path: str | None = _opt(None, "enwik8: the file (.gz/.zip ok); text: a file, directory or glob")
     tokenizer: str = _opt("bytes", "bytes (vocab 256) or bpe (trained on the train split)", ("bytes", "bpe"))
     bpe_vocab_size: int = _opt(4096, "BPE vocabulary size, in (256, 2**20]")
-    cache_dir: str | None = _opt(None, "where token-id memmaps are cached (null: <run dir>/data)")
+    cache_dir: str | None = _opt(
+        None, "where token ids are cached, shared by runs (null: $XDG_CACHE_HOME/pkmem or ~/.cache/pkmem)"
+    )
     # batches
     batch_size: int = _opt(16, "sequences per micro-batch, each seq_len tokens")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_steps: int = _opt(1000, "optimizer steps")
+    max_steps: int = _opt(1000, "optimizer steps (max_time_s may stop the run earlier)")
     # optimisation (AdamW; memory values in their own group)
     lr: float = _opt(3e-4, "peak learning rate")
     value_lr: float = _opt(1e-3, "peak learning rate of the memory values")
@@ -277,7 +279,13 @@ class TrainConfig:
     )
     compile: bool = _opt(False, "torch.compile the model")
     seed: int = _opt(0, "random seed: initialisation and batches (a batch is a function of seed and step)")
-    max_time_s: float | None = _opt(None, "stop (with a checkpoint) after this much training time")
+    max_time_s: float | None = _opt(
+        None, "seconds of training after which the run stops early (with a checkpoint), even before max_steps"
+    )
+    threads: int | None = _opt(
+        None,
+        "CPU threads (null: the cores other programs leave free at the start; a resumed run keeps its count)",
+    )
     # evaluation, logging, checkpoints
     log_every: int = _opt(10, "steps between loss logs (the only host syncs of the loop)")
     eval_every: int = _opt(0, "steps between validation evaluations (0: at the end only)")
@@ -287,7 +295,9 @@ class TrainConfig:
     ckpt_every: int = _opt(0, "steps between checkpoints (0: at the end only)")
     keep_checkpoints: int = _opt(1, "checkpoints kept in the run directory")
     track_usage: bool = _opt(True, "memory usage in the progress bar and the logs")
-    tensorboard: bool = _opt(True, "also log to TensorBoard when torch.utils.tensorboard imports")
+    tensorboard: bool | None = _opt(
+        None, "also log to TensorBoard (null: when it is installed; true: warn when it is not)"
+    )
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field; returns self."""
@@ -323,6 +333,8 @@ class TrainConfig:
                 raise not_allowed(name, v, "a finite number >= 0")
         if self.value_grad_clip is not None and not 0 < self.value_grad_clip < math.inf:
             raise not_allowed("value_grad_clip", self.value_grad_clip, "a finite number > 0 or null")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise not_allowed("threads", self.threads, "a positive int or null")
         if self.max_time_s is not None and not self.max_time_s > 0:
             raise not_allowed("max_time_s", self.max_time_s, "a number > 0 or null")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -469,7 +481,7 @@ def _describe_type(hint) -> str:
     """What a field of type ``hint`` takes, in words (``an int``, ``a list of 2 numbers or null``)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if _allows_none(hint):
-        return f"{_describe_type(args[0])} or null"
+        return "true, false or null" if args[0] is bool else f"{_describe_type(args[0])} or null"
     if typing.get_origin(hint) is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_describe_type(args[0]).split(' ', 1)[1]}s such as [1, 2]"
@@ -636,6 +648,30 @@ def _layer_arg_docs() -> dict[str, str]:
     return out
 
 
+def _memory_choices() -> dict[str, tuple]:
+    """Allowed values of the memory's string options (the layer's own constants)."""
+    from pkmem.layer import GATES, QUERY_NORMS
+    from pkmem.ops.dispatch import BACKENDS
+    from pkmem.ops.reference import SCORES
+
+    return {"query_norm": QUERY_NORMS, "score": SCORES, "gate": GATES, "backend": BACKENDS}
+
+
+def _memory_type(annotation: str) -> str:
+    """A ProductKeyMemory annotation (``"int | None"``, ``"Sequence[int]"``) in the words of
+    :func:`_describe_type`."""
+    words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string"}
+    parts = [a.strip() for a in str(annotation).split("|")]
+    optional = "None" in parts
+    parts = [a for a in parts if a != "None"]
+    base = parts[0] if parts else "any"
+    if base.startswith(("Sequence[", "tuple[", "list[")):
+        text = f"a list of {words.get(base[base.index('[') + 1 : -1].split(',')[0], 'value')[2:].strip()}s"
+    else:
+        text = words.get(base, base)
+    return f"{text} or null" if optional else text
+
+
 def config_keys(cfg: Config | None = None) -> list[dict]:
     """Every config key: ``{"key", "type", "default", "help", "choices"}`` (``choices`` may be None);
     the memory's keys come from ProductKeyMemory's signature and docstring. With ``cfg``,
@@ -658,23 +694,44 @@ def config_keys(cfg: Config | None = None) -> list[dict]:
                 }
             )
     docs = _layer_arg_docs()
+    choices = _memory_choices()
     for name, p in memory_options().items():
         rows.append(
             {
                 "key": f"model.memory.{name}",
-                "type": str(p.annotation),
+                "type": _memory_type(p.annotation),
                 "default": cfg.model.memory.get(name, p.default) if cfg is not None else p.default,
-                "help": docs.get(name, ""),
-                "choices": None,
+                "help": docs.get(name, "").replace("``", "").rstrip("."),
+                "choices": choices.get(name),
             }
         )
     return rows
 
 
-def describe_keys() -> str:
-    """One line per config key: name, type, default and description (for ``--help-config``)."""
+def _show(value) -> str:
+    """A config value as YAML writes it (``null``, ``true``, ``[3]``, ``3.0e-3`` as ``0.003``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def describe_keys(cfg: Config | None = None) -> str:
+    """One line per config key: its value (``cfg``'s, else the default), what it takes and what it
+    does; ``*`` marks a value that ``cfg`` sets (a preset, a file or an override), not the default."""
+    defaults = {r["key"]: r["default"] for r in config_keys()}
+    rows = config_keys(cfg)
+    width_key = max(len(r["key"]) for r in rows)
+    shown = [_show(r["default"]) for r in rows]
+    width_val = min(24, max(len(v) for v in shown))
     lines = []
-    for row in config_keys():
-        choices = f" (one of {', '.join(map(str, row['choices']))})" if row["choices"] else ""
-        lines.append(f"{row['key']:<28} default {row['default']!r:<12} {row['help']}{choices}")
+    for row, value in zip(rows, shown):
+        mark = "*" if cfg is not None and _plain(row["default"]) != _plain(defaults[row["key"]]) else " "
+        allowed = f"one of {', '.join(_show(c) for c in row['choices'])}" if row["choices"] else row["type"]
+        lines.append(f"{row['key']:<{width_key}} {mark}{value:<{width_val}}  {row['help']} [{allowed}]")
     return "\n".join(lines)

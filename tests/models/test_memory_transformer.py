@@ -191,6 +191,107 @@ def test_generate():
     assert sampled.shape == (2, 8) and int(sampled.max()) < 50
 
 
+def _trained_like(cfg) -> MemoryTransformer:
+    """A model in eval mode whose memories' BatchNorms have non-trivial running statistics."""
+    torch.manual_seed(0)
+    model = MemoryTransformer(cfg)
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (4, cfg.seq_len)))  # training mode: running stats move
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(pos_emb="learned"),
+        dict(pos_emb="rotary"),
+        dict(pos_emb="none"),
+        dict(pos_emb="rotary", norm_position="post", mem_mode="parallel"),
+        dict(pos_emb="learned", mem_mode="after", mem_layers=(1, 3)),
+    ],
+)
+def test_cached_logits_equal_the_full_forward_token_by_token(kw):
+    model = _trained_like(small(**kw))
+    idx = torch.randint(0, 50, (2, 16))
+    full = model(idx)  # (2, 16, 50): every position sees all tokens before it
+    cache = model.new_cache()
+    steps = [model(idx[:, :5], cache=cache)]  # a 5-token prompt, then one token at a time
+    for t in range(5, 16):
+        steps.append(model(idx[:, t : t + 1], cache=cache))
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    cache.reset()  # several tokens after cached ones: the mask inside the new chunk is causal
+    a = model(idx[:, :7], cache=cache)
+    b = model(idx[:, 7:], cache=cache)
+    torch.testing.assert_close(torch.cat([a, b], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rotary"])
+def test_cached_generation_equals_uncached_inside_the_window(pos_emb):
+    model = _trained_like(small(pos_emb=pos_emb))
+    idx = torch.randint(0, 50, (2, 4))
+    fast = model.generate(idx, 12, temperature=0.0)  # 16 = seq_len tokens: no cropping
+    slow = model.generate(idx, 12, temperature=0.0, use_cache=False)
+    assert torch.equal(fast, slow)
+    # sampling with the same seed draws the same tokens
+    kw = dict(temperature=0.9, top_k=20, top_p=0.9)
+    a = model.generate(idx, 12, generator=torch.Generator().manual_seed(3), **kw)
+    b = model.generate(idx, 12, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert torch.equal(a, b)
+
+
+def test_cached_generation_past_the_window_restarts_from_three_quarters_of_it():
+    model = _trained_like(small())  # seq_len 16: the cache restarts from the last 12 tokens
+    idx = torch.randint(0, 50, (1, 10))
+    out = model.generate(idx, 30, temperature=0.0)
+    # the same policy, uncached: the context starts over at the last 12 tokens whenever it reaches 16
+    tokens, start = idx, 0
+    for _ in range(30):
+        if tokens.shape[1] - start > 16:
+            start = tokens.shape[1] - 12
+        nxt = model(tokens[:, start:])[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], dim=1)
+    assert torch.equal(out, tokens)
+
+
+def test_sampling_options():
+    from pkmem.models.transformer import _sample
+
+    logits = torch.tensor([[4.0, 3.0, 2.0, -1.0, -9.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(_sample(logits, 1.0, 2, None, g).unique().tolist()) == {0, 1}
+    # top-p: p(0) = 0.66, p(0) + p(1) = 0.90: top_p=0.8 keeps tokens 0 and 1, top_p=0.5 token 0
+    assert set(_sample(logits, 1.0, None, 0.8, g).unique().tolist()) == {0, 1}
+    assert set(_sample(logits, 1.0, None, 0.5, g).unique().tolist()) == {0}
+    assert set(_sample(logits, 1.0, None, 1.0, g).unique().tolist()) >= {0, 1, 2, 3}
+    assert _sample(logits[:3], 0.0, None, None, g).flatten().tolist() == [0, 0, 0]  # greedy
+    # a low temperature sharpens: almost always the likeliest
+    assert (_sample(logits, 0.05, None, None, g) == 0).float().mean() > 0.99
+    model = MemoryTransformer(small()).eval()
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    for kw, match in [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model.generate(idx, 2, **kw)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(idx, -1)
+    streamed = list(model.stream(idx, 5, temperature=0.0))
+    assert len(streamed) == 5 and all(t.shape == (1, 1) for t in streamed)
+    assert model.generate(idx, 0).shape == (1, 2)
+
+
+def test_cache_errors():
+    model = MemoryTransformer(small()).eval()
+    cache = model.new_cache()
+    model(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="at most seq_len=16"):
+        model(torch.zeros(1, 7, dtype=torch.long), cache=cache)
+
+
 class CountingMemory(torch.nn.Module):
     """A foreign memory: a linear map with the memory protocol of pkmem.metrics and pkmem.optim."""
 

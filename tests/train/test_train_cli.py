@@ -227,7 +227,29 @@ def test_plot_generate_and_bench(run, tmp_path, capsys, cache_dir):
     res = json.loads(out.read_text())
     assert len(res["rows"]) == 4 and res["env"]["torch"]
     assert {(r["layers"], r["memories"]) for r in res["rows"]} == {(1, 0), (1, 1), (2, 0), (2, 1)}
-    assert all(r["tokens_per_s"] > 0 and r["words_per_s"] == r["tokens_per_s"] for r in res["rows"])
+    assert all(r["tokens_per_s"] > 0 and "words_per_s" not in r for r in res["rows"])  # bytes: tokens/s
+
+
+def test_bench_follows_the_preset_labels_units_and_writes_only_where_told(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    small = ["seq_len=16", "dim=32", "n_heads=2", "memory.num_keys=8", "memory.topk=4", "memory.k_dim=16"]
+    argv = ["bench", "--layers", "4,2", "--repeats", "1", "--warmup", "0", "--batch-size", "2"]
+    assert main([*argv, "--device", "cpu", *small]) == 0
+    out = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no bench.json unless --out says so
+    header = next(line for line in out.splitlines() if "tokens/s" in line)
+    for column in ("layers", "dim", "memories", "memory layers (1-based)", "params (M)", "ms per forward"):
+        assert column in header
+    rows = [line.split() for line in out.splitlines()[out.splitlines().index(header) + 1 :]]
+    # the tiny preset: 4 layers, its memory at layer 3 (not the even spread's 2); 2 layers: spread
+    assert [r[:4] for r in rows] == [["4", "32", "0", "-"], ["4", "32", "1", "3"], ["2", "32", "0", "-"],
+                                     ["2", "32", "1", "1"]]  # fmt: skip
+    assert main([*argv, "--out", "b/speed.json", "--tokens-per-word", "4", *small]) == 0
+    res = json.loads((tmp_path / "b" / "speed.json").read_text())
+    assert [r["memory_layers"] for r in res["rows"]] == [[], [3], [], [1]]
+    assert res["rows"][1]["placement"] == "config" and res["rows"][3]["placement"] == "spread"
+    assert all(r["words_per_s"] == pytest.approx(r["tokens_per_s"] / 4) for r in res["rows"])
+    assert "words/s" in capsys.readouterr().out
 
 
 def test_text_data_with_bpe(tmp_path, corpus, capsys):

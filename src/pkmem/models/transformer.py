@@ -13,12 +13,16 @@ A memory sits at a 1-based layer index (the paper's "layer 5 of 6") in one of th
 
 Without explicit ``mem_layers``, ``n_memories`` memories are spread at regular intervals (§4.3):
 ``step = ceil(L / (N + 1))``, layers ``step * i`` for ``i = 1..N`` (16 layers, 2 memories -> 6 and 12).
+
+Decoding keeps the attention's keys and values in a :class:`KVCache` (the memories and FFNs read each
+token on its own), so :meth:`MemoryTransformer.generate` runs one token per step instead of the
+whole context.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,7 @@ from pkmem.optim import value_parameters
 __all__ = [
     "MemoryTransformerConfig",
     "MemoryTransformer",
+    "KVCache",
     "MakeMemory",
     "default_memory_layers",
     "MEM_MODES",
@@ -43,15 +48,58 @@ width ``dim``; ``values`` is the value table to share (the first memory's ``valu
 None) -> (B, T, dim)``."""
 
 
-def _rotary(x: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary position embedding of ``x (B, heads, T, d)`` (pairs of channels rotated by position)."""
+def _rotary(x: torch.Tensor, base: float, start: int = 0) -> torch.Tensor:
+    """Rotary position embedding of ``x (B, heads, T, d)`` at positions ``start .. start + T - 1``
+    (pairs of channels rotated by position)."""
     T, d = x.shape[-2], x.shape[-1]
     inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv  # (T, d/2)
+    pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
+    angle = pos[:, None] * inv  # (T, d/2)
     cos, sin = angle.cos(), angle.sin()
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+class KVCache:
+    """The keys and values of every attention layer for decoding one token at a time.
+
+    ``MemoryTransformer.forward(idx, cache=cache)`` reads positions ``cache.length ..
+    cache.length + T - 1``, attends to the cached keys before them, stores its own and advances
+    ``cache.length`` by ``T``. Buffers ``(batch, heads, max_len, head_size)`` are allocated on first
+    use in the dtype of the keys (bf16 under autocast).
+    """
+
+    def __init__(self, n_layers: int, max_len: int):
+        for name, v in (("n_layers", n_layers), ("max_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise not_allowed(name, v, "an int >= 1")
+        self.max_len = max_len
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def reset(self) -> None:
+        """Forget the cached positions (the buffers are kept)."""
+        self.length = 0
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v (B, heads, T, d)`` at ``length``; returns the keys and values of positions
+        ``0 .. length + T - 1``."""
+        B, H, T, d = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(
+                f"the cache holds {self.max_len} positions: {self.length} cached + {T} new do not fit "
+                "(reset() it, or build a longer one)"
+            )
+        buf = self.keys[layer]
+        if buf is None or buf.shape[:2] != (B, H) or buf.dtype != k.dtype or buf.device != k.device:
+            self.keys[layer] = k.new_empty(B, H, self.max_len, d)
+            self.values[layer] = v.new_empty(B, H, self.max_len, d)
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -63,14 +111,22 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
+        start = 0 if cache is None else cache.length  # position of x's first token
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            q, k = _rotary(q, self.rotary), _rotary(k, self.rotary)
+            q, k = _rotary(q, self.rotary, start), _rotary(k, self.rotary, start)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.store(layer, k, v)  # (B, heads, start + T, d)
+            if start > 0:  # query i (position start + i) sees keys 0 .. start + i
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, heads, T, d)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # y: (B, heads, T, d)
 
 
 class FeedForward(nn.Module):
@@ -104,8 +160,10 @@ class Block(nn.Module):
         """``x + sublayer(ln(x))`` (pre-LN) or ``ln(x + sublayer(x))`` (post-LN)."""
         return x + sublayer(ln(x)) if self.pre else ln(x + sublayer(x))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self._residual(x, self.ln1, self.attn)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = self._residual(x, self.ln1, lambda h: self.attn(h, cache, layer))
         if self.mode is None:
             return self._residual(x, self.ln2, self.ffn)
         if self.mode == "replace":
@@ -188,19 +246,31 @@ class MemoryTransformer(nn.Module):
                 total += p.numel()
         return total
 
-    def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)`` of ``idx (B, T)``; with ``cache`` (a :class:`KVCache`), ``idx``
+        continues the cached positions and its keys and values are added to the cache."""
         if idx.dim() != 2:
             raise ValueError(f"idx has shape {tuple(idx.shape)}: idx must be (batch, seq) token ids")
+        start = 0 if cache is None else cache.length
         T = idx.shape[1]
-        if self.pos_emb is not None and T > self.config.seq_len:
-            raise ValueError(f"idx has {T} positions: at most seq_len={self.config.seq_len} are allowed")
+        if self.pos_emb is not None and start + T > self.config.seq_len:
+            where = f"{T} positions" if cache is None else f"{T} positions after {start} cached ones"
+            raise ValueError(f"idx has {where}: at most seq_len={self.config.seq_len} are allowed")
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.length += T
         return self.head(self.ln_f(x))
+
+    def new_cache(self) -> KVCache:
+        """An empty :class:`KVCache` for this model (``seq_len`` positions)."""
+        return KVCache(len(self.blocks), self.config.seq_len)
 
     @torch.no_grad()
     def generate(
@@ -209,20 +279,93 @@ class MemoryTransformer(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` continuations of ``idx (B, T)``; returns ``(B, T + max_new_tokens)``."""
-        if temperature < 0:
-            raise not_allowed("temperature", temperature, ">= 0 (0 = greedy)")
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.seq_len :])[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        """``idx (B, T)`` followed by ``max_new_tokens`` sampled tokens: ``(B, T + max_new_tokens)``.
+
+        See :meth:`stream` for the options; the model is put in eval mode while it samples.
+        """
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+        return torch.cat([idx, *new], dim=1)
+
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield ``max_new_tokens`` next tokens ``(B, 1)`` of ``idx (B, T)``, one at a time.
+
+        ``temperature`` 0 is greedy; ``top_k`` keeps the k likeliest tokens, ``top_p`` the smallest
+        set whose probability reaches p (nucleus sampling), both after the temperature.
+        The model sees at most ``seq_len`` tokens. With ``use_cache`` (a :class:`KVCache`) each step
+        runs one token; when the window is full, the last ``3/4 * seq_len`` tokens are run again
+        into an empty cache, so the context is between 3/4 and all of ``seq_len`` tokens. Without it
+        every step runs the last ``seq_len`` tokens (the same logits while the text fits the window,
+        many times slower).
+        """
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f"idx has shape {tuple(idx.shape)}: idx must be (batch, seq >= 1) token ids")
+        window = self.config.seq_len
+        was_training = self.training
+        self.eval()
+        cache = self.new_cache() if use_cache else None
+        tokens = idx
+        try:
+            for i in range(max_new_tokens):
+                with torch.inference_mode():  # lighter than no_grad: a decoding step is mostly host time
+                    if cache is None:
+                        context = tokens[:, -window:]
+                    elif i == 0 or cache.length == window:  # the prompt, or a full window: start over
+                        cache.reset()
+                        context = tokens[:, -window:] if i == 0 else tokens[:, -(3 * window) // 4 :]
+                    else:
+                        context = tokens[:, -1:]
+                    logits = self(context, cache=cache)[:, -1]
+                    nxt = _sample(logits.float(), temperature, top_k, top_p, generator)
+                    tokens = torch.cat([tokens, nxt], dim=1)
+                yield nxt.clone()  # an ordinary tensor: inference tensors cannot be saved for backward
+        finally:
+            self.train(was_training)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise not_allowed("max_new_tokens", max_new_tokens, "an int >= 0")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise not_allowed("temperature", temperature, "a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise not_allowed("top_k", top_k, "an int >= 1 or None")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise not_allowed("top_p", top_p, "a number in (0, 1] or None")
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One token per row of ``logits (B, V)``: ``(B, 1)``."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the likelier ones alone reach top_p (the likeliest always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
+        logits = torch.full_like(logits, -float("inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -13,7 +13,7 @@ import torch
 from pkmem.models import MemoryTransformer, MemoryTransformerConfig
 from pkmem.train.evaluate import autocast
 
-__all__ = ["bench_models", "environment"]
+__all__ = ["bench_models", "environment", "format_table"]
 
 
 def environment(device: torch.device) -> dict:
@@ -67,24 +67,32 @@ def bench_models(
     precision: str = "auto",
     warmup: int = 2,
     repeats: int = 5,
-    tokens_per_word: float = 1.0,
+    tokens_per_word: float | None = None,
     log=print,
 ) -> list[dict]:
     """Forward tokens/s (median of ``repeats``) of ``base`` for every (layers, dim, memories) combination.
 
-    Memories are placed by the default placement; the number of attention heads keeps ``base``'s
-    head size. ``words/s = tokens/s / tokens_per_word``.
+    With ``base``'s layer count and number of memories the memories sit where ``base`` puts them
+    (its ``mem_layers``, its ``mem_mode``); other combinations spread them evenly
+    (:func:`pkmem.config.default_memory_layers`). Attention heads keep ``base``'s head size. With
+    ``tokens_per_word``, rows also have ``words_per_s = tokens_per_s / tokens_per_word``.
+    ``log`` (if given) gets one line per row.
     """
+    from pkmem.config import default_memory_layers
+
     rows = []
     head_size = base.dim // base.n_heads
+    own = tuple(base.memory_layers())
     for n_layers, dim, n_mem in itertools.product(layers, dims, memories):
+        same = n_layers == base.n_layers and n_mem == len(own)
+        mem_layers = own if same else default_memory_layers(n_layers, n_mem)
         cfg = dataclasses.replace(
             base,
             n_layers=n_layers,
             dim=dim,
             n_heads=max(1, dim // head_size),
-            mem_layers=None,
-            n_memories=n_mem,
+            mem_layers=mem_layers,
+            n_memories=None,
         )
         torch.manual_seed(0)
         model = MemoryTransformer(cfg).to(device).eval()
@@ -97,6 +105,7 @@ def bench_models(
             "dim": dim,
             "memories": n_mem,
             "memory_layers": list(model.mem_layer_indices),
+            "placement": "config" if same else "spread",
             "params": model.num_parameters(),
             "params_without_values": model.num_parameters(values=False),
             "batch_size": batch_size,
@@ -104,12 +113,29 @@ def bench_models(
             "ms": 1000 * med,
             "ms_all": [1000 * t for t in times],
             "tokens_per_s": tps,
-            "words_per_s": tps / tokens_per_word,
         }
+        if tokens_per_word is not None:
+            row["words_per_s"] = tps / tokens_per_word
         rows.append(row)
-        log(
-            f"{n_layers:>3} layers  dim {dim:>5}  {n_mem} memories {str(row['memory_layers']):<10} "
-            f"{row['ms']:9.2f} ms  {tps:12,.0f} tokens/s  {row['words_per_s']:12,.0f} words/s"
-        )
+        if log is not None:
+            log(format_table([row], per_word=tokens_per_word is not None, header=not rows[:-1]))
         del model
     return rows
+
+
+def format_table(rows: list[dict], per_word: bool = False, header: bool = True) -> str:
+    """The rows of :func:`bench_models` as a text table whose columns name their units."""
+    cols = [
+        ("layers", 6, lambda r: f"{r['layers']}"),
+        ("dim", 5, lambda r: f"{r['dim']}"),
+        ("memories", 8, lambda r: f"{r['memories']}"),
+        ("memory layers (1-based)", 23, lambda r: " ".join(map(str, r["memory_layers"])) or "-"),
+        ("params (M)", 10, lambda r: f"{r['params'] / 1e6:.2f}"),
+        ("ms per forward", 14, lambda r: f"{r['ms']:.2f}"),
+        ("tokens/s", 12, lambda r: f"{r['tokens_per_s']:,.0f}"),
+    ]
+    if per_word:
+        cols.append(("words/s", 12, lambda r: f"{r['words_per_s']:,.0f}"))
+    lines = ["  ".join(f"{name:>{w}}" for name, w, _ in cols)] if header else []
+    lines += ["  ".join(f"{fmt(r):>{w}}" for _, w, fmt in cols) for r in rows]
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pkmem._util import atomic_write_bytes
+from pkmem._util import atomic_write_bytes, file_mode
 
 __all__ = [
     "CheckpointError",
@@ -166,6 +166,7 @@ def save_checkpoint(
     final = ckpt_root / f"step_{step:09d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{final.name}."))
     try:
+        os.chmod(tmp, file_mode(directory=True))  # mkdtemp's 0700 -> the user's umask
         save_file(_model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         structure, tensors = flatten_state(optimizer.state_dict() if optimizer is not None else {})
         save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
@@ -174,6 +175,7 @@ def save_checkpoint(
         files = {}
         for name in ("model.safetensors", "optimizer.safetensors", "optimizer.json", "tokenizer.json"):
             p = tmp / name
+            os.chmod(p, file_mode())  # safetensors writes 0600
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
             files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import statistics
+import sys
 import time
 
 import numpy as np
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 from pkmem._util import not_allowed
 from pkmem.train.data import eval_windows
 
-__all__ = ["evaluate", "autocast", "resolve_device", "memory_report"]
+__all__ = ["evaluate", "autocast", "resolve_device", "memory_report", "choose_threads", "set_threads"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -27,6 +30,66 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def _others_running(samples: int = 10, interval: float = 0.02) -> float | None:
+    """Runnable tasks of other programs now: the median of a few reads of /proc/loadavg's running
+    count, less this process (None where there is no /proc)."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return None
+        if i < samples - 1:
+            time.sleep(interval)
+    return max(0.0, statistics.median(counts) - 1)
+
+
+def choose_threads(requested: int | None = None, source: str = "asked for") -> tuple[int, str]:
+    """``(threads, why)``: the CPU threads torch should use.
+
+    ``requested`` if given (``source`` says by whom), else ``OMP_NUM_THREADS`` if set, else torch's
+    default (the cores) less the cores other programs keep busy when the command starts, at least 1:
+    on a shared, busy machine fewer threads are faster (the threads of one operation wait for the
+    slowest, and a thread that shares its core with another program is slow): the tiny preset trained
+    4,700 tokens/s with 1 thread and 960 with 2 on a 2-core machine running other jobs (load average
+    3-6), and evaluated 12,500 vs 3,300.
+    """
+    import torch
+
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise not_allowed("threads", requested, "an int >= 1 (or null: chosen from the free cores)")
+        return requested, source
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env), "OMP_NUM_THREADS"
+    default = torch.get_num_threads()
+    try:  # only where this process may use every core of the machine (not in a slice of a larger one)
+        whole = len(os.sched_getaffinity(0)) == os.cpu_count()
+    except AttributeError:
+        whole = False
+    others = _others_running() if whole and sys.platform.startswith("linux") else None
+    if others is None:
+        return default, "torch's default"
+    free = max(1, min(default, round((os.cpu_count() or default) - others)))
+    if free == default:
+        return default, f"{os.cpu_count()} cores, idle"
+    return free, f"{os.cpu_count()} cores, {others:g} busy with other programs"
+
+
+def set_threads(requested: int | None = None, log=None, source: str = "asked for") -> int:
+    """``torch.set_num_threads`` of :func:`choose_threads`; returns the number (``log`` gets a line)."""
+    import torch
+
+    n, why = choose_threads(requested, source)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if log is not None:
+        log(f"cpu threads: {n} ({why}; --threads N to choose)")
+    return n
+
+
 def autocast(device: torch.device, precision: str = "auto"):
     """bf16 autocast on CUDA with ``precision`` "auto" or "bf16"; fp32 otherwise."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -36,11 +99,18 @@ def autocast(device: torch.device, precision: str = "auto"):
 
 
 def memory_report(tracker, layer_of: dict[str, int]) -> list[dict]:
-    """The tracker's report as a list of ``{"layer", "name", "usage", "kl", ...}`` sorted by layer."""
+    """The tracker's report as a list of ``{"layer", "usage", "kl", ...}`` sorted by layer.
+
+    ``layer`` is 1-based, as configs number memory layers (``mem_layers``, the paper's "layer 5 of
+    6"); a memory outside a numbered layer (``layer_of`` does not know it) is named by ``module``,
+    its module path in the model, instead.
+    """
     if tracker is None:
         return []
-    rep = tracker.report()
-    out = [{"layer": layer_of.get(name), "name": name, **vals} for name, vals in rep.items()]
+    out = []
+    for name, vals in tracker.report().items():
+        where = {"layer": layer_of[name]} if name in layer_of else {"layer": None, "module": name}
+        out.append({**where, **vals})
     return sorted(out, key=lambda d: (d["layer"] is None, d["layer"] or 0))
 
 
@@ -66,6 +136,7 @@ def evaluate(
     words_per_token: float | None = None,
     track_usage: bool = True,
     forward=None,
+    progress: bool = False,
 ) -> dict:
     """Next-token loss of ``model`` on windows of ``tokens`` (see :func:`eval_windows`).
 
@@ -74,6 +145,7 @@ def evaluate(
     ``words_per_token`` is known) and ``memories``: ``[{"layer", "name", "usage", "kl", ...}]``.
     ``forward`` (default ``model``) is the callable that computes logits (e.g. a compiled model).
     ``seconds`` and the speeds leave out the first batch when there are several (it compiles kernels).
+    ``progress``: a tqdm bar on stderr (tokens evaluated).
     """
     forward = model if forward is None else forward
     starts = eval_windows(len(tokens), seq_len, max_tokens)
@@ -89,6 +161,21 @@ def evaluate(
     count = timed = 0
     _sync(device)
     t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total_tokens = len(starts) * seq_len
+        every = 0.2 if sys.stderr.isatty() else 15.0  # a log file gets a line every 15 s, not a flood
+        bar = tqdm(
+            total=total_tokens,
+            desc="eval",
+            unit="tok",
+            unit_scale=True,
+            file=sys.stderr,
+            leave=False,
+            mininterval=every,
+        )
     try:
         if tracker is not None:
             tracker.start()
@@ -105,9 +192,13 @@ def evaluate(
             )
             total += loss.double()
             count += xy[:, 1:].numel()
+            if bar is not None:
+                bar.update(xy[:, 1:].numel())
         _sync(device)
         seconds = time.perf_counter() - t0
     finally:
+        if bar is not None:
+            bar.close()
         if tracker is not None:
             tracker.stop()
         model.train(was_training)

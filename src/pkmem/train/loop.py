@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from pkmem._util import atomic_write_bytes, not_allowed
-from pkmem.config import Config, TrainConfig, config_from_dict, override_section, read_config_file
+from pkmem.config import PRESETS, Config, TrainConfig, config_from_dict, override_section, read_config_file
 from pkmem.models import MakeMemory, MemoryTransformer
 from pkmem.optim import clip_grad_norm, make_optimizer
 from pkmem.train import checkpoint as ckpt_lib
@@ -45,7 +46,7 @@ from pkmem.train.data import (
     source_fingerprint,
     unigram_bits,
 )
-from pkmem.train.evaluate import autocast, evaluate, memory_report, resolve_device
+from pkmem.train.evaluate import autocast, evaluate, memory_report, resolve_device, set_threads
 from pkmem.train.tokenizer import load_tokenizer
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "finish",
     "lr_factor",
     "default_run_dir",
+    "default_cache_dir",
     "load_data_for",
     "build_model",
     "load_run",
@@ -112,10 +114,26 @@ def default_run_dir(cfg: Config, root: str | os.PathLike = "runs") -> Path:
     return path
 
 
+def default_cache_dir() -> Path:
+    """The token cache that runs share: ``$XDG_CACHE_HOME/pkmem``, else ``~/.cache/pkmem``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return root / "pkmem"
+
+
+def data_cache_dir(cfg: Config, run_dir: str | os.PathLike) -> Path:
+    """Where a run's token ids are cached: ``cache_dir``, else the shared :func:`default_cache_dir`
+    (a run made before the shared cache keeps its own ``<run_dir>/data``)."""
+    if cfg.train.cache_dir:
+        return Path(cfg.train.cache_dir).expanduser()
+    own = Path(run_dir) / "data"
+    return own if own.is_dir() else default_cache_dir()
+
+
 def load_data_for(cfg: Config, run_dir: Path, tokenizer=None, log=print) -> TokenData:
-    """The token data of a run's config (cached under ``cache_dir`` or ``<run_dir>/data``)."""
+    """The token data of a run's config (cached in :func:`data_cache_dir`)."""
     t = cfg.train
-    cache = Path(t.cache_dir) if t.cache_dir else Path(run_dir) / "data"
+    cache = data_cache_dir(cfg, run_dir)
     return prepare_data(
         t.data,
         t.data_path,
@@ -268,6 +286,8 @@ def _run(cfg: Config, run_dir: Path, ck: dict | None, progress: bool, log, make_
         source_fingerprint(cfg.train.data, cfg.train.data_path)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    own = ck is not None and cfg.train.threads == ck["state"]["config"]["train"].get("threads")
+    cfg.train.threads = set_threads(cfg.train.threads, log, "the run's own" if own else "threads")
     try:
         run = set_up(cfg, run_dir, ck, progress, log, make_memory)
         state = LoopState(step=run.start_step, last_saved=run.start_step if ck else -1, lr=cfg.train.lr)
@@ -334,6 +354,7 @@ def set_up(
     tok = data.tokenizer
     cfg.model.vocab_size = tok.vocab_size
     tok.save(run_dir / "tokenizer.json")
+    _record_data(run_dir, data)
 
     model = build_model(cfg, device, make_memory)
     optimizer = make_optimizer(
@@ -360,7 +381,7 @@ def set_up(
     )
     log(
         f"data: {data.meta['description']}, {len(data.tokens('train')):,} training tokens "
-        f"({tok.kind} tokenizer)"
+        f"({tok.kind} tokenizer; token ids cached in {data.directory})"
     )
     return Run(
         cfg=cfg,
@@ -399,12 +420,30 @@ def _usage_tracker(model, enabled: bool):
     return UsageTracker(model)
 
 
-def _tensorboard(run_dir: Path, enabled: bool):
-    if not enabled:
+def _record_data(run_dir: Path, data: TokenData) -> None:
+    """``<run_dir>/data.json``: where the run's data came from and where its token ids are cached
+    (the cache is shared by runs, not copied into each)."""
+    meta = data.meta
+    keep = ("source", "data_path", "fingerprint", "description", "tokenizer", "vocab_size", "splits")
+    record = {"cache": str(Path(data.directory).resolve()), **{k: meta.get(k) for k in keep}}
+    atomic_write_bytes(run_dir / "data.json", json.dumps(record, indent=1).encode())
+
+
+def _tensorboard(run_dir: Path, enabled: bool | None):
+    """A SummaryWriter, or None: ``enabled`` None uses TensorBoard when it is installed, True warns
+    when it is not."""
+    if enabled is False:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed
+    except Exception as e:  # tensorboard not installed
+        if enabled:
+            warnings.warn(
+                f"tensorboard=true but TensorBoard cannot be used ({e}): pip install tensorboard; "
+                "this run logs to metrics.jsonl only",
+                UserWarning,
+                stacklevel=2,
+            )
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -433,6 +472,7 @@ def fit(run: Run, state: LoopState, log) -> bool:
     t = run.cfg.train
     stopped_early = False
     loop_t0 = time.perf_counter()
+    limit = _TimeLimit(run, state.step, loop_t0, log) if t.max_time_s is not None else None
     state.window_t0 = time.perf_counter()
     run.model.train()
     if run.tracker is not None:
@@ -450,6 +490,8 @@ def fit(run: Run, state: LoopState, log) -> bool:
             do_eval = t.eval_every and state.step % t.eval_every == 0
             if state.step % t.log_every == 0 or do_ckpt or do_eval or last:
                 log_window(run, state)
+            if limit is not None and not last:
+                limit.follow(state.step)  # no host sync: step counts and the clock
             if do_eval:
                 periodic_evaluation(run, state)
             if do_ckpt:
@@ -461,9 +503,9 @@ def fit(run: Run, state: LoopState, log) -> bool:
             if out_of_time:
                 stopped_early = state.step < t.max_steps
                 if stopped_early:
-                    log(
-                        f"max_time_s={t.max_time_s} reached at step {state.step}: stopping (checkpoint saved)"
-                    )
+                    if run.pbar is not None:  # the bar ends full: its total was the estimated stop
+                        run.pbar.total = state.step
+                    _say(run, log, _stop_note(run, state.step, " (checkpoint saved)"))
                 break
     finally:
         interrupt.uninstall()
@@ -560,7 +602,7 @@ def log_window(run: Run, state: LoopState) -> dict:
     return rec
 
 
-def evaluate_split(run: Run, split: str, max_tokens: int | None) -> dict:
+def evaluate_split(run: Run, split: str, max_tokens: int | None, progress: bool = False) -> dict:
     """:func:`pkmem.train.evaluate.evaluate` of the model on ``split`` (the training usage paused)."""
     if run.tracker is not None:
         run.tracker.stop()
@@ -578,6 +620,7 @@ def evaluate_split(run: Run, split: str, max_tokens: int | None) -> dict:
         is_bytes=run.tok.is_bytes,
         words_per_token=words_per_token if split == "valid" else None,
         forward=run.forward,
+        progress=progress,
     )
     if run.tracker is not None:
         run.tracker.start()
@@ -619,7 +662,7 @@ def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
     """Evaluate the final model on the validation split, write eval_valid.json and the plots; returns
     the run's summary. A resumed run that had finished already only reports (its records stay)."""
     t, T, tok = run.cfg.train, run.cfg.model.seq_len, run.tok
-    res = evaluate_split(run, "valid", t.final_eval_tokens)
+    res = evaluate_split(run, "valid", t.final_eval_tokens, progress=run.pbar is not None)
     if run.tracker is not None:
         run.tracker.stop()
     valid = run.data.tokens("valid")
@@ -631,7 +674,9 @@ def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
             "step": state.step,
             "split": "valid",
             "train_seconds": state.train_seconds,
-            "stopped_early": stopped_early,
+            "max_steps": t.max_steps,
+            "stopped_early": stopped_early,  # before max_steps, by max_time_s
+            "stopped_by": "max_time_s" if stopped_early else "max_steps",
         }
     )
     finished_before = run.start_step >= t.max_steps  # resumed after the end: nothing was trained
@@ -657,6 +702,7 @@ def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
         "train_tokens_per_s": tokens_trained / max(state.train_seconds, 1e-9),
         "valid": res,
         "plots": [str(p) for p in plots],
+        "stopped_early": stopped_early,
     }
     unit = "bits per byte" if tok.is_bytes else "bits per token"
     log(
@@ -670,7 +716,89 @@ def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
     for m in res["memories"]:
         log(f"memory layer {m['layer']}: usage {100 * m['usage']:.1f}%, KL {m['kl']:.3f}")
     log(f"run directory: {run.dir} (checkpoint, {METRICS}, plots/)")
+    if stopped_early:
+        log(f"note: {_stop_note(run, state.step)}")
     return summary
+
+
+# ---- the time limit ---------------------------------------------------------------------------------
+def _say(run: Run, log, message: str) -> None:
+    """``log(message)`` without breaking the progress bar (on a terminal)."""
+    bar = run.pbar if run.pbar is not None and not run.pbar.disable and _on_terminal(run.pbar) else None
+    if bar is not None:
+        bar.clear()
+    log(message)
+    if bar is not None:
+        bar.refresh()
+
+
+def _on_terminal(bar) -> bool:
+    isatty = getattr(getattr(bar, "fp", None), "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _stop_note(run: Run, step: int, saved: str = "") -> str:
+    """What stopping at ``step`` by ``max_time_s`` means, and how to go on."""
+    t = run.cfg.train
+    which = f" nor the {run.cfg.name} preset's documented one" if run.cfg.name in PRESETS else ""
+    return (
+        f"stopped at step {step} of {t.max_steps} by max_time_s={t.max_time_s:g}{saved}: the result is not "
+        f"that of the full run{which}; continue with: pkmem train --out {run.dir} --resume (add "
+        "max_time_s=null to run every remaining step)"
+    )
+
+
+class _TimeLimit:
+    """With ``max_time_s`` and ``max_steps`` both set: says which one will stop the run (once the speed
+    is measured: two seconds of steps after the first, which may compile or warm up) and points the
+    progress bar's total, hence its ETA, at the earlier one (updated once a second)."""
+
+    def __init__(self, run: Run, first_step: int, t0: float, log):
+        self.run, self.t0, self.log = run, t0, log
+        self.first_step, self.t1, self.last = first_step, None, 0.0
+        t = run.cfg.train
+        self.said = False
+        if first_step < t.max_steps:
+            _say(
+                run,
+                log,
+                f"limits: max_steps={t.max_steps} and max_time_s={t.max_time_s:g} (seconds of training); "
+                "the first one reached stops the run (which one is said once the speed is measured)",
+            )
+
+    def follow(self, step: int) -> None:
+        t, pbar = self.run.cfg.train, self.run.pbar
+        now = time.perf_counter()
+        if self.t1 is None:  # the speed is measured from the end of the first step on
+            self.t1, self.first_step = now, step
+            return
+        if now - self.last < 1.0 or step <= self.first_step:
+            return
+        self.last = now
+        rate = (step - self.first_step) / (now - self.t1)  # steps per second
+        at_limit = step + rate * max(0.0, t.max_time_s - (now - self.t0))  # the step max_time_s stops at
+        by_time = at_limit < t.max_steps
+        if pbar is not None:  # the total stays above the step: tqdm drops a total that n passed
+            pbar.total = max(step + 1, math.ceil(at_limit)) if by_time else t.max_steps
+            pbar.set_description("train (until max_time_s)" if by_time else "train", refresh=False)
+        if self.said or now - self.t1 < 2.0:
+            return
+        self.said = True
+        if by_time:
+            what = (
+                "the preset's documented result" if self.run.cfg.name in PRESETS else "the full run's result"
+            )
+            message = (
+                f"at {rate:.2f} steps/s, max_time_s={t.max_time_s:g} will stop the run at about step "
+                f"{at_limit:.0f} of max_steps={t.max_steps}: not {what} (max_time_s=null runs every step)"
+            )
+        else:
+            left = (t.max_steps - step) / rate
+            message = (
+                f"at {rate:.2f} steps/s, max_steps={t.max_steps} ends the run in about {left / 60:.1f} min, "
+                f"within max_time_s={t.max_time_s:g}"
+            )
+        _say(self.run, self.log, message)
 
 
 # ---- small pieces -----------------------------------------------------------------------------------
@@ -735,8 +863,10 @@ def evaluate_run(
     device: str = "auto",
     precision: str | None = None,
     log=print,
+    progress: bool = False,
 ) -> dict:
-    """Evaluate a run's newest checkpoint (or a checkpoint) on a split of its data or of other data."""
+    """Evaluate a run's newest checkpoint (or a checkpoint) on a split of its data or of other data:
+    about ``max_tokens`` tokens (None: the whole split); ``progress``: a tqdm bar on stderr."""
     if split not in ("valid", "test", "train"):
         raise not_allowed("--split", split, "valid or test (or train)")
     dev = resolve_device(device)
@@ -759,10 +889,12 @@ def evaluate_run(
         max_tokens=max_tokens,
         is_bytes=tok.is_bytes,
         words_per_token=stats["words"] / max(1, stats["tokens"]),
+        progress=progress,
     )
     res.update(
         {
             "split": split,
+            "split_tokens": stats["tokens"],
             "step": ck["state"]["step"],
             "checkpoint": str(ck["dir"]),
             "data": cfg.train.data,

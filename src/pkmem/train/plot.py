@@ -1,14 +1,22 @@
-"""PNG plots of runs: loss curves, memory usage and KL per layer, speed vs perplexity (Figure 4 style)."""
+"""PNG plots of runs: loss curves, memory usage and KL per layer, speed vs perplexity (Figure 4 style).
+
+Every curve and point is labelled with its run and the run's data (``stdlib``, ``enwik8``, the text
+files' name) and tokenizer; losses are in bits per byte for byte-level runs and bits per token
+otherwise, and runs on different data or tokenizers never share a perplexity axis unlabelled:
+speed vs perplexity gets one panel per data set. Memory layers are 1-based, as in configs.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
-__all__ = ["read_metrics", "plot_runs"]
+from pkmem._util import atomic_write_bytes
+
+__all__ = ["read_metrics", "plot_runs", "run_info", "loss_figure", "memory_figure", "speed_figure"]
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -36,21 +44,52 @@ def _final_eval(run_dir: Path, records: list[dict]) -> dict | None:
     return evals[-1] if evals else None
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+def _read_json(path: Path) -> dict:
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_info(run_dir: str | os.PathLike) -> dict:
+    """``{"name", "data", "tokenizer", "per"}`` of a run: its directory's name, its data as a short
+    label (``stdlib``, ``enwik8``, ``text:<file or directory name>``), its tokenizer, and what a
+    token is (``byte`` or ``token``); read from the run's ``config.json`` (unknown: ``?``)."""
+    run_dir = Path(run_dir)
+    train = _read_json(run_dir / "config.json").get("train", {})
+    data = train.get("data", "?")
+    if data == "text" and train.get("data_path"):
+        data = f"text:{Path(str(train['data_path']).rstrip('/*')).name or train['data_path']}"
+    tokenizer = train.get("tokenizer", "bytes" if data != "?" else "?")
+    return {
+        "name": run_dir.name or str(run_dir),
+        "data": data,
+        "tokenizer": tokenizer,
+        "per": "byte" if tokenizer == "bytes" else "token",
+    }
+
+
+def _label(info: dict, final: dict | None = None) -> str:
+    label = f"{info['name']} ({info['data']}" + (", BPE" if info["tokenizer"] == "bpe" else "") + ")"
+    if final and final.get("stopped_early"):
+        label += f", stopped at step {final.get('step')}"
+        label += f" of {final['max_steps']}" if final.get("max_steps") else ""
+    return label
+
+
+def _save(fig, path: Path) -> Path:
+    """The figure as a PNG, written atomically (the file gets the user's umask)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
-def _label(run_dir: Path) -> str:
-    return run_dir.name or str(run_dir)
+def _unit(infos: list[dict]) -> str:
+    """The loss unit of these runs: bits per byte, bits per token, or (mixed) each run's own."""
+    pers = {i["per"] for i in infos}
+    return f"bits per {pers.pop()}" if len(pers) == 1 else "bits per token (each run's tokenizer)"
 
 
 def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
@@ -64,11 +103,27 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> 
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     out_dir = Path(out_dir)
     written = []
-    ln2 = math.log(2)
+    for name, make in (
+        ("loss.png", loss_figure),
+        ("memory.png", memory_figure),
+        ("speed_ppl.png", speed_figure),
+    ):
+        fig = make(runs)
+        if fig is not None:
+            written.append(_save(fig, out_dir / name))
+            plt.close(fig)
+    return written
 
-    # loss curves: training (per step) and validation (points), in bits per token
+
+def loss_figure(runs: list[tuple[Path, list[dict]]]):
+    """Training (per step) and validation (points) loss against training tokens."""
+    import matplotlib.pyplot as plt
+
+    ln2 = math.log(2)
+    infos = [run_info(d) for d, _ in runs]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for d, recs in runs:
+    for (d, recs), info in zip(runs, infos):
+        label = _label(info, _final_eval(d, recs))
         tr = [r for r in recs if r.get("type") == "train"]
         xs, ys = [], []
         for r in tr:
@@ -77,7 +132,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> 
             first = r["step"] - len(losses) + 1
             xs += [(first + i) * per for i in range(len(losses))]
             ys += [v / ln2 for v in losses]
-        line = ax.plot(xs, ys, lw=0.8, alpha=0.8, label=f"{_label(d)} train")[0] if xs else None
+        line = ax.plot(xs, ys, lw=0.8, alpha=0.8, label=f"{label} train")[0] if xs else None
         ev = [r for r in recs if r.get("type") == "eval" and r.get("split", "valid") == "valid"]
         if ev and tr:
             per = tr[-1]["tokens"] / max(1, tr[-1]["step"])
@@ -86,73 +141,94 @@ def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> 
                 [r["loss"] / ln2 for r in ev],
                 "o--",
                 color=line.get_color() if line else None,
-                label=f"{_label(d)} valid",
+                label=f"{label} valid",
             )
+    unit = _unit(infos)
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss (bits per token)")
-    ax.set_title("loss")
+    ax.set_ylabel(f"loss ({unit})")
+    groups = {(i["data"], i["tokenizer"]) for i in infos}
+    ax.set_title(
+        "loss" if len(groups) == 1 else "loss: the runs' data differ, their losses are not comparable"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir / "loss.png"))
-    plt.close(fig)
+    return fig
 
-    # memory usage and KL: during training (lines) and at the final evaluation (per layer)
+
+def memory_figure(runs: list[tuple[Path, list[dict]]]):
+    """Usage and KL of each memory layer during training, and at the final validation; None when no
+    run has a memory."""
+    import matplotlib.pyplot as plt
+
     with_mem = [(d, recs) for d, recs in runs if any(r.get("memories") for r in recs)]
-    if with_mem:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-        for d, recs in with_mem:
-            tr = [r for r in recs if r.get("type") == "train" and r.get("memories")]
-            layers = sorted({m["layer"] for r in tr for m in r["memories"]}, key=lambda v: (v is None, v))
-            for layer in layers:
-                xs = [r["tokens"] for r in tr]
-                us = [
-                    next((m["usage"] for m in r["memories"] if m["layer"] == layer), float("nan")) for r in tr
-                ]
-                ks = [next((m["kl"] for m in r["memories"] if m["layer"] == layer), float("nan")) for r in tr]
-                axes[0].plot(xs, [100 * u for u in us], label=f"{_label(d)} L{layer}")
-                axes[1].plot(xs, ks, label=f"{_label(d)} L{layer}")
-        axes[0].set_title("usage during training (% of slots, per log window)")
-        axes[0].set_ylim(0, 105)
-        axes[1].set_title("KL to uniform during training")
-        for ax in axes[:2]:
-            ax.set_xlabel("training tokens")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-        # final evaluation: one group of bars per layer
-        finals = [(d, _final_eval(d, recs)) for d, recs in with_mem]
-        finals = [(d, f) for d, f in finals if f and f.get("memories")]
-        width = 0.8 / max(1, len(finals))
-        for i, (d, f) in enumerate(finals):
-            xs = [j + i * width for j in range(len(f["memories"]))]
-            axes[2].bar(xs, [100 * m["usage"] for m in f["memories"]], width, label=f"{_label(d)} usage %")
-            for x, m in zip(xs, f["memories"]):
-                axes[2].text(x, 100 * m["usage"], f"KL {m['kl']:.2f}", ha="center", va="bottom", fontsize=7)
-            axes[2].set_xticks(xs, [f"layer {m['layer']}" for m in f["memories"]])
-        axes[2].set_title("validation: usage (%) and KL per memory")
-        axes[2].set_ylim(0, 115)
-        if finals:
-            axes[2].legend(fontsize=6)
-        fig.tight_layout()
-        written.append(_save(fig, out_dir / "memory.png"))
-        plt.close(fig)
+    if not with_mem:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for d, recs in with_mem:
+        label = _label(run_info(d))
+        tr = [r for r in recs if r.get("type") == "train" and r.get("memories")]
+        layers = sorted({m.get("layer") for r in tr for m in r["memories"]}, key=lambda v: (v is None, v))
+        for layer in layers:
+            xs = [r["tokens"] for r in tr]
+            us = [next((m["usage"] for m in r["memories"] if m.get("layer") == layer), math.nan) for r in tr]
+            ks = [next((m["kl"] for m in r["memories"] if m.get("layer") == layer), math.nan) for r in tr]
+            axes[0].plot(xs, [100 * u for u in us], label=f"{label} layer {layer}")
+            axes[1].plot(xs, ks, label=f"{label} layer {layer}")
+    axes[0].set_title("usage during training (per log window)")
+    axes[0].set_ylabel("usage (% of slots read)")
+    axes[0].set_ylim(0, 105)
+    axes[1].set_title("KL to uniform during training")
+    axes[1].set_ylabel("KL to uniform (nats)")
+    for ax in axes[:2]:
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    # final evaluation: one group of bars per layer
+    finals = [(d, _final_eval(d, recs)) for d, recs in with_mem]
+    finals = [(d, f) for d, f in finals if f and f.get("memories")]
+    width = 0.8 / max(1, len(finals))
+    for i, (d, f) in enumerate(finals):
+        xs = [j + i * width for j in range(len(f["memories"]))]
+        axes[2].bar(xs, [100 * m["usage"] for m in f["memories"]], width, label=_label(run_info(d), f))
+        for x, m in zip(xs, f["memories"]):
+            axes[2].text(x, 100 * m["usage"], f"KL {m['kl']:.2f}", ha="center", va="bottom", fontsize=7)
+        axes[2].set_xticks(xs, [f"layer {m.get('layer', m.get('module'))}" for m in f["memories"]])
+    axes[2].set_title("validation: usage and KL (nats) per memory layer")
+    axes[2].set_ylabel("usage (% of slots read)")
+    axes[2].set_xlabel("memory layer (1-based)")
+    axes[2].set_ylim(0, 115)
+    if finals:
+        axes[2].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
 
-    # speed vs perplexity, one point per run (Figure 4 of the paper)
-    points = []
+
+def speed_figure(runs: list[tuple[Path, list[dict]]]):
+    """Validation perplexity against inference tokens/s, one point per run (the paper's Figure 4),
+    one panel per data set and tokenizer; None with fewer than two runs evaluated."""
+    import matplotlib.pyplot as plt
+
+    points: dict[tuple, list] = {}
     for d, recs in runs:
         f = _final_eval(d, recs)
         if f and f.get("tokens_per_s"):
-            points.append((_label(d), f["tokens_per_s"], f["ppl"], f.get("words_per_s")))
-    if len(points) >= 2:
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        use_words = all(p[3] for p in points)
-        for name, tps, ppl, wps in points:
-            x = wps if use_words else tps
-            ax.scatter([x], [ppl])
-            ax.annotate(name, (x, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("inference words/s" if use_words else "inference tokens/s")
-        ax.set_ylabel("validation perplexity (per token)")
-        ax.set_title("speed vs perplexity")
+            info = run_info(d)
+            points.setdefault((info["data"], info["tokenizer"], info["per"]), []).append((info, f))
+    if sum(len(p) for p in points.values()) < 2:
+        return None
+    fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 4.2), squeeze=False)
+    for ax, ((data, tokenizer, per), group) in zip(axes[0], sorted(points.items())):
+        for info, f in group:
+            ax.scatter([f["tokens_per_s"]], [f["ppl"]])
+            ax.annotate(_label(info, f), (f["tokens_per_s"], f["ppl"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_xlabel("inference tokens/s" + (" (1 token = 1 byte)" if per == "byte" else f" ({tokenizer})"))
+        ax.set_ylabel(f"validation perplexity (per {per})")
+        ax.set_title(f"data: {data}" + (f", {tokenizer} tokenizer" if tokenizer != "bytes" else ", bytes"))
         ax.grid(alpha=0.3)
-        written.append(_save(fig, out_dir / "speed_ppl.png"))
-        plt.close(fig)
-    return written
+    if len(points) > 1:
+        fig.suptitle(
+            "speed vs perplexity: one panel per data set (perplexities across panels are not comparable)"
+        )
+    fig.tight_layout()
+    return fig
