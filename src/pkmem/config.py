@@ -264,6 +264,9 @@ class TrainConfig:
     value_weight_decay: float = _opt(0.0, "weight decay of the memory values")
     grad_clip: float = _opt(1.0, "gradient norm clip of everything but the values")
     value_grad_clip: float | None = _opt(None, "gradient norm clip of the values (null: grad_clip)")
+    max_nonfinite_steps: int = _opt(
+        5, "a step with a non-finite loss or gradient is skipped; this many in a row stop the run"
+    )
     # runtime
     device: str = _opt("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     precision: str = _opt(
@@ -287,6 +290,7 @@ class TrainConfig:
         """Raise ValueError naming the first bad field; returns self."""
         _check_choices(self)
         positive = ["batch_size", "grad_accum", "max_steps", "log_every", "eval_tokens", "keep_checkpoints"]
+        positive.append("max_nonfinite_steps")
         for name in positive:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
