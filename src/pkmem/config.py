@@ -236,6 +236,7 @@ class TrainConfig:
     data_path: str | None = _opt(None, "enwik8: the file (.gz/.zip ok); text: a file, directory or glob")
     tokenizer: str = _opt("bytes", "bytes (vocab 256) or bpe (trained on the train split)", ("bytes", "bpe"))
     bpe_vocab_size: int = _opt(4096, "BPE vocabulary size, in (256, 2**20]")
+    follow_symlinks: bool = _opt(False, "text: follow symbolic links that lead out of data_path's directory")
     cache_dir: str | None = _opt(None, "where token-id memmaps are cached (null: <run dir>/data)")
     # batches
     batch_size: int = _opt(16, "sequences per micro-batch, each seq_len tokens")

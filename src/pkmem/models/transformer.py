@@ -216,10 +216,11 @@ class MemoryTransformer(nn.Module):
             raise not_allowed("temperature", temperature, ">= 0 (0 = greedy)")
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.config.seq_len :])[:, -1].float()
-            if temperature == 0:
+            if temperature < torch.finfo(torch.float32).tiny:  # 0, or a limit float32 cannot tell from it
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                logits = logits / temperature
+                # shifted first: a tiny temperature gives -inf, not inf - inf (a greedy pick, not NaN)
+                logits = (logits - logits.amax(-1, keepdim=True)) / temperature
                 if top_k is not None and top_k < logits.shape[-1]:
                     kth = logits.topk(top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, -float("inf"))

@@ -71,6 +71,7 @@ METRICS = "metrics.jsonl"
 FIXED_ON_RESUME = (
     "data",
     "data_path",
+    "follow_symlinks",
     "tokenizer",
     "bpe_vocab_size",
     "batch_size",
@@ -124,6 +125,7 @@ def load_data_for(cfg: Config, run_dir: Path, tokenizer=None, log=print) -> Toke
         t.bpe_vocab_size,
         min_tokens=cfg.model.seq_len + 1,
         log=log,
+        follow_symlinks=t.follow_symlinks,
     )
 
 
@@ -277,7 +279,7 @@ def _absolute(path: str) -> str:
 def _run(cfg: Config, run_dir: Path, ck: dict | None, progress: bool, log, make_memory) -> dict:
     """Set up, fit and finish; a new run that fails before its first checkpoint leaves nothing."""
     if cfg.train.data != "stdlib":  # a missing --data-path is reported before anything is written
-        source_fingerprint(cfg.train.data, cfg.train.data_path)
+        source_fingerprint(cfg.train.data, cfg.train.data_path, cfg.train.follow_symlinks)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
