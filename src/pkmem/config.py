@@ -201,8 +201,10 @@ class MemoryTransformerConfig:
             raise not_allowed("n_heads", self.n_heads, f"a divisor of dim={self.dim}")
         if self.pos_emb == "rotary" and (self.dim // self.n_heads) % 2:
             raise not_allowed("n_heads", self.n_heads, "such that dim / n_heads is even (rotary embeddings)")
-        if not isinstance(self.ffn_mult, (int, float)) or self.ffn_mult <= 0:
-            raise not_allowed("ffn_mult", self.ffn_mult, "> 0")
+        if not isinstance(self.ffn_mult, (int, float)) or not 0 < self.ffn_mult < math.inf:
+            raise not_allowed("ffn_mult", self.ffn_mult, "a finite number > 0")
+        if not isinstance(self.rope_base, (int, float)) or not 0 < self.rope_base < math.inf:
+            raise not_allowed("rope_base", self.rope_base, "a finite number > 0")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise not_allowed("dropout", self.dropout, "in [0, 1)")
         if self.mem_layers is not None:
@@ -349,6 +351,12 @@ class Config:
     def validate(self) -> Config:
         self.train.validate()
         self.model.validate()
+        if self.model.memory.get("sparse_values") and self.train.value_weight_decay != 0:
+            raise not_allowed(
+                "value_weight_decay",
+                self.train.value_weight_decay,
+                "0.0 with memory.sparse_values=true (SparseAdam has no weight decay)",
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -530,6 +538,9 @@ def _set(conf, path: list[str], name: str, hint, value) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     typed = _normalise_memory(path[-1], value) if hint is Any else _normalise(hint, value)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if base is bool and typed is not None and not isinstance(typed, bool):  # OmegaConf takes 2 as True
+        raise not_allowed(name, value, _describe_type(hint))
     try:
         OmegaConf.update(conf, ".".join(path), typed, merge=False)
     except OmegaConfBaseException:

@@ -129,6 +129,13 @@ RSS_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from pkmem.train.data import prepare_data
 
+    def peak_mb():  # this process's own peak (ru_maxrss also counts the parent's pages at fork)
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     size, tok, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyzé"
@@ -143,9 +150,9 @@ RSS_SCRIPT = textwrap.dedent(
             f.write(block)
             n += len(block)
             lines = lines[1000:] + lines[:1000]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_mb()
     d = prepare_data("text", str(path), out / "cache", tok, 512, log=lambda *a: None)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after = peak_mb()
     tokens = d.meta["splits"]["train"]["tokens"]
     print(json.dumps({"bytes": n, "before_mb": before, "peak_mb": after, "tokens": tokens}))
     """

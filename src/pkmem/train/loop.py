@@ -667,9 +667,12 @@ def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
             "stopped_early": stopped_early,
         }
     )
-    finished_before = run.start_step >= t.max_steps  # resumed after the end: nothing was trained
+    # resumed after the end: nothing was trained and the records stay (unless a crash came between
+    # the last checkpoint and them: then they are written now, once)
+    finished_before = run.start_step >= t.max_steps and (run.dir / "eval_valid.json").is_file()
     if not finished_before:
-        _append_jsonl(run.metrics_path, {"type": "eval", **res})
+        if not _has_final_record(run.metrics_path, state.step):
+            _append_jsonl(run.metrics_path, {"type": "eval", **res})
         atomic_write_bytes(run.dir / "eval_valid.json", json.dumps(res, indent=1).encode())
     if run.tb is not None:
         run.tb.add_scalar("valid/loss", res["loss"], state.step)
@@ -714,6 +717,20 @@ def _layer_of(model) -> dict[str, int]:
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _has_final_record(path: Path, step: int) -> bool:
+    """Whether metrics.jsonl holds the final evaluation of ``step`` (written by :func:`finish`)."""
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("type") == "eval" and r.get("step") == step and "stopped_early" in r:
+            return True
+    return False
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
