@@ -19,11 +19,13 @@ from torch.nn.modules import module as _module
 
 from pkmem import ops
 from pkmem._util import not_allowed
+from pkmem.ops import dispatch
 from pkmem.ops.dispatch import check_backend
 from pkmem.ops.reference import check_score, real_rows, score_weights, update_running_stats
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 GATES = (None, "swilu")
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -130,6 +132,7 @@ def masked_batch_norm(
     mask: torch.Tensor | None,
     backend: str = "auto",
     shift: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """BatchNorm over the rows of ``x + shift`` (T, C) whose ``mask`` is True (all rows if None).
 
@@ -137,12 +140,13 @@ def masked_batch_norm(
     not shift them (one row trains too: torch's BatchNorm refuses to); in eval the running
     statistics are used. ``shift``: the preceding linear layer's bias, folded in. Output in x's
     dtype if 16-bit, else float32 (:func:`pkmem.ops.reference.batch_norm`; on CUDA one fused op).
+    ``check=False``: the caller has checked the arguments (``x`` (T, C), ``mask`` bool of T).
     """
     batch_stats = bn.training or not bn.track_running_stats
     track = bn.training and bn.track_running_stats
     # with a momentum the op updates the running statistics itself (in the kernel on CUDA)
     momentum = bn.momentum if track else None
-    out, mean, var = ops.batch_norm(
+    out, mean, var = (ops.batch_norm if check else dispatch.run_batch_norm)(
         x,
         bn.weight,
         bn.bias,
@@ -176,14 +180,15 @@ class QueryNetwork(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in sizes[1:]) if batchnorm else None
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto"
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto", check: bool = True
     ) -> torch.Tensor:
+        """``check=False``: ``mask`` is known to be None or a bool tensor of ``x.shape[0]`` elements."""
         for i, linear in enumerate(self.linears):
             # before a BatchNorm the bias is added inside it (no bias add and bias-gradient sum here)
             fold = self.norms is not None and _plain_linear(linear)
             x = F.linear(_cast(x, linear), linear.weight) if fold else linear(_cast(x, linear))
             if self.norms is not None:
-                x = masked_batch_norm(self.norms[i], x, mask, backend, linear.bias if fold else None)
+                x = masked_batch_norm(self.norms[i], x, mask, backend, linear.bias if fold else None, check)
             if i < len(self.linears) - 1:
                 x = F.relu(x)
         return x
@@ -212,7 +217,14 @@ class ProductKeyMemory(nn.Module):
         sparse_values: values get a row-sparse gradient (for ``torch.optim.SparseAdam``).
         values: an existing value table ``(num_keys**2, v_dim)`` to share (XLM ``mem_share_values``).
         zero_init_values: start the values at zero instead of N(0, v_dim**-0.5).
+        value_dtype: the value table's dtype, ``torch.float32`` (default) or ``torch.bfloat16`` (or
+            "float32" / "bfloat16"): half the bytes of the gathers, the gradient and the table;
+            train it with ``make_optimizer(..., value_optimizer="exact_adam" | "lazy_adam")``
+            (float32 moments, stochastic rounding). Default for a shared table: its own dtype.
         backend: "auto" (Triton kernels on CUDA when available), "torch" or "triton".
+
+    The arguments are checked here, once; a call checks only its input (``x``, ``mask``) and
+    picks each op's implementation once per device type and dtypes (the host's time per call).
     """
 
     def __init__(
@@ -239,6 +251,7 @@ class ProductKeyMemory(nn.Module):
         sparse_values: bool = False,
         values: nn.Parameter | None = None,
         zero_init_values: bool = False,
+        value_dtype: torch.dtype | str | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -307,11 +320,24 @@ class ProductKeyMemory(nn.Module):
             )
 
         # values: one table for all heads, N(0, v_dim^-0.5), or a shared one
+        dtype = VALUE_DTYPES.get(value_dtype, value_dtype) if isinstance(value_dtype, str) else value_dtype
+        _check(
+            dtype is None or dtype in VALUE_DTYPES.values(),
+            "value_dtype",
+            value_dtype,
+            "torch.float32, torch.bfloat16, 'float32', 'bfloat16' or None",
+        )
         if values is None:
-            values = nn.Parameter(torch.zeros(self.num_slots, v_dim))
+            table = torch.zeros(self.num_slots, v_dim)
             if not zero_init_values:
-                nn.init.normal_(values, std=v_dim**-0.5)
-        elif not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim):
+                nn.init.normal_(table, std=v_dim**-0.5)
+            values = nn.Parameter(table.to(dtype or torch.float32))  # drawn in float32, then rounded
+        elif dtype is not None and isinstance(values, torch.Tensor) and values.dtype != dtype:
+            raise ValueError(
+                f"value_dtype={value_dtype!r} is not allowed with a shared table of dtype {values.dtype}: "
+                "leave value_dtype out (None) or give the table's dtype"
+            )
+        if not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim):
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(
                 f"values={shape} is not allowed: values must be an nn.Parameter of shape "
@@ -360,7 +386,7 @@ class ProductKeyMemory(nn.Module):
             self.usage_stats.update(idx, w)
         w = _dropout(self.score_dropout, w)
         T, J = x2.shape[0], self.heads * self.topk
-        out = ops.weighted_gather(
+        out = dispatch.run_weighted_gather(
             self.values, idx.reshape(T, J), w.reshape(T, J), self.sparse_values, self.backend
         )
         out = _dropout(self.value_dropout, out)  # (T, v_dim), float32
@@ -393,7 +419,7 @@ class ProductKeyMemory(nn.Module):
     def _query(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         # (T, H, 2, half) in the query network's dtype: 16-bit under autocast (the search then
         # takes 16-bit operands with float32 sums, as a matmul under autocast), else float32 / float64
-        q = self.query_net(x, mask, self.backend).view(-1, self.heads, 2, self.k_dim // 2)
+        q = self.query_net(x, mask, self.backend, check=False).view(-1, self.heads, 2, self.k_dim // 2)
         if self.query_ln is not None:
             q = F.layer_norm(
                 q,
@@ -408,7 +434,7 @@ class ProductKeyMemory(nn.Module):
 
     def _lookup(self, q: torch.Tensor, mask: torch.Tensor | None):
         if self.product_keys:  # (T, H, k) each; the kernel applies the score function in registers
-            w, idx = ops.product_lookup(
+            w, idx = dispatch.run_product_lookup(
                 q, self.subkeys, self.topk, self.score, self.temperature, self.backend
             )
         else:
@@ -425,4 +451,5 @@ class ProductKeyMemory(nn.Module):
             f"topk={self.topk}, k_dim={self.k_dim}, v_dim={self.v_dim}, query_norm={self.query_norm!r}, "
             f"score={self.score!r}, product_keys={self.product_keys}, gate={self.gate!r}, "
             f"sparse_values={self.sparse_values}"
+            + ("" if self.values.dtype == torch.float32 else f", value_dtype={self.values.dtype}")
         )

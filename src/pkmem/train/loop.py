@@ -79,6 +79,7 @@ FIXED_ON_RESUME = (
     "seed",
     "betas",
     "value_betas",
+    "value_optimizer",
 )
 
 
@@ -394,6 +395,7 @@ def _make_optimizer(model, t: TrainConfig) -> torch.optim.Optimizer:
         weight_decay=t.weight_decay,
         value_weight_decay=t.value_weight_decay,
         value_betas=None if t.value_betas is None else tuple(t.value_betas),
+        value_optimizer=t.value_optimizer,
     )
 
 
@@ -464,7 +466,8 @@ def fit(run: Run, state: LoopState, log) -> bool:
             stop = interrupt.requested  # read once: a Ctrl-C arriving later is handled next step
             last = state.step == t.max_steps or out_of_time or stop
             do_ckpt = last or (t.ckpt_every and state.step % t.ckpt_every == 0)
-            do_eval = t.eval_every and state.step % t.eval_every == 0 and not last
+            # the periodic series includes the last step when it falls on it (curves end where runs do)
+            do_eval = t.eval_every and state.step % t.eval_every == 0
             if state.step % t.log_every == 0 or do_ckpt or do_eval or last:
                 log_window(run, state, log)
             if do_eval:
