@@ -159,10 +159,11 @@ def masked_batch_norm(
         momentum,
         shift,
     )
-    if track:  # num_batches_tracked counts batches with real rows (no synchronisation)
+    if track:  # num_batches_tracked counts batches with real rows and finite statistics (no sync)
         n = real_rows(x, mask)
         with torch.no_grad():
-            bn.num_batches_tracked.add_(n > 0 if torch.is_tensor(n) else int(n > 0))
+            finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            bn.num_batches_tracked.add_(finite & (n > 0) if torch.is_tensor(n) else finite & (n > 0))
             if bn.momentum is None:  # cumulative average
                 momentum = 1.0 / bn.num_batches_tracked.clamp(min=1)
                 update_running_stats(bn.running_mean, bn.running_var, mean, var, n, momentum)

@@ -7,6 +7,11 @@ when the flag is set:
 - Adam and AdamW (what :func:`pkmem.optim.make_optimizer` builds for dense parameters) run their
   fused kernel, which takes the flag as ``found_inf`` (the mechanism ``GradScaler`` uses): a flagged
   step leaves parameters, moments and step counts untouched.
+- An optimizer that declares it takes ``found_inf`` (``_step_supports_amp_scaling``, as torch's
+  fused optimizers do) gets the flag the same way.
+- :class:`pkmem.optim.RowAdam` (``value_optimizer="lazy_adam"`` / ``"exact_adam"``) keeps its
+  gradient rows outside ``.grad`` and its step count on the host: its step is taken or dropped after
+  reading the flag (one host sync per step, with this optimizer only).
 - Any other optimizer (``SparseAdam`` for ``sparse_values=True`` tables, an optimizer of your own):
   what its step may change is copied first and put back with ``torch.where`` when the flag is not
   set. For sparse gradients only the rows they touch are copied; for dense ones the parameters and
@@ -58,6 +63,13 @@ def _use_fused(opt: torch.optim.Optimizer) -> bool:
                 st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
     opt._step_supports_amp_scaling = True
     return True
+
+
+def _row_optimizer(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` keeps row gradients outside ``.grad`` (:class:`pkmem.optim.RowAdam`)."""
+    from pkmem.ops.rows import ROW_GRAD_ATTR
+
+    return any(hasattr(p, ROW_GRAD_ATTR) for g in opt.param_groups for p in g["params"])
 
 
 class _Restore:
@@ -116,8 +128,10 @@ class StepGuard:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        self._fused = [o for o in _leaves(optimizer) if _use_fused(o)]
-        self._restore = [_Restore(o) for o in _leaves(optimizer) if o not in self._fused]
+        leaves = _leaves(optimizer)
+        self._fused = [o for o in leaves if _use_fused(o) or getattr(o, "_step_supports_amp_scaling", False)]
+        self._synced = [o for o in leaves if o not in self._fused and _row_optimizer(o)]
+        self._restore = [_Restore(o) for o in leaves if o not in self._fused and o not in self._synced]
         self._counts = None  # skipped since the last read, the current run, the longest run
 
     def step(self, loss: torch.Tensor, *norms: torch.Tensor) -> torch.Tensor:
@@ -128,7 +142,13 @@ class StepGuard:
             o.found_inf, o.grad_scale = found_inf.to(o.param_groups[0]["params"][0].device), None
         for r in self._restore:
             r.before()
-        self.optimizer.step()
+        if not self._synced:
+            self.optimizer.step()
+        else:  # each optimizer on its own: the row optimizers only if the flag is set (a host sync)
+            take = bool(ok)
+            for o in _leaves(self.optimizer):
+                if take or o not in self._synced:
+                    o.step()
         for o in self._fused:
             o.found_inf = None
         for r in self._restore:
