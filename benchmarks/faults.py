@@ -681,11 +681,11 @@ def nonfinite_suite(tally: Tally, work: Path, corpus: Path) -> None:
     write_manifest(ckpt)
 
     # training: a NaN batch is skipped, a run of them stops the run; no checkpoint holds NaN
-    def loop_case(case: str, bad_steps: set, expect: str) -> None:
-        out = work / f"nf-{len(bad_steps)}"
+    def loop_case(case: str, bad_steps: set, expect: str, *extra: str) -> None:
+        out = work / f"nf-{len(bad_steps)}-{len(extra)}"
         cfg = load_config(
             "tiny", [*TINY, "data=text", f"data_path={corpus}", f"cache_dir={work / 'cache'}", "max_steps=8",
-                     "log_every=2", "ckpt_every=2", "final_eval_tokens=64", "max_nonfinite_steps=3"]
+                     "log_every=2", "ckpt_every=2", "final_eval_tokens=64", "max_nonfinite_steps=3", *extra]
         )  # fmt: skip
         r = set_up(cfg, out, None, False, lambda *a: None)
         state = LoopState(step=0, lr=cfg.train.lr)
@@ -709,6 +709,28 @@ def nonfinite_suite(tally: Tally, work: Path, corpus: Path) -> None:
 
     loop_case("a NaN loss at steps 3 and 5 (skipped, said)", {3, 5}, "correct")
     loop_case("NaN losses from step 4 on (the run stops)", set(range(4, 100)), "error")
+    for values in ("lazy_adam", "exact_adam"):
+        loop_case(
+            f"a NaN loss at step 3, value_optimizer={values}", {3}, "correct", f"value_optimizer={values}"
+        )
+
+    # a NaN token in a training batch of a layer with BatchNorm: its running statistics stay finite
+    from pkmem import ProductKeyMemory
+
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(32, heads=2, num_keys=8, topk=4, k_dim=16)
+    for bad in (float("nan"), float("inf")):
+        mem.train()
+        mem(torch.randn(2, 20, 32))
+        stats = [t.clone() for t in mem.buffers()]
+        x = torch.randn(2, 20, 32)
+        x[0, 3, 5] = bad
+        mem(x)
+        kept = all(torch.equal(a, b) for a, b in zip(stats, mem.buffers()))
+        mem.eval()
+        finite = bool(torch.isfinite(mem(torch.randn(2, 20, 32))).all())
+        case = f"a {bad} token in a BatchNorm training batch (statistics kept, eval finite)"
+        tally.add("nonfinite", case, "correct" if kept and finite else "wrong")
 
 
 # ---- the whole suite --------------------------------------------------------------------------------

@@ -227,3 +227,23 @@ def test_resume_with_another_configurations_optimizer_writes_nothing(
     assert str(ckpt / "optimizer.json") in err and "does not match the run's optimizer" in err
     assert len(err.splitlines()) == 1
     assert _digest(run) == before  # config.json, tokenizer.json, metrics.jsonl untouched
+
+
+def test_a_run_killed_after_its_last_checkpoint_gets_its_final_evaluation(run, capsys):
+    """Killed between the final checkpoint and eval_valid.json: --resume writes them, once."""
+
+    def finals():
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if r["type"] == "eval" and "stopped_early" in r]
+
+    want = json.loads((run / "eval_valid.json").read_text())["loss"]
+    (run / "eval_valid.json").unlink()  # killed before it was written (the final record was)
+    args = ["train", "--out", str(run), "--resume", "--no-progress"]
+    assert main(args) == 0
+    assert json.loads((run / "eval_valid.json").read_text())["loss"] == want and len(finals()) == 1
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(x for x in lines if "stopped_early" not in x) + "\n")
+    (run / "eval_valid.json").unlink()  # killed before both
+    assert main(args) == 0
+    assert (run / "eval_valid.json").is_file() and len(finals()) == 1
+    assert main(args) == 0 and len(finals()) == 1  # a finished run only reports

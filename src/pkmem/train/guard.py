@@ -4,6 +4,8 @@
 the device, "the loss and the gradient norms are finite", and the optimizer's update applies only
 when the flag is set:
 
+- On a CPU (where reading the flag costs nothing: the ops have already run) the step is taken or
+  not.
 - Adam and AdamW (what :func:`pkmem.optim.make_optimizer` builds for dense parameters) run their
   fused kernel, which takes the flag as ``found_inf`` (the mechanism ``GradScaler`` uses): a flagged
   step leaves parameters, moments and step counts untouched.
@@ -65,6 +67,10 @@ def _use_fused(opt: torch.optim.Optimizer) -> bool:
     return True
 
 
+def _on_cpu(opt: torch.optim.Optimizer) -> bool:
+    return all(p.device.type == "cpu" for g in opt.param_groups for p in g["params"])
+
+
 def _row_optimizer(opt: torch.optim.Optimizer) -> bool:
     """Whether ``opt`` keeps row gradients outside ``.grad`` (:class:`pkmem.optim.RowAdam`)."""
     from pkmem.ops.rows import ROW_GRAD_ATTR
@@ -122,15 +128,19 @@ class StepGuard:
     """``step(loss, *norms)``: ``optimizer.step()`` if every value is finite, else nothing, on the device.
 
     Args:
-        optimizer: a torch optimizer or a :class:`pkmem.optim.MultiOptimizer`; its Adam / AdamW are
-            switched to their fused kernel (see the module's docstring).
+        optimizer: a torch optimizer or a :class:`pkmem.optim.MultiOptimizer`; off the CPU its Adam /
+            AdamW are switched to their fused kernel (see the module's docstring).
+        on_device: True: skip on the device everywhere (as on CUDA, the CPU included: for tests);
+            None (default): on a CPU, read the flag instead.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, on_device: bool | None = None):
         self.optimizer = optimizer
         leaves = _leaves(optimizer)
-        self._fused = [o for o in leaves if _use_fused(o) or getattr(o, "_step_supports_amp_scaling", False)]
-        self._synced = [o for o in leaves if o not in self._fused and _row_optimizer(o)]
+        self._synced = [] if on_device else [o for o in leaves if _on_cpu(o)]
+        rest = [o for o in leaves if o not in self._synced]
+        self._fused = [o for o in rest if _use_fused(o) or getattr(o, "_step_supports_amp_scaling", False)]
+        self._synced += [o for o in rest if o not in self._fused and _row_optimizer(o)]
         self._restore = [_Restore(o) for o in leaves if o not in self._fused and o not in self._synced]
         self._counts = None  # skipped since the last read, the current run, the longest run
 
@@ -144,7 +154,7 @@ class StepGuard:
             r.before()
         if not self._synced:
             self.optimizer.step()
-        else:  # each optimizer on its own: the row optimizers only if the flag is set (a host sync)
+        else:  # each optimizer on its own: those on a CPU and row optimizers only if the flag is set
             take = bool(ok)
             for o in _leaves(self.optimizer):
                 if take or o not in self._synced:
