@@ -255,14 +255,18 @@ def kill_suite(tally: Tally, work: Path, corpus: Path, n_kills: int, seed: int) 
     counts = json.loads(counts_file.read_text())
     plan = []
     hooks = sorted(h for h in counts if counts[h])
+    # a kill inside each step of writing a checkpoint first, then random ones
+    fixed = [h for h in ("save_file", "write_manifest", "os.fsync", "os.replace", "rmtree") if h in hooks]
     for i in range(n_kills):
-        if i % 3 == 2:  # a random time
+        if i < len(fixed):
+            hook = fixed[i]
+        elif i % 3 == 2:  # a random time
             plan.append({"after_s": round(rng.uniform(0.05, 0.95) * duration, 3)})
-        else:  # a random call of a random writer (checkpoint files, manifest, renames, ...)
+            continue
+        else:  # a random call of a random writer (metrics, token cache, evaluation, steps, ...)
             hook = rng.choice(hooks)
-            plan.append(
-                {"hook": hook, "call": rng.randint(1, counts[hook]), "when": rng.choice(["before", "after"])}
-            )
+        when = rng.choice(["before", "after"])
+        plan.append({"hook": hook, "call": rng.randint(1, counts[hook]), "when": when})
     killed = 0
     for i, kill in enumerate(plan):
         run, log = work / f"kill-{i}", work / f"kill-{i}.log"

@@ -5,8 +5,10 @@ read) entry, before coalescing: ``T * heads * topk * v_dim`` numbers, against ``
 for a dense gradient. Above ``T = num_keys**2 / (heads * topk)`` tokens per step (2,048 at the
 paper's setting) the sparse gradient is the larger one, and it grows with the tokens while the
 dense one does not. This script measures it: each case runs in a fresh process (forward, backward,
-``clip_grad_norm`` and the optimizer step of ``make_optimizer``), whose peak RSS (CPU) or peak
-CUDA memory is recorded beside the two predicted gradient sizes.
+``clip_grad_norm`` and the optimizer step of ``make_optimizer``: AdamW for ``dense``, SparseAdam for
+``sparse_values``, :class:`pkmem.optim.RowAdam` for ``lazy_adam``, whose backward writes the rows
+read into a buffer of the table's size), whose peak RSS (CPU) or peak CUDA memory is recorded
+beside the two predicted gradient sizes.
 
     python benchmarks/sparse_memory.py [--device cpu|cuda] [--tokens 1024,4096,16384]
         [--out benchmarks/results/sparse_memory-<device>.json]
@@ -21,6 +23,7 @@ import platform
 import subprocess
 import sys
 
+VARIANTS = ("dense", "sparse_values", "lazy_adam")  # the table's gradient: dense, COO, RowAdam's rows
 SETTING = dict(dim=512, heads=4, num_keys=512, topk=32, k_dim=512)  # the paper's memory, v_dim = dim
 
 CHILD = r"""
@@ -34,10 +37,10 @@ def peak_mb():  # this process's own peak (ru_maxrss also counts the parent's pa
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import pkmem
 from pkmem.optim import clip_grad_norm, make_optimizer
-setting, tokens, sparse, device = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+setting, tokens, variant, device = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.manual_seed(0)
-layer = pkmem.ProductKeyMemory(**setting, sparse_values=sparse).to(device)
-opt = make_optimizer(layer, 1e-3)
+layer = pkmem.ProductKeyMemory(**setting, sparse_values=variant == "sparse_values").to(device)
+opt = make_optimizer(layer, 1e-3, value_optimizer="lazy_adam" if variant == "lazy_adam" else "adamw")
 x = torch.randn(tokens, setting["dim"], device=device)
 if device == "cuda":
     torch.cuda.synchronize()
@@ -71,9 +74,9 @@ def main() -> None:
     slots = s["num_keys"] ** 2
     rows = []
     for tokens in [int(t) for t in args.tokens.split(",")]:
-        for sparse in (False, True):
+        for variant in VARIANTS:
             res = subprocess.run(
-                [sys.executable, "-c", CHILD, json.dumps(s), str(tokens), str(int(sparse)), args.device],
+                [sys.executable, "-c", CHILD, json.dumps(s), str(tokens), variant, args.device],
                 capture_output=True,
                 text=True,
                 env=os.environ,
@@ -83,14 +86,14 @@ def main() -> None:
             r = json.loads(res.stdout.strip().splitlines()[-1])
             r.update(
                 tokens=tokens,
-                sparse_values=sparse,
+                variant=variant,
                 dense_grad_mb=slots * s["dim"] * 4 / 2**20,
                 uncoalesced_sparse_grad_mb=tokens * s["heads"] * s["topk"] * s["dim"] * 4 / 2**20,
             )
             rows.append(r)
             peak = r.get("peak_cuda_mb", r["peak_rss_mb"])
             print(
-                f"tokens {tokens:>6}  sparse_values={sparse!s:<5}  peak {peak:8.0f} MB  "
+                f"tokens {tokens:>6}  {variant:<14} peak {peak:8.0f} MB  "
                 f"({r['seconds_per_step']:.2f} s/step; gradient: dense {r['dense_grad_mb']:.0f} MB, "
                 f"sparse before coalescing {r['uncoalesced_sparse_grad_mb']:.0f} MB)"
             )
