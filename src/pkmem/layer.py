@@ -111,8 +111,8 @@ def _checked_output(out: torch.Tensor, x: torch.Tensor, fp16: bool) -> torch.Ten
             RuntimeWarning,
             stacklevel=2,
         )
-    if torch.is_grad_enabled() and out.requires_grad:
-        return _FirstOrderOnly.apply(out)
+    if torch.is_grad_enabled() and out.requires_grad and not torch.compiler.is_compiling():
+        return _FirstOrderOnly.apply(out)  # (a compiled graph refuses double backward itself)
     return out
 
 
