@@ -254,8 +254,11 @@ def _resume_config(ck: dict, overrides: list[str], config_name: str | None) -> C
 def _check_resumable(cfg: Config, ck: dict, make_memory: MakeMemory | None) -> None:
     """The checkpoint's model and optimizer state fit the run's config: checked against a model and
     optimizer built on the meta device (no memory, nothing written); CheckpointError naming the file."""
-    with torch.device("meta"):
-        model = MemoryTransformer(cfg.model, make_memory)
+    try:
+        with torch.device("meta"):
+            model = MemoryTransformer(cfg.model, make_memory)
+    except (RuntimeError, NotImplementedError):  # a make_memory that cannot be built without data:
+        return  # set_up's own load checks it (after the run's files are written)
     ckpt_lib.match_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
     if ck["optimizer"] is not None:
         optimizer = _make_optimizer(model, cfg.train)
