@@ -237,7 +237,7 @@ def _cmd_eval(args) -> int:
         atomic_write_bytes(out, text.encode())
     if args.json:
         print(text)
-        return 0
+        return _eval_status(res)
     per = "byte" if res["bpb"] is not None else "token"
     rows = [
         ("checkpoint", res["checkpoint"]),
@@ -258,7 +258,19 @@ def _cmd_eval(args) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {_fmt(v)}")
     print(f"(JSON: {out})" if out.exists() else "")
-    return 0
+    return _eval_status(res)
+
+
+def _eval_status(res: dict) -> int:
+    """The exit code of ``pkmem eval``: 1 (with a message) when the loss is not finite."""
+    if math.isfinite(res["loss"]):
+        return 0
+    print(
+        f"pkmem eval: error: the loss is {res['loss']} on {res['tokens']} tokens: the model gives non-finite "
+        "outputs on this data",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _cmd_bench(args, overrides: list[str]) -> int:

@@ -201,8 +201,10 @@ class MemoryTransformerConfig:
             raise not_allowed("n_heads", self.n_heads, f"a divisor of dim={self.dim}")
         if self.pos_emb == "rotary" and (self.dim // self.n_heads) % 2:
             raise not_allowed("n_heads", self.n_heads, "such that dim / n_heads is even (rotary embeddings)")
-        if not isinstance(self.ffn_mult, (int, float)) or self.ffn_mult <= 0:
-            raise not_allowed("ffn_mult", self.ffn_mult, "> 0")
+        if not isinstance(self.ffn_mult, (int, float)) or not 0 < self.ffn_mult < math.inf:
+            raise not_allowed("ffn_mult", self.ffn_mult, "a finite number > 0")
+        if not isinstance(self.rope_base, (int, float)) or not 0 < self.rope_base < math.inf:
+            raise not_allowed("rope_base", self.rope_base, "a finite number > 0")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise not_allowed("dropout", self.dropout, "in [0, 1)")
         if self.mem_layers is not None:
@@ -236,6 +238,7 @@ class TrainConfig:
     data_path: str | None = _opt(None, "enwik8: the file (.gz/.zip ok); text: a file, directory or glob")
     tokenizer: str = _opt("bytes", "bytes (vocab 256) or bpe (trained on the train split)", ("bytes", "bpe"))
     bpe_vocab_size: int = _opt(4096, "BPE vocabulary size, in (256, 2**20]")
+    follow_symlinks: bool = _opt(False, "text: follow symbolic links that lead out of data_path's directory")
     cache_dir: str | None = _opt(
         None, "where token ids are cached, shared by runs (null: $XDG_CACHE_HOME/pkmem or ~/.cache/pkmem)"
     )
@@ -272,6 +275,9 @@ class TrainConfig:
     value_weight_decay: float = _opt(0.0, "weight decay of the memory values")
     grad_clip: float = _opt(1.0, "gradient norm clip of everything but the values")
     value_grad_clip: float | None = _opt(None, "gradient norm clip of the values (null: grad_clip)")
+    max_nonfinite_steps: int = _opt(
+        5, "a step with a non-finite loss or gradient is skipped; this many in a row stop the run"
+    )
     # runtime
     device: str = _opt("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     precision: str = _opt(
@@ -303,6 +309,7 @@ class TrainConfig:
         """Raise ValueError naming the first bad field; returns self."""
         _check_choices(self)
         positive = ["batch_size", "grad_accum", "max_steps", "log_every", "eval_tokens", "keep_checkpoints"]
+        positive.append("max_nonfinite_steps")
         for name in positive:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
@@ -362,6 +369,12 @@ class Config:
     def validate(self) -> Config:
         self.train.validate()
         self.model.validate()
+        if self.model.memory.get("sparse_values") and self.train.value_weight_decay != 0:
+            raise not_allowed(
+                "value_weight_decay",
+                self.train.value_weight_decay,
+                "0.0 with memory.sparse_values=true (SparseAdam has no weight decay)",
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -542,6 +555,9 @@ def _set(conf, path: list[str], name: str, hint, value) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     typed = _normalise_memory(path[-1], value) if hint is Any else _normalise(hint, value)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if base is bool and typed is not None and not isinstance(typed, bool):  # OmegaConf takes 2 as True
+        raise not_allowed(name, value, _describe_type(hint))
     try:
         OmegaConf.update(conf, ".".join(path), typed, merge=False)
     except OmegaConfBaseException:

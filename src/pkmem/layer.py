@@ -9,6 +9,7 @@ with Product Keys", §3), with the options of the paper's code (XLM), of product
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -67,6 +68,54 @@ def check_input(x, dim: int) -> None:
         raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be dim={dim}")
 
 
+def check_device(x: torch.Tensor, param: torch.Tensor) -> None:
+    """``x`` and the layer's parameters (``param``) must be on one device, and not on the meta device."""
+    if param.is_meta or x.is_meta:
+        raise ValueError(
+            "ProductKeyMemory cannot run on the meta device (its top-k search needs values): create it "
+            "on a real device, or materialise it with .to_empty(device=...) and initialise its parameters"
+        )
+    if param.device != x.device:
+        raise ValueError(
+            f"x is on {x.device}, the layer's parameters on {param.device}: move one of them "
+            "(layer.to(x.device))"
+        )
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose backward refuses to build a graph: the layer's gradients are first order only
+    (the weighted gather's backward has no derivative), so ``create_graph=True`` is a clear error."""
+
+    @staticmethod
+    def forward(ctx, out):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # backward(create_graph=True) / autograd.grad(create_graph=True)
+            raise RuntimeError(
+                "ProductKeyMemory has first-order gradients only: a backward with create_graph=True "
+                "(double backward, e.g. a gradient penalty) cannot go through it"
+            )
+        return grad
+
+
+def _checked_output(out: torch.Tensor, x: torch.Tensor, fp16: bool) -> torch.Tensor:
+    """The layer's output, with a first-order-only backward; in float16 (which overflows above
+    65504), a warning when it is not finite (a host sync: float16 computations only)."""
+    if fp16 and not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+        warnings.warn(
+            f"ProductKeyMemory: the float16 output holds NaN or infinity (|x| up to "
+            f"{float(x.detach().abs().float().max()):.4g}; float16 overflows above 65504): use bfloat16 or "
+            "float32, or scale the input down",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if torch.is_grad_enabled() and out.requires_grad and not torch.compiler.is_compiling():
+        return _FirstOrderOnly.apply(out)  # (a compiled graph refuses double backward itself)
+    return out
+
+
 def check_bool_mask(name: str, mask, shape: tuple, shape_text: str, meaning: str) -> None:
     """``mask`` must be a bool tensor of ``shape``; the error names ``name`` and what is allowed."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape):
@@ -110,10 +159,11 @@ def masked_batch_norm(
         momentum,
         shift,
     )
-    if track:  # num_batches_tracked counts batches with real rows (no synchronisation)
+    if track:  # num_batches_tracked counts batches with real rows and finite statistics (no sync)
         n = real_rows(x, mask)
         with torch.no_grad():
-            bn.num_batches_tracked.add_(n > 0 if torch.is_tensor(n) else int(n > 0))
+            finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            bn.num_batches_tracked.add_(finite & (n > 0) if torch.is_tensor(n) else finite & (n > 0))
             if bn.momentum is None:  # cumulative average
                 momentum = 1.0 / bn.num_batches_tracked.clamp(min=1)
                 update_running_stats(bn.running_mean, bn.running_var, mean, var, n, momentum)
@@ -347,11 +397,18 @@ class ProductKeyMemory(nn.Module):
             out = self.out_proj(_cast(out, self.out_proj))
         if m is not None:
             out = torch.where(m[:, None], out, 0.0)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.dim)
+        return _checked_output(out.to(x.dtype).reshape(*x.shape[:-1], self.dim), x, self._fp16(x))
+
+    def _fp16(self, x: torch.Tensor) -> bool:
+        """Whether this call computes in float16 (its input, its parameters or autocast)."""
+        dev = x.device.type
+        autocast16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
+        return x.dtype == torch.float16 or self.values.dtype == torch.float16 or autocast16
 
     # ---- steps ----------------------------------------------------------------------------------
     def _flatten(self, x: torch.Tensor, mask: torch.Tensor | None):
         check_input(x, self.dim)
+        check_device(x, self.values)
         if mask is not None:
             check_bool_mask("mask", mask, x.shape[:-1], "x.shape[:-1]", "True = real token")
             mask = mask.reshape(-1).to(x.device)

@@ -29,3 +29,38 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+TINY = [
+    "dim=32",
+    "n_heads=2",
+    "n_layers=2",
+    "seq_len=32",
+    "mem_layers=[2]",
+    "memory.num_keys=8",
+    "memory.topk=4",
+    "memory.k_dim=16",
+    "memory.heads=2",
+    "batch_size=4",
+    "log_every=2",
+    "warmup_steps=2",
+    "eval_tokens=128",
+    "final_eval_tokens=128",
+    "max_time_s=null",
+    "tensorboard=false",
+    "track_usage=false",
+]  # a model small enough that a few steps take well under a second on a CPU
+
+
+def quick_train(run_dir: Path, corpus: Path, cache_dir: Path, *overrides: str, make_memory=None) -> dict:
+    """``pkmem train`` of a tiny model on ``corpus`` in-process, quietly and without plots."""
+    from unittest import mock
+
+    from pkmem.config import load_config
+    from pkmem.train.loop import train
+
+    args = [*TINY, "data=text", f"data_path={corpus}", f"cache_dir={cache_dir}", "max_steps=2", *overrides]
+    with mock.patch("pkmem.train.plot.plot_runs", lambda *a, **k: []):
+        return train(
+            load_config("tiny", args), run_dir, progress=False, log=lambda *a: None, make_memory=make_memory
+        )

@@ -81,6 +81,7 @@ def test_train_leaves_a_complete_run(run, capsys):
         "optimizer.json",
         "tokenizer.json",
         "state.json",
+        "manifest.json",
     }
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 6 and state["config"]["train"]["data"] == "stdlib"

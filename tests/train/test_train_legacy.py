@@ -10,7 +10,7 @@ from pkmem.cli import main
 from pkmem.config import MemoryTransformerConfig
 from pkmem.models import MemoryTransformer
 from pkmem.optim import make_optimizer
-from pkmem.train.checkpoint import list_checkpoints, rng_state, save_checkpoint
+from pkmem.train.checkpoint import list_checkpoints, rng_state, save_checkpoint, write_manifest
 from pkmem.train.loop import load_run
 from pkmem.train.tokenizer import ByteTokenizer
 
@@ -87,6 +87,7 @@ def test_removed_mem_impl_in_an_old_run_is_a_clear_error(old_run, capsys):
     state = json.loads((ckpt / "state.json").read_text())
     state["config"]["model"]["mem_impl"] = "product-key-memory"
     (ckpt / "state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)  # changed on purpose (an unsealed change is refused: tests/train/test_faults.py)
     assert main(["eval", str(old_run), "--max-tokens", "256"]) == 2
     err = capsys.readouterr().err.strip()
     assert "mem_impl='product-key-memory' is not allowed" in err and "make_memory" in err

@@ -355,9 +355,10 @@ def _sample(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """One token per row of ``logits (B, V)``: ``(B, 1)``."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or a limit float32 cannot tell from it
         return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
+    # shifted first: a tiny temperature gives -inf, not inf - inf (a greedy pick, not NaN)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))

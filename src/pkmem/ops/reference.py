@@ -364,18 +364,26 @@ def real_rows(x: torch.Tensor, mask: torch.Tensor | None):
 def update_running_stats(running_mean, running_var, mean, var, n, momentum) -> None:
     """torch's BatchNorm update of running averages, in place: ``r += momentum * (stat - r)`` with
     the unbiased variance ``var * n / (n - 1)`` of ``n`` real rows (an int, or a tensor kept on the
-    device); a batch without real rows leaves them alone. ``momentum``: a float or a tensor."""
+    device); a batch without real rows leaves them alone, and so does a column whose batch
+    statistics are not finite (a NaN or infinite token): on the device, no host sync.
+    ``momentum``: a float or a tensor."""
     if isinstance(n, int) and not torch.is_tensor(momentum):
         if n > 0:
             c = n / max(n - 1, 1)
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * c)
+            ok = torch.isfinite(mean) & torch.isfinite(var)
+            new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
+            new_var = torch.add(running_var * (1 - momentum), var.to(running_var.dtype), alpha=momentum * c)
+            running_mean.copy_(torch.where(ok, new_mean, running_mean))
+            running_var.copy_(torch.where(ok, new_var, running_var))
         return
     n = torch.as_tensor(n, device=mean.device).to(mean.dtype)
     momentum = momentum * (n > 0).to(mean.dtype)
     unbiased = var * (n / (n - 1).clamp(min=1))
-    running_mean.add_(((mean - running_mean) * momentum).to(running_mean.dtype))
-    running_var.add_(((unbiased - running_var) * momentum).to(running_var.dtype))
+    ok = torch.isfinite(mean) & torch.isfinite(unbiased)
+    new_mean = running_mean + ((mean - running_mean) * momentum).to(running_mean.dtype)
+    new_var = running_var + ((unbiased - running_var) * momentum).to(running_var.dtype)
+    running_mean.copy_(torch.where(ok, new_mean, running_mean))
+    running_var.copy_(torch.where(ok, new_var, running_var))
 
 
 def batch_norm(

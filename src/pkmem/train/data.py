@@ -12,14 +12,23 @@ Sources (``TrainConfig.data``):
   by a hash of their path relative to the files' common directory (and line number); with too few
   documents for that, the concatenated text is cut 90/5/5 %.
 
-Token ids are cached as raw numpy arrays (``<split>.bin``, read back with ``np.memmap``) in a
-directory named by a hash of the source and the tokenizer, under ``cache_dir``; ``meta.json`` is
-written last, so an interrupted preparation is simply redone.
+Only what the user pointed at is read: a directory walk (or a glob's, from the directory before its
+first wildcard) does not follow symbolic links that lead out of it unless ``follow_symlinks``, and
+a link back to a directory above it (a loop) is an error.
+
+Preparing a source streams it: the files are read in pieces of about a million characters (a
+first pass validates them and counts characters, a BPE is trained from an iterator over the
+training split, and the token ids are written to the cache as they are made), so memory use does
+not grow with the data (a .jsonl line is read whole). Token ids are cached as raw numpy arrays
+(``<split>.bin``, read back with ``np.memmap``) in a directory named by a hash of the source and
+the tokenizer, under ``cache_dir``; ``meta.json`` is written last, so an interrupted preparation is
+simply redone.
 """
 
 from __future__ import annotations
 
-import glob as globlib
+import codecs
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -29,7 +38,9 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,24 +49,235 @@ import numpy as np
 from pkmem._util import atomic_write_bytes
 from pkmem.train.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe
 
-__all__ = ["TokenData", "prepare_data", "load_corpus", "sample_batch", "eval_windows", "unigram_bits"]
+__all__ = [
+    "TokenData",
+    "Source",
+    "prepare_data",
+    "open_source",
+    "load_corpus",
+    "sample_batch",
+    "eval_windows",
+    "unigram_bits",
+]
 
 SPLITS = ("train", "valid", "test")
 FRACTIONS = (0.9, 0.05, 0.05)
 TEXT_SUFFIXES = (".txt", ".jsonl")
 MIN_HASH_DOCS = 40  # fewer documents than this: split the concatenated text by position
 DOC_SEP = "\n\n"
+READ_SIZE = 1 << 20  # bytes read from a file at a time
+CHUNK = 1 << 20  # characters a BPE tokenises at a time (cut after a newline): part of the token ids
+ENCODE_BATCH = 2  # chunks a BPE encodes at once, in parallel (each takes ~150 MB while it is encoded)
 
 
-# ---- corpora ----------------------------------------------------------------------------------------
-@dataclass
-class Corpus:
-    """The three splits of a source as text (``str``) or raw bytes (enwik8), and its fingerprint."""
+# ---- finding files: only where the user pointed ------------------------------------------------------
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
-    splits: dict  # split -> str | bytes
-    fingerprint: str  # identifies the source's content (paths, sizes, mtimes)
+
+class _Walk:
+    """The files under ``root``: symbolic links are followed only where they stay inside ``root``
+    (anywhere with ``follow``); each real directory is read once, a link back to a directory above
+    it (a loop) is a ValueError, and links that lead out are collected in ``skipped``."""
+
+    def __init__(self, root: Path, follow: bool, what: str, max_depth: int | None = None):
+        self.root, self.follow, self.what, self.max_depth = root, follow, what, max_depth
+        self.root_real = os.path.realpath(root)
+        self.files: list[Path] = []
+        self.skipped: list[Path] = []
+        self._seen_files: set[str] = set()
+        self._seen_dirs: set[str] = set()
+        self._visit(root, self.root_real, (), 0)
+
+    def _visit(self, d: Path, real: str, ancestors: tuple, depth: int) -> None:
+        if real in self._seen_dirs:
+            return
+        self._seen_dirs.add(real)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise ValueError(f"{self.what}: the directory {str(d)!r} cannot be read ({e.strerror})") from None
+        for e in entries:
+            path = Path(e.path)
+            if e.is_symlink():
+                target = os.path.realpath(path)
+                if not self.follow and not _within(target, self.root_real):
+                    self.skipped.append(path)
+                    continue
+                if os.path.isdir(target):
+                    if target in ancestors or target == real:
+                        raise ValueError(
+                            f"{self.what}: the symbolic link {str(path)!r} leads back to {target!r}, a "
+                            "directory it is in (a loop): remove the link or point data_path elsewhere"
+                        )
+                    if self.max_depth is None or depth < self.max_depth:
+                        self._visit(path, target, (*ancestors, real), depth + 1)
+                elif os.path.isfile(target):
+                    self._add(path, target)
+            elif e.is_dir(follow_symlinks=False):
+                if self.max_depth is None or depth < self.max_depth:
+                    self._visit(path, os.path.join(real, e.name), (*ancestors, real), depth + 1)
+            elif e.is_file(follow_symlinks=False):
+                self._add(path, os.path.join(real, e.name))
+
+    def _add(self, path: Path, real: str) -> None:
+        if real not in self._seen_files:  # a file reached twice (through a link inside) is read once
+            self._seen_files.add(real)
+            self.files.append(path)
+
+
+def _match(parts: tuple, pattern: tuple) -> bool:
+    """Whether the relative path ``parts`` matches the glob components ``pattern`` (``**``: any
+    number of directories; as :mod:`glob`, a name starting with '.' needs a pattern that does)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        for i in range(len(parts) + 1):
+            if i and parts[i - 1].startswith("."):
+                break
+            if _match(parts[i:], pattern[1:]):
+                return True
+        return False
+    if not parts or (parts[0].startswith(".") and not pattern[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:])
+
+
+def _glob(path: str, follow: bool) -> tuple[list[Path], list[Path], Path]:
+    """``(files, links not followed, base directory)`` of a glob: the walk starts at the directory
+    before the first component with a wildcard."""
+    parts = Path(os.path.expanduser(path)).parts
+    first = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+    base = Path(*parts[:first]) if first else Path(".")
+    pattern = parts[first:]
+    what = f"data_path={path!r} (data='text')"
+    if not base.is_dir():
+        raise FileNotFoundError(f"{what}: the glob matches no file ({str(base)!r} is not a directory)")
+    depth = None if "**" in pattern else len(pattern) - 1
+    walk = _Walk(base, follow, what, depth)
+    files = sorted(f for f in walk.files if _match(f.relative_to(base).parts, pattern))
+    return files, walk.skipped, base
+
+
+def _text_files(path: str, follow_symlinks: bool = False) -> list[Path]:
+    """The files ``data_path`` names: a file, a directory's .txt / .jsonl files, or a glob's files.
+
+    Symbolic links leading out of the directory (a glob's: the directory before its first wildcard)
+    are not followed unless ``follow_symlinks``; a link loop is a ValueError.
+    """
+    p = Path(path).expanduser()
+    what = f"data_path={path!r} (data='text')"
+    if any(c in path for c in "*?["):
+        files, skipped, base = _glob(path, follow_symlinks)
+        if not files:
+            raise FileNotFoundError(f"{what}: the glob matches no file{_skipped_note(skipped, base)}")
+    elif p.is_dir():
+        walk = _Walk(p, follow_symlinks, what)
+        skipped, base = walk.skipped, p
+        # pkmem's own run directories under the corpus (metrics.jsonl, ...) are not text to train on
+        runs = {
+            f.parent for f in walk.files if f.name == "metrics.jsonl" and (f.parent / "config.json").is_file()
+        }
+        files = sorted(
+            f for f in walk.files if f.suffix.lower() in TEXT_SUFFIXES and not runs.intersection(f.parents)
+        )
+        if not files:
+            raise FileNotFoundError(
+                f"{what}: the directory holds no {' or '.join(TEXT_SUFFIXES)} file{_skipped_note(skipped, p)}"
+            )
+    elif p.is_file():
+        return [p]
+    else:
+        raise FileNotFoundError(f"{what} does not exist")
+    if skipped:
+        warnings.warn(
+            f"{what}: {len(skipped)} symbolic link(s) leading out of {str(base)!r} were not followed "
+            f"(e.g. {str(skipped[0])!r}); set follow_symlinks=true to read them",
+            stacklevel=3,
+        )
+    return files
+
+
+def _skipped_note(skipped: list[Path], base: Path) -> str:
+    if not skipped:
+        return ""
+    return (
+        f" ({len(skipped)} symbolic link(s) leading out of {str(base)!r}, e.g. {str(skipped[0])!r}, were "
+        "not followed: set follow_symlinks=true to read them)"
+    )
+
+
+# ---- reading documents in pieces ----------------------------------------------------------------------
+def _decoded(p: Path):
+    """The text of file ``p`` in pieces of at most ``READ_SIZE`` characters (NUL bytes and invalid
+    UTF-8 are ValueErrors naming the file and the byte)."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(p, "rb") as f:
+        while True:
+            raw = f.read(READ_SIZE)
+            if raw and b"\x00" in raw:
+                raise ValueError(
+                    f"data_path file {str(p)!r} looks binary (it contains NUL bytes): give text files"
+                )
+            pending = len(dec.getstate()[0])
+            try:
+                text = dec.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"data_path file {str(p)!r} is not valid UTF-8 (byte {offset - pending + e.start}): "
+                    "re-encode it as UTF-8"
+                ) from None
+            offset += len(raw)
+            if text:
+                yield text
+            if not raw:
+                return
+
+
+def _jsonl_documents(p: Path):
+    """``(line number, text)`` of the non-blank ``"text"`` fields of a .jsonl file, line by line."""
+    offset = 0
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if b"\x00" in raw:
+                raise ValueError(
+                    f"data_path file {str(p)!r} looks binary (it contains NUL bytes): give text files"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = offset + e.start
+                raise ValueError(
+                    f"data_path file {str(p)!r} is not valid UTF-8 (byte {where}): re-encode it as UTF-8"
+                ) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data_path file {str(p)!r} line {n} is not valid JSON: {e.msg}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f'data_path file {str(p)!r} line {n} has no string "text" field')
+            if obj["text"].strip():
+                yield n, obj["text"]
+
+
+# ---- sources: the three splits as a stream of pieces --------------------------------------------------
+class Source:
+    """A corpus read in pieces: :meth:`pieces` yields ``(split, piece)`` whose concatenation per split
+    is that split's text (``str``, or ``bytes`` for enwik8), reading the files again at each call;
+    memory use does not grow with the data."""
+
+    is_bytes = False
+    fingerprint: str
     description: str
     info: dict
+
+    def pieces(self, only: str | None = None):
+        """``(split, piece)`` in order; ``only``: just that split's pieces."""
+        raise NotImplementedError
 
 
 def _split_of(name: str) -> str:
@@ -63,10 +285,81 @@ def _split_of(name: str) -> str:
     return "train" if h < FRACTIONS[0] else ("valid" if h < FRACTIONS[0] + FRACTIONS[1] else "test")
 
 
-def _positional_split(text):
-    n = len(text)
-    a, b = int(n * FRACTIONS[0]), int(n * (FRACTIONS[0] + FRACTIONS[1]))
-    return {"train": text[:a], "valid": text[a:b], "test": text[b:]}
+def _position_cuts(n: int) -> tuple[int, int]:
+    return int(n * FRACTIONS[0]), int(n * (FRACTIONS[0] + FRACTIONS[1]))
+
+
+def _cut(piece, pos: int, cuts: tuple[int, int]):
+    """``(split, part)`` of a piece that starts at ``pos`` of a stream cut at ``cuts``."""
+    a, b = cuts
+    end = pos + len(piece)
+    for split, lo, hi in (("train", 0, a), ("valid", a, b), ("test", b, math.inf)):
+        lo, hi = max(lo, pos), min(hi, end)
+        if lo < hi:
+            yield split, piece[lo - pos : hi - pos]
+
+
+class _Documents(Source):
+    """Text documents (stdlib files, text files, .jsonl lines), each to a split by a hash of its name
+    or, with too few for that, their concatenation (``DOC_SEP`` between them) cut by position. The
+    first pass reads every document (validating it and counting characters) to decide."""
+
+    def __init__(self, docs, fingerprint: str, hashed: bool | None = None):
+        self._docs = docs  # () -> iterator of (name, () -> iterator of str)
+        self.fingerprint = fingerprint
+        self._blank: set[str] = set()
+        chars, started = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, False)
+        self.n_docs = self.total_chars = 0
+        for name, read in docs():
+            length, blank = 0, True
+            for text in read():
+                length += len(text)
+                blank = blank and not text.strip()
+            if blank:  # a file of white space is no document
+                self._blank.add(name)
+                continue
+            split = _split_of(name)
+            chars[split] += length + (len(DOC_SEP) if started[split] else 0)
+            started[split] = True
+            self.total_chars += length + (len(DOC_SEP) if self.n_docs else 0)
+            self.n_docs += 1
+        if hashed is None:
+            few = self.n_docs < MIN_HASH_DOCS or min(chars.values()) < 0.01 * sum(chars.values())
+            hashed = not few
+        self.hashed = hashed
+
+    def _each(self):
+        for name, read in self._docs():
+            if name not in self._blank:
+                yield name, read
+
+    def pieces(self, only: str | None = None):
+        if self.hashed:
+            started = dict.fromkeys(SPLITS, False)
+            for name, read in self._each():
+                split = _split_of(name)
+                if only is None or split == only:
+                    if started[split]:
+                        yield split, DOC_SEP
+                    for text in read():
+                        yield split, text
+                started[split] = True
+            return
+        cuts, pos = _position_cuts(self.total_chars), 0
+        for i, (_, read) in enumerate(self._each()):
+            for text in _after_separator(i, read):
+                for split, part in _cut(text, pos, cuts):
+                    if only is None or split == only:
+                        yield split, part
+                pos += len(text)
+            if only == "train" and pos >= cuts[0]:
+                return
+
+
+def _after_separator(i: int, read):
+    if i:
+        yield DOC_SEP
+    yield from read()
 
 
 def _stdlib_files() -> tuple[Path, list[Path]]:
@@ -89,23 +382,26 @@ def _stdlib_fingerprint() -> str:
     return "stdlib-" + h.hexdigest()[:16]
 
 
-def _load_stdlib() -> Corpus:
+def _stdlib_source() -> Source:
     root, files = _stdlib_files()
-    docs = {s: [] for s in SPLITS}
-    skipped = 0
-    for p in files:
-        rel = p.relative_to(root).as_posix()
-        try:
-            text = p.read_bytes().decode("utf-8")
-        except (UnicodeDecodeError, OSError):
-            skipped += 1
-            continue
-        if text.strip() and "\x00" not in text:
-            docs[_split_of(rel)].append(text)
-    splits = {s: DOC_SEP.join(d) for s, d in docs.items()}
-    info = {"root": str(root), "files": len(files) - skipped, "skipped_files": skipped}
-    desc = f"Python {sys.version.split()[0]} standard library ({len(files) - skipped} .py files)"
-    return Corpus(splits, _stdlib_fingerprint(), desc, info)
+    skipped = set()
+
+    def docs():
+        for p in files:
+            rel = p.relative_to(root).as_posix()
+            try:
+                text = p.read_bytes().decode("utf-8")
+            except (UnicodeDecodeError, OSError):
+                skipped.add(rel)
+                continue
+            if "\x00" not in text:
+                yield rel, lambda text=text: iter((text,))
+
+    src = _Documents(docs, _stdlib_fingerprint(), hashed=True)
+    n = len(files) - len(skipped)
+    src.info = {"root": str(root), "files": n, "skipped_files": len(skipped)}
+    src.description = f"Python {sys.version.split()[0]} standard library ({n} .py files)"
+    return src
 
 
 def _file_fingerprint(paths: list[Path]) -> str:
@@ -116,116 +412,102 @@ def _file_fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_enwik8(path: Path) -> bytes:
-    name = path.name.lower()
-    try:
-        if name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(path) as z:
-                members = [m for m in z.namelist() if not m.endswith("/")]
-                member = next((m for m in members if Path(m).name == "enwik8"), None)
-                if member is None and len(members) == 1:
-                    member = members[0]
-                if member is None:
-                    raise ValueError(
-                        f"data_path={str(path)!r}: the zip holds {members[:5]}, "
-                        "expected one file named enwik8"
-                    )
-                return z.read(member)
-        return path.read_bytes()
-    except (OSError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile) as e:
-        raise ValueError(f"data_path={str(path)!r} could not be read as enwik8: {e}") from None
-
-
-def _load_enwik8(path: str) -> Corpus:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"data_path={path!r} (data='enwik8') does not exist or is not a file")
-    data = _read_enwik8(p)
-    if not data:
-        raise ValueError(f"data_path={path!r} (data='enwik8') is empty")
-    splits = _positional_split(data)
-    info = {"path": str(p.resolve()), "bytes": len(data)}
-    return Corpus(splits, "enwik8-" + _file_fingerprint([p]), f"enwik8 ({len(data):,} bytes)", info)
-
-
-def _text_files(path: str) -> list[Path]:
-    p = Path(path).expanduser()
-    if any(c in path for c in "*?["):
-        files = sorted(Path(f) for f in globlib.glob(os.path.expanduser(path), recursive=True))
-        files = [f for f in files if f.is_file()]
-        if not files:
-            raise FileNotFoundError(f"data_path={path!r} (data='text'): the glob matches no file")
-        return files
-    if p.is_dir():
-        # pkmem's own run directories under the corpus (metrics.jsonl, ...) are not text to train on
-        runs = {m.parent for m in p.rglob("metrics.jsonl") if (m.parent / "config.json").is_file()}
-        files = sorted(
-            f
-            for f in p.rglob("*")
-            if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES and not runs.intersection(f.parents)
-        )
-        if not files:
-            raise FileNotFoundError(
-                f"data_path={path!r} (data='text'): the directory holds no {' or '.join(TEXT_SUFFIXES)} file"
-            )
-        return files
-    if p.is_file():
-        return [p]
-    raise FileNotFoundError(f"data_path={path!r} (data='text') does not exist")
-
-
-def _decode(p: Path, raw: bytes) -> str:
-    if b"\x00" in raw:
-        raise ValueError(f"data_path file {str(p)!r} looks binary (it contains NUL bytes): give text files")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"data_path file {str(p)!r} is not valid UTF-8 (byte {e.start}): re-encode it as UTF-8"
-        ) from None
-
-
-def _documents(p: Path, name: str) -> list[tuple[str, str]]:
-    """``(name, text)`` documents of one file: the file, or each line of a .jsonl (``name:line``)."""
-    text = _decode(p, p.read_bytes())
-    if p.suffix.lower() != ".jsonl":
-        return [(name, text)] if text.strip() else []
-    docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"data_path file {str(p)!r} line {n} is not valid JSON: {e.msg}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ValueError(f'data_path file {str(p)!r} line {n} has no string "text" field')
-        if obj["text"].strip():
-            docs.append((f"{name}:{n}", obj["text"]))
-    return docs
-
-
-def _load_text(path: str) -> Corpus:
-    files = _text_files(path)
+def _text_source(path: str, follow_symlinks: bool = False) -> Source:
+    files = _text_files(path, follow_symlinks)
     # documents are named relative to the files' common directory: the split survives a move
     root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
-    docs = [d for f in files for d in _documents(f, f.resolve().relative_to(root).as_posix())]
-    if not docs:
+    names = [f.resolve().relative_to(root).as_posix() for f in files]
+
+    def docs():
+        for f, name in zip(files, names):
+            if f.suffix.lower() == ".jsonl":
+                for n, text in _jsonl_documents(f):
+                    yield f"{name}:{n}", lambda text=text: iter((text,))
+            else:
+                yield name, lambda f=f: _decoded(f)
+
+    src = _Documents(docs, "text-" + _file_fingerprint(files))
+    if not src.n_docs:
         raise ValueError(f"data_path={path!r} (data='text') is empty: its {len(files)} file(s) hold no text")
-    parts = {s: [] for s in SPLITS}
-    for name, text in docs:
-        parts[_split_of(name)].append(text)
-    splits = {s: DOC_SEP.join(d) for s, d in parts.items()}
-    total = sum(len(t) for t in splits.values())
-    how = "documents hashed"
-    if len(docs) < MIN_HASH_DOCS or min(len(t) for t in splits.values()) < 0.01 * total:
-        splits, how = _positional_split(DOC_SEP.join(t for _, t in docs)), "cut by position"
-    info = {"files": len(files), "documents": len(docs), "split": how}
-    fp = "text-" + _file_fingerprint(files)
-    return Corpus(splits, fp, f"text {path!r} ({len(files)} files, {len(docs)} documents)", info)
+    how = "documents hashed" if src.hashed else "cut by position"
+    src.info = {"files": len(files), "documents": src.n_docs, "split": how}
+    src.description = f"text {path!r} ({len(files)} files, {src.n_docs} documents)"
+    return src
+
+
+class _Enwik8(Source):
+    """The bytes of enwik8 (plain, .gz or .zip), cut 90 / 5 / 5 % by position."""
+
+    is_bytes = True
+
+    def __init__(self, path: str):
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"data_path={path!r} (data='enwik8') does not exist or is not a file")
+        self.path, self.shown = p, path
+        name = p.name.lower()
+        if name.endswith(".zip"):
+            with self._guard(), zipfile.ZipFile(p) as z:
+                self.size = z.getinfo(self._member(z)).file_size
+        elif name.endswith(".gz"):
+            self.size = sum(len(raw) for raw in self._read())
+        else:
+            self.size = p.stat().st_size
+        if not self.size:
+            raise ValueError(f"data_path={path!r} (data='enwik8') is empty")
+        self.fingerprint = "enwik8-" + _file_fingerprint([p])
+        self.description = f"enwik8 ({self.size:,} bytes)"
+        self.info = {"path": str(p.resolve()), "bytes": self.size}
+
+    def _guard(self):
+        return _ReadErrors(f"data_path={str(self.path)!r} could not be read as enwik8")
+
+    def _member(self, z: zipfile.ZipFile) -> str:
+        members = [m for m in z.namelist() if not m.endswith("/")]
+        member = next((m for m in members if Path(m).name == "enwik8"), None)
+        if member is None and len(members) == 1:
+            member = members[0]
+        if member is None:
+            raise ValueError(
+                f"data_path={str(self.path)!r}: the zip holds {members[:5]}, expected one file named enwik8"
+            )
+        return member
+
+    def _read(self):
+        name = self.path.name.lower()
+        with self._guard():
+            if name.endswith(".zip"):
+                with zipfile.ZipFile(self.path) as z, z.open(self._member(z)) as f:
+                    yield from iter(lambda: f.read(READ_SIZE), b"")
+            else:
+                opener = gzip.open if name.endswith(".gz") else open
+                with opener(self.path, "rb") as f:
+                    yield from iter(lambda: f.read(READ_SIZE), b"")
+
+    def pieces(self, only: str | None = None):
+        cuts, pos = _position_cuts(self.size), 0
+        for raw in self._read():
+            for split, part in _cut(raw, pos, cuts):
+                if only is None or split == only:
+                    yield split, part
+            pos += len(raw)
+            if only == "train" and pos >= cuts[0]:
+                return
+
+
+class _ReadErrors:
+    """Turns the errors of reading a compressed file into a ValueError with ``message``."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and issubclass(kind, (OSError, EOFError, zipfile.BadZipFile, zlib.error)):
+            raise ValueError(f"{self.message}: {e}") from None
+        return False
 
 
 def _check_source(source: str, path: str | None) -> None:
@@ -235,17 +517,38 @@ def _check_source(source: str, path: str | None) -> None:
         raise ValueError(f"data={source!r} needs --data-path (data_path=...)")
 
 
-def load_corpus(source: str, path: str | None = None) -> Corpus:
-    """The splits of ``source`` ("stdlib", "enwik8", "text") read from ``path``."""
+def open_source(source: str, path: str | None = None, follow_symlinks: bool = False) -> Source:
+    """The :class:`Source` of ``source`` ("stdlib", "enwik8", "text") read from ``path`` (the files
+    are found and validated now; their content is read when :meth:`Source.pieces` is iterated)."""
     _check_source(source, path)
     if source == "stdlib":
-        return _load_stdlib()
+        return _stdlib_source()
     if source == "enwik8":
-        return _load_enwik8(path)
-    return _load_text(path)
+        return _Enwik8(path)
+    return _text_source(path, follow_symlinks)
 
 
-def source_fingerprint(source: str, path: str | None = None) -> str:
+@dataclass
+class Corpus:
+    """The three splits of a source as text (``str``) or raw bytes (enwik8), in memory."""
+
+    splits: dict  # split -> str | bytes
+    fingerprint: str  # identifies the source's content (paths, sizes, mtimes)
+    description: str
+    info: dict
+
+
+def load_corpus(source: str, path: str | None = None, follow_symlinks: bool = False) -> Corpus:
+    """The splits of ``source`` held in memory (for inspection; :func:`prepare_data` streams them)."""
+    src = open_source(source, path, follow_symlinks)
+    parts = {s: [] for s in SPLITS}
+    for split, piece in src.pieces():
+        parts[split].append(piece)
+    empty = b"" if src.is_bytes else ""
+    return Corpus({s: empty.join(p) for s, p in parts.items()}, src.fingerprint, src.description, src.info)
+
+
+def source_fingerprint(source: str, path: str | None = None, follow_symlinks: bool = False) -> str:
     """A cheap fingerprint of the source's files (no reading): names, sizes, mtimes."""
     _check_source(source, path)
     if source == "stdlib":
@@ -255,16 +558,16 @@ def source_fingerprint(source: str, path: str | None = None) -> str:
         if not p.is_file():
             raise FileNotFoundError(f"data_path={path!r} (data='enwik8') does not exist or is not a file")
         return "enwik8-" + _file_fingerprint([p])
-    return "text-" + _file_fingerprint(_text_files(path))
+    return "text-" + _file_fingerprint(_text_files(path, follow_symlinks))
 
 
-# ---- tokenisation and the cache ---------------------------------------------------------------------
+# ---- tokenisation and the cache, as the pieces come ----------------------------------------------------
 def _dtype_for(vocab_size: int):
     return np.uint8 if vocab_size <= 256 else (np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def _chunks(text: str, size: int = 1 << 20):
-    """Pieces of about ``size`` characters cut after a newline."""
+def _chunks(text: str, size: int = CHUNK):
+    """Pieces of about ``size`` characters cut after a newline (what a BPE encodes at a time)."""
     start = 0
     while start < len(text):
         end = min(len(text), start + size)
@@ -275,22 +578,105 @@ def _chunks(text: str, size: int = 1 << 20):
         start = end
 
 
-def _encode(tok, data) -> np.ndarray:
-    dtype = _dtype_for(tok.vocab_size)
-    if isinstance(tok, ByteTokenizer):
-        raw = data if isinstance(data, bytes) else data.encode("utf-8")
-        return np.frombuffer(raw, dtype=np.uint8).copy()
-    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
-    out = [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(list(_chunks(text)))]
-    return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
+class _Chunker:
+    """Cuts a stream of text into the pieces :func:`_chunks` cuts the whole text into."""
+
+    def __init__(self, size: int = CHUNK):
+        self.size, self.buf, self.n = size, [], 0
+
+    def feed(self, piece: str) -> list[str]:
+        self.buf.append(piece)
+        self.n += len(piece)
+        if self.n <= self.size:
+            return []
+        text, start, out = "".join(self.buf), 0, []
+        while len(text) - start > self.size:
+            end = start + self.size
+            nl = text.rfind("\n", start, end)
+            end = nl + 1 if nl > start else end
+            out.append(text[start:end])
+            start = end
+        rest = text[start:]
+        self.buf, self.n = ([rest] if rest else []), len(rest)
+        return out
+
+    def finish(self) -> list[str]:
+        text = "".join(self.buf)
+        self.buf, self.n = [], 0
+        return [text] if text else []
 
 
-def _count_words(data) -> int:
-    if isinstance(data, bytes):
-        arr = np.frombuffer(data, dtype=np.uint8)
-        space = np.isin(arr, np.frombuffer(b" \t\n\r\x0b\x0c", dtype=np.uint8))
-        return int((~space[1:] & space[:-1]).sum() + (len(arr) > 0 and not space[0]))
-    return len(data.split())
+def _text_chunks(pieces, is_bytes: bool):
+    """The :func:`_chunks` of a split given as pieces (bytes decoded, undecodable bytes replaced)."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace") if is_bytes else None
+    chunker = _Chunker()
+    for piece in pieces:
+        yield from chunker.feed(dec.decode(piece) if dec else piece)
+    if dec:
+        yield from chunker.feed(dec.decode(b"", final=True))
+    yield from chunker.finish()
+
+
+_SPACE_BYTES = np.frombuffer(b" \t\n\r\x0b\x0c", dtype=np.uint8)
+
+
+class _SplitWriter:
+    """Token ids of one split written to ``path`` as its pieces come; counts tokens, bytes, words."""
+
+    def __init__(self, tok, path: Path, is_bytes: bool):
+        self.tok, self.dtype, self.is_bytes = tok, _dtype_for(tok.vocab_size), is_bytes
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.tokens = self.bytes = self.words = 0
+        self.after_space = True  # the stream so far ends in white space (or is empty)
+        bpe = not isinstance(tok, ByteTokenizer)
+        self.chunker = _Chunker() if bpe else None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if bpe and is_bytes else None
+        self.pending: list[str] = []
+
+    def write(self, piece) -> None:
+        if not piece:
+            return
+        raw = piece if self.is_bytes else piece.encode("utf-8")
+        self.bytes += len(raw)
+        self._count_words(piece)
+        if self.chunker is None:
+            self._ids(np.frombuffer(raw, dtype=np.uint8))
+            return
+        text = self.decoder.decode(piece) if self.decoder else piece
+        self.pending += self.chunker.feed(text)
+        if len(self.pending) >= ENCODE_BATCH:
+            self._encode()
+
+    def _count_words(self, piece) -> None:
+        """Words as ``str.split`` (bytes: ASCII white space) counts them, across piece boundaries."""
+        if self.is_bytes:
+            space = np.isin(np.frombuffer(piece, dtype=np.uint8), _SPACE_BYTES)
+            self.words += int((~space[1:] & space[:-1]).sum() + (self.after_space and not space[0]))
+            self.after_space = bool(space[-1])
+        else:
+            n = len(piece.split())
+            if n and not self.after_space and not piece[0].isspace():
+                n -= 1  # the first word goes on from the last piece
+            self.words += n
+            self.after_space = piece[-1].isspace()
+
+    def _encode(self) -> None:
+        for ids in self.tok.encode_batch(self.pending):
+            self._ids(np.asarray(ids, dtype=self.dtype))
+        self.pending = []
+
+    def _ids(self, ids: np.ndarray) -> None:
+        ids.astype(self.dtype, copy=False).tofile(self.file)
+        self.tokens += len(ids)
+
+    def close(self) -> dict:
+        if self.chunker is not None:
+            if self.decoder:
+                self.pending += self.chunker.feed(self.decoder.decode(b"", final=True))
+            self.pending += self.chunker.finish()
+            self._encode()
+        self.file.close()
+        return {"tokens": self.tokens, "bytes": self.bytes, "words": self.words}
 
 
 @dataclass
@@ -341,12 +727,14 @@ def prepare_data(
     bpe_vocab_size: int = 4096,
     min_tokens: int = 2,
     log=print,
+    follow_symlinks: bool = False,
 ) -> TokenData:
-    """Tokenised splits of ``source`` (cached under ``cache_dir``).
+    """Tokenised splits of ``source`` (cached under ``cache_dir``), prepared in bounded memory.
 
     ``tokenizer`` is "bytes", "bpe" (trained on the training split with ``bpe_vocab_size`` tokens)
     or a tokenizer object (e.g. the run's own, for evaluating on other data). Every split must have
-    at least ``min_tokens`` tokens (``seq_len + 1`` for training).
+    at least ``min_tokens`` tokens (``seq_len + 1`` for training). ``follow_symlinks``: follow
+    symbolic links that lead out of a ``text`` directory (or a glob's directory).
     """
     if isinstance(tokenizer, str):
         if tokenizer not in ("bytes", "bpe"):
@@ -356,7 +744,7 @@ def prepare_data(
         specs = ["bytes"]
     else:  # a given BPE: the cache of the run that trained it, or one made for it
         specs = [f"bpe-train-{tokenizer.vocab_size}", "tok-" + tokenizer.fingerprint()]
-    fingerprint = source_fingerprint(source, path)
+    fingerprint = source_fingerprint(source, path, follow_symlinks)
     cached = None
     for spec in specs:
         d = Path(cache_dir) / f"{source}-{_cache_key(fingerprint, spec)}"
@@ -367,38 +755,35 @@ def prepare_data(
         if cached is not None:
             break
     if cached is None:
-        corpus = load_corpus(source, path)
-        log(f"preparing {corpus.description} -> {d}")
+        src = open_source(source, path, follow_symlinks)
+        log(f"preparing {src.description} -> {d}")
         if isinstance(tokenizer, str):
             if tokenizer == "bytes":
                 tok = ByteTokenizer()
             else:
-                train = corpus.splits["train"]
-                train = train.decode("utf-8", errors="replace") if isinstance(train, bytes) else train
-                tok = train_bpe(_chunks(train), bpe_vocab_size)
+                train = (piece for _, piece in src.pieces(only="train"))
+                tok = train_bpe(_text_chunks(train, src.is_bytes), bpe_vocab_size)
         else:
             tok = tokenizer
-        dtype = _dtype_for(tok.vocab_size)
         d.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}."))
         try:
-            stats = {}
-            for s in SPLITS:
-                ids = _encode(tok, corpus.splits[s]).astype(dtype, copy=False)
-                ids.tofile(tmp / f"{s}.bin")
-                raw = corpus.splits[s]
-                nbytes = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8"))
-                stats[s] = {"tokens": int(len(ids)), "bytes": nbytes, "words": _count_words(raw)}
+            writers = {s: _SplitWriter(tok, tmp / f"{s}.bin", src.is_bytes) for s in SPLITS}
+            try:
+                for split, piece in src.pieces():
+                    writers[split].write(piece)
+            finally:
+                stats = {s: w.close() for s, w in writers.items()}
             tok.save(tmp / "tokenizer.json")
             meta = {
                 "source": source,
                 "data_path": None if path is None else str(path),
-                "fingerprint": corpus.fingerprint,
-                "description": corpus.description,
-                "info": corpus.info,
+                "fingerprint": src.fingerprint,
+                "description": src.description,
+                "info": src.info,
                 "tokenizer": tok.kind,
                 "vocab_size": tok.vocab_size,
-                "dtype": np.dtype(dtype).name,
+                "dtype": np.dtype(_dtype_for(tok.vocab_size)).name,
                 "splits": stats,
             }
             atomic_write_bytes(tmp / "meta.json", json.dumps(meta, indent=1).encode())

@@ -47,6 +47,7 @@ from pkmem.train.data import (
     unigram_bits,
 )
 from pkmem.train.evaluate import autocast, evaluate, memory_report, resolve_device, set_threads
+from pkmem.train.guard import StepGuard
 from pkmem.train.tokenizer import load_tokenizer
 
 __all__ = [
@@ -72,6 +73,7 @@ METRICS = "metrics.jsonl"
 FIXED_ON_RESUME = (
     "data",
     "data_path",
+    "follow_symlinks",
     "tokenizer",
     "bpe_vocab_size",
     "batch_size",
@@ -142,6 +144,7 @@ def load_data_for(cfg: Config, run_dir: Path, tokenizer=None, log=print) -> Toke
         t.bpe_vocab_size,
         min_tokens=cfg.model.seq_len + 1,
         log=log,
+        follow_symlinks=t.follow_symlinks,
     )
 
 
@@ -163,7 +166,7 @@ def load_run(
     """``(model, config, tokenizer, checkpoint)`` of a run directory or checkpoint directory;
     ``overrides`` (``key=value``) change the config read from it (e.g. its data)."""
     ck = ckpt_lib.load_checkpoint(path, verify=verify)
-    cfg = config_from_dict(ck["state"]["config"], str(ck["dir"] / ckpt_lib.STATE), overrides)
+    cfg = config_from_dict(ckpt_lib.saved_config(ck), str(ck["dir"] / ckpt_lib.STATE), overrides)
     tok = load_tokenizer(ck["dir"] / "tokenizer.json")
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model = MemoryTransformer(cfg.model, make_memory)
@@ -210,8 +213,9 @@ def resume(
     if run_dir is None:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     run_dir = Path(run_dir)
-    ck = ckpt_lib.load_checkpoint(run_dir)  # verifies sizes and checksums: clear error if corrupt
+    ck = ckpt_lib.load_checkpoint(run_dir)  # verifies all of itself: clear error if corrupt
     cfg = _resume_config(ck, list(overrides), config_name)
+    _check_resumable(cfg, ck, make_memory)  # before anything in the run directory is written
     return _run(cfg, run_dir, ck, progress, log, make_memory)
 
 
@@ -241,7 +245,7 @@ def _new_run_dir(cfg: Config, run_dir: str | os.PathLike | None) -> Path:
 def _resume_config(ck: dict, overrides: list[str], config_name: str | None) -> Config:
     """The config a resumed run continues with: the checkpoint's (read once), with ``overrides`` of
     train settings that keep the run the same computation."""
-    saved = ck["state"]["config"]
+    saved = ckpt_lib.saved_config(ck)
     if config_name is not None and saved.get("name") not in _names_of(config_name):
         raise ValueError(
             f"--config {config_name!r} differs from the run's config {saved.get('name')!r}: a resumed run "
@@ -265,6 +269,20 @@ def _resume_config(ck: dict, overrides: list[str], config_name: str | None) -> C
     return cfg
 
 
+def _check_resumable(cfg: Config, ck: dict, make_memory: MakeMemory | None) -> None:
+    """The checkpoint's model and optimizer state fit the run's config: checked against a model and
+    optimizer built on the meta device (no memory, nothing written); CheckpointError naming the file."""
+    try:
+        with torch.device("meta"):
+            model = MemoryTransformer(cfg.model, make_memory)
+    except (RuntimeError, NotImplementedError):  # a make_memory that cannot be built without data:
+        return  # set_up's own load checks it (after the run's files are written)
+    ckpt_lib.match_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
+    if ck["optimizer"] is not None:
+        optimizer = _make_optimizer(model, cfg.train)
+        ckpt_lib.check_optimizer_state(optimizer, ck["optimizer"], str(ck["dir"] / "optimizer.json"))
+
+
 def _names_of(config_name: str) -> set:
     """The names a ``--config`` may give a run: as written, its file's stem, the file's ``name:``."""
     names = {config_name, Path(config_name).stem}
@@ -283,7 +301,7 @@ def _absolute(path: str) -> str:
 def _run(cfg: Config, run_dir: Path, ck: dict | None, progress: bool, log, make_memory) -> dict:
     """Set up, fit and finish; a new run that fails before its first checkpoint leaves nothing."""
     if cfg.train.data != "stdlib":  # a missing --data-path is reported before anything is written
-        source_fingerprint(cfg.train.data, cfg.train.data_path)
+        source_fingerprint(cfg.train.data, cfg.train.data_path, cfg.train.follow_symlinks)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     own = ck is not None and cfg.train.threads == ck["state"]["config"]["train"].get("threads")
@@ -340,6 +358,7 @@ class LoopState:
     train_seconds: float = 0.0  # training time of the logged windows
     last_record: dict = field(default_factory=dict)  # the last train record of metrics.jsonl
     last_saved: int = -1  # the step of the newest checkpoint
+    guard: StepGuard | None = None  # steps the optimizer only where the loss and gradients are finite
 
 
 def set_up(
@@ -357,17 +376,7 @@ def set_up(
     _record_data(run_dir, data)
 
     model = build_model(cfg, device, make_memory)
-    optimizer = make_optimizer(
-        model,
-        lr=t.lr,
-        value_lr=t.value_lr,
-        betas=tuple(t.betas),
-        eps=t.eps,
-        weight_decay=t.weight_decay,
-        value_weight_decay=t.value_weight_decay,
-        value_betas=None if t.value_betas is None else tuple(t.value_betas),
-        value_optimizer=t.value_optimizer,
-    )
+    optimizer = _make_optimizer(model, t)
     start_step = _restore(model, optimizer, ck, run_dir, log) if ck else 0
     if start_step >= t.max_steps and ck:
         log(f"the run is already at step {start_step} >= max_steps={t.max_steps}: evaluating only")
@@ -400,12 +409,26 @@ def set_up(
     )
 
 
+def _make_optimizer(model, t: TrainConfig) -> torch.optim.Optimizer:
+    return make_optimizer(
+        model,
+        lr=t.lr,
+        value_lr=t.value_lr,
+        betas=tuple(t.betas),
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        value_weight_decay=t.value_weight_decay,
+        value_betas=None if t.value_betas is None else tuple(t.value_betas),
+        value_optimizer=t.value_optimizer,
+    )
+
+
 def _restore(model, optimizer, ck: dict, run_dir: Path, log) -> int:
     """Load a checkpoint's model, optimizer and RNG states; returns its step."""
     ckpt_lib.load_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
     if ck["optimizer"] is not None:
         optimizer.load_state_dict(ck["optimizer"])
-    ckpt_lib.set_rng_state(ck["state"].get("rng", {}))
+    ckpt_lib.set_rng_state(ck["state"].get("rng", {}), str(ck["dir"] / ckpt_lib.STATE))
     step = int(ck["state"]["step"])
     _truncate_metrics(run_dir / METRICS, step)
     log(f"resuming {run_dir} from step {step} ({ck['dir'].name})")
@@ -489,7 +512,7 @@ def fit(run: Run, state: LoopState, log) -> bool:
             # the periodic series includes the last step when it falls on it (curves end where runs do)
             do_eval = t.eval_every and state.step % t.eval_every == 0
             if state.step % t.log_every == 0 or do_ckpt or do_eval or last:
-                log_window(run, state)
+                log_window(run, state, log)
             if limit is not None and not last:
                 limit.follow(state.step)  # no host sync: step counts and the clock
             if do_eval:
@@ -534,7 +557,9 @@ def train_step(run: Run, state: LoopState) -> None:
         (loss / A).backward()
         loss_sum += loss.detach() / A
     state.norms = clip_grad_norm(model, t.grad_clip, t.value_grad_clip)
-    run.optimizer.step()
+    if state.guard is None or state.guard.optimizer is not run.optimizer:
+        state.guard = StepGuard(run.optimizer)
+    state.guard.step(loss_sum, *state.norms)  # a non-finite loss or gradient changes nothing
     run.optimizer.zero_grad(set_to_none=True)
     state.losses.append(loss_sum)
     state.window_steps += 1
@@ -558,20 +583,24 @@ def set_lr(optimizer, cfg: Config, step: int) -> float:
     return t.lr * factor
 
 
-def log_window(run: Run, state: LoopState) -> dict:
+def log_window(run: Run, state: LoopState, log=print) -> dict:
     """Read the window's losses (the loop's one host sync), append a train record to metrics.jsonl,
-    TensorBoard and the progress bar; raise FloatingPointError on a non-finite loss."""
+    TensorBoard and the progress bar. Steps skipped for a non-finite loss or gradient are counted
+    (``skipped``) and said; ``max_nonfinite_steps`` of them in a row raise FloatingPointError."""
     if not state.losses:
         return state.last_record
     losses = torch.stack(state.losses).tolist()
+    skipped, in_a_row = state.guard.read() if state.guard is not None else (0, 0)
+    finite = [v for v in losses if math.isfinite(v)]
     dt = time.perf_counter() - state.window_t0
     state.train_seconds += dt
     rec = {
         "type": "train",
         "step": state.step,
         "tokens": state.step * run.tokens_per_step,
-        "loss": float(np.mean(losses)),
+        "loss": float(np.mean(finite)) if finite else math.nan,
         "losses": losses,
+        "skipped": skipped,
         "lr": state.lr,
         "grad_norm": float(state.norms[0]),
         "value_grad_norm": float(state.norms[1]),
@@ -597,8 +626,18 @@ def log_window(run: Run, state: LoopState) -> dict:
         run.pbar.set_postfix(post, refresh=False)
     state.losses, state.window_t0, state.window_steps = [], time.perf_counter(), 0
     state.last_record = rec
-    if not math.isfinite(rec["loss"]):
-        raise FloatingPointError(f"the training loss is {rec['loss']} at step {state.step}: lower lr")
+    limit = run.cfg.train.max_nonfinite_steps
+    if in_a_row >= limit:
+        raise FloatingPointError(
+            f"{in_a_row} steps in a row up to step {state.step} had a non-finite loss or gradient norm "
+            f"(max_nonfinite_steps={limit}): stopping; no weight was changed by them and the last "
+            "checkpoint is intact. Lower lr or check the data"
+        )
+    if skipped:
+        log(
+            f"step {state.step}: skipped {skipped} non-finite step{'s' if skipped > 1 else ''} "
+            "(NaN or infinite loss or gradient norm: the weights were left as they were)"
+        )
     return rec
 
 
@@ -679,9 +718,12 @@ def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
             "stopped_by": "max_time_s" if stopped_early else "max_steps",
         }
     )
-    finished_before = run.start_step >= t.max_steps  # resumed after the end: nothing was trained
+    # resumed after the end: nothing was trained and the records stay (unless a crash came between
+    # the last checkpoint and them: then they are written now, once)
+    finished_before = run.start_step >= t.max_steps and (run.dir / "eval_valid.json").is_file()
     if not finished_before:
-        _append_jsonl(run.metrics_path, {"type": "eval", **res})
+        if not _has_final_record(run.metrics_path, state.step):
+            _append_jsonl(run.metrics_path, {"type": "eval", **res})
         atomic_write_bytes(run.dir / "eval_valid.json", json.dumps(res, indent=1).encode())
     if run.tb is not None:
         run.tb.add_scalar("valid/loss", res["loss"], state.step)
@@ -809,6 +851,20 @@ def _layer_of(model) -> dict[str, int]:
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _has_final_record(path: Path, step: int) -> bool:
+    """Whether metrics.jsonl holds the final evaluation of ``step`` (written by :func:`finish`)."""
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("type") == "eval" and r.get("step") == step and "stopped_early" in r:
+            return True
+    return False
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

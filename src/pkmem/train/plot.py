@@ -25,11 +25,23 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: {str(path)!r} does not exist")
     out = []
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(rec, dict):
+            raise ValueError(f"{str(path)!r} line {n} is not a record: not a metrics file of pkmem train")
+        needed = {"train": ("step", "tokens"), "eval": ("step", "loss")}.get(rec.get("type"), ())
+        missing = [k for k in needed if not isinstance(rec.get(k), (int, float))]
+        if rec.get("type") == "train" and not ("loss" in rec or rec.get("losses")):
+            missing.append("loss")
+        if missing:
+            raise ValueError(
+                f"{str(path)!r} line {n}: a {rec['type']} record without {', '.join(map(repr, missing))}: "
+                "not a metrics file written by pkmem train"
+            )
+        out.append(rec)
     return out
 
 

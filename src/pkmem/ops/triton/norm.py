@@ -209,12 +209,15 @@ def _bn_norm_kernel(
     first = cm & (chunk + 0 * cols == 0)
     tl.store(MEAN + cols, mean, mask=first)
     tl.store(VAR + cols, var, mask=first)
-    if UPDATE:  # the running statistics (torch's rule, unbiased variance; untouched without real rows)
+    if UPDATE:  # the running statistics (torch's rule, unbiased variance; untouched without real rows,
+        # and where the batch statistics are not finite: a NaN or infinite token leaves them as they were)
         f = tl.where(n > 0, momentum, 0.0)
         rm = tl.load(RMEAN + cols, mask=first, other=0.0).to(tl.float32)
         rv = tl.load(RVAR + cols, mask=first, other=0.0).to(tl.float32)
-        tl.store(RMEAN + cols, rm + (mean - rm) * f, mask=first)
-        tl.store(RVAR + cols, rv + (var * (n / tl.maximum(n - 1.0, 1.0)) - rv) * f, mask=first)
+        unbiased = var * (n / tl.maximum(n - 1.0, 1.0))
+        finite = (tl.abs(mean) <= 3.4028234663852886e38) & (tl.abs(unbiased) <= 3.4028234663852886e38)
+        tl.store(RMEAN + cols, tl.where(finite, rm + (mean - rm) * f, rm), mask=first)
+        tl.store(RVAR + cols, tl.where(finite, rv + (unbiased - rv) * f, rv), mask=first)
     rstd = tl.rsqrt(var + eps)
     if HAS_SHIFT:
         sh = tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
