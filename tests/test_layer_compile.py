@@ -18,8 +18,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def _models(backend: str):
     cfg = MemoryTransformerConfig(
-        vocab_size=50, seq_len=16, dim=32, n_layers=2, n_heads=4, mem_layers=(2,), mem_heads=2,
-        mem_num_keys=8, mem_topk=4, mem_k_dim=16, mem_backend=backend,
+        vocab_size=50, seq_len=16, dim=32, n_layers=2, n_heads=4, mem_layers=(2,),
+        memory={"heads": 2, "num_keys": 8, "topk": 4, "k_dim": 16, "backend": backend},
     )  # fmt: skip
     torch.manual_seed(0)
     eager = MemoryTransformer(cfg).to(DEVICE)

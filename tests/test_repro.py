@@ -48,6 +48,7 @@ def _args(tmp_path, steps=100, seeds=(0, 1, 2)):
         seeds=list(seeds),
         tiny=False,
         overrides=[],
+        trained_on=None,
     )
 
 
