@@ -90,6 +90,9 @@ def masked_batch_norm(
     dtype if 16-bit, else float32 (:func:`pkmem.ops.reference.batch_norm`; on CUDA one fused op).
     """
     batch_stats = bn.training or not bn.track_running_stats
+    sync = getattr(bn, "masked_batch_norm", None)
+    if batch_stats and sync is not None:  # statistics of the global batch (pkmem.distributed)
+        return sync(x, mask, shift)
     track = bn.training and bn.track_running_stats
     # with a momentum the op updates the running statistics itself (in the kernel on CUDA)
     momentum = bn.momentum if track else None
@@ -311,9 +314,7 @@ class ProductKeyMemory(nn.Module):
             self.usage_stats.update(idx, w)
         w = _dropout(self.score_dropout, w)
         T, J = x2.shape[0], self.heads * self.topk
-        out = ops.weighted_gather(
-            self.values, idx.reshape(T, J), w.reshape(T, J), self.sparse_values, self.backend
-        )
+        out = self.read_values(idx.reshape(T, J), w.reshape(T, J))
         out = _dropout(self.value_dropout, out)  # (T, v_dim), float32
         if self.gate_proj is not None:
             out = out * F.silu(self.gate_proj(_cast(x2, self.gate_proj)).to(out.dtype))
@@ -322,6 +323,12 @@ class ProductKeyMemory(nn.Module):
         if m is not None:
             out = torch.where(m[:, None], out, 0.0)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.dim)
+
+    def read_values(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``out[t] = sum_j weights[t, j] * values[indices[t, j]]``: ``(T, J), (T, J) -> (T, v_dim)``
+        float32, the layer's one read of its value table (a table sharded across processes,
+        :mod:`pkmem.distributed`, overrides it)."""
+        return ops.weighted_gather(self.values, indices, weights, self.sparse_values, self.backend)
 
     # ---- steps ----------------------------------------------------------------------------------
     def _flatten(self, x: torch.Tensor, mask: torch.Tensor | None):

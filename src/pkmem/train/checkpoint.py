@@ -268,9 +268,12 @@ def _load_safetensors(path: Path) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
-    """``{"dir", "state", "model" (tensors), "optimizer" (a state dict or None)}`` of a checkpoint."""
+    """``{"dir", "state", "model" (tensors), "optimizer" (a state dict or None)}`` of a checkpoint
+    (``model`` and ``optimizer`` None for a distributed run's: :mod:`pkmem.distributed.checkpoint`)."""
     ckpt = find_checkpoint(path)
     state = read_state(ckpt, verify)
+    if state.get("layout") == "dcp":  # written by the ranks of a distributed run: pkmem.distributed reads it
+        return {"dir": ckpt, "state": state, "model": None, "optimizer": None}
     model = _load_safetensors(ckpt / "model.safetensors")
     optimizer = None
     if (ckpt / "optimizer.json").is_file():
