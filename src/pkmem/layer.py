@@ -262,9 +262,7 @@ class ProductKeyMemory(nn.Module):
 
         # values: one table for all heads, N(0, v_dim^-0.5), or a shared one
         if values is None:
-            values = nn.Parameter(torch.zeros(self.num_slots, v_dim))
-            if not zero_init_values:
-                nn.init.normal_(values, std=v_dim**-0.5)
+            values = self._new_values(zero_init_values)
         elif not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim):
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(
@@ -323,6 +321,14 @@ class ProductKeyMemory(nn.Module):
         if m is not None:
             out = torch.where(m[:, None], out, 0.0)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.dim)
+
+    def _new_values(self, zero_init: bool) -> nn.Parameter:
+        """A new value table ``(num_slots, v_dim)``: N(0, v_dim**-0.5), or zeros (a memory whose table is
+        sharded across processes, :mod:`pkmem.distributed`, makes only its part)."""
+        values = nn.Parameter(torch.zeros(self.num_slots, self.v_dim))
+        if not zero_init:
+            nn.init.normal_(values, std=self.v_dim**-0.5)
+        return values
 
     def read_values(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``out[t] = sum_j weights[t, j] * values[indices[t, j]]``: ``(T, J), (T, J) -> (T, v_dim)``

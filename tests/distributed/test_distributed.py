@@ -325,3 +325,20 @@ def test_a_rank_that_never_joins_times_out(monkeypatch):
     with pytest.raises(DistributedError, match=r"rank 0 of 2 could not join the process group .* within 2 s"):
         Parallel.from_env("cpu")
     assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (1000, 24), (37, 3), (5, 3)])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_draw_part_gives_the_whole_tables_numbers(shape, dim):
+    """A shard's values are the unsharded table's, and the random numbers drawn after it too."""
+    from pkmem.distributed.values import draw_part
+
+    torch.manual_seed(3)
+    whole = torch.empty(shape).normal_(0, 0.5)
+    after = torch.rand(4)
+    n = shape[dim]
+    for part in (slice(0, n // 2), slice(n // 2, n)):
+        torch.manual_seed(3)
+        got = draw_part(shape, 0.5, dim, part, chunk_elements=64)  # many small blocks
+        assert torch.equal(got, whole[part] if dim == 0 else whole[:, part])
+        assert torch.equal(torch.rand(4), after)

@@ -32,14 +32,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pkmem._util import DistributedError
+
 __all__ = ["Parallel", "DistributedError", "timeout_s"]
 
 T = TypeVar("T")
 TIMEOUT_ENV = "PKMEM_DIST_TIMEOUT_S"
-
-
-class DistributedError(RuntimeError):
-    """Another rank failed (its rank and message are in the text), or ranks stopped answering."""
 
 
 def timeout_s() -> float:

@@ -150,13 +150,51 @@ def sharded_read(
     return _ReduceToTokens.apply(part, group, world, 1.0 / world)
 
 
+def draw_part(shape: tuple[int, int], std: float, dim: int, part: slice, chunk_elements: int = 1 << 24):
+    """``torch.empty(shape).normal_(0, std)[part along dim]`` without the whole tensor: the normal
+    numbers are drawn in row blocks of a multiple of 16 elements (the last at least 16) and only the
+    part is kept. torch's CPU generator then gives the same numbers as one draw of the whole tensor
+    (its float32 normal fills and transforms 16 numbers at a time), and ends in the same state: the
+    random numbers drawn after it are those of one process too. Float32, on the CPU."""
+    rows, cols = shape
+    keep_rows = range(rows)[part] if dim == 0 else range(rows)
+    out = (
+        torch.empty(len(keep_rows), cols, dtype=torch.float32)
+        if dim == 0
+        else torch.empty(rows, len(range(cols)[part]), dtype=torch.float32)
+    )
+    step = max(16, (chunk_elements // max(cols, 1)) // 16 * 16)  # rows per block: step * cols % 16 == 0
+    if rows * cols <= 16 or step >= rows:
+        whole = torch.empty(rows, cols, dtype=torch.float32).normal_(0, std)
+        out.copy_(whole[part] if dim == 0 else whole[:, part])
+        return out
+    buf = torch.empty(2 * step, cols, dtype=torch.float32)
+    start = 0
+    while start < rows:
+        stop = min(rows, start + step)
+        if 0 < (rows - stop) * cols < 16:  # a tail under 16 numbers joins this block
+            stop = rows
+        block = buf[: stop - start]
+        block.normal_(0, std)
+        if dim == 1:
+            out[start:stop] = block[:, part]
+        else:
+            lo, hi = max(start, keep_rows.start), min(stop, keep_rows.stop)
+            if lo < hi:
+                out[lo - keep_rows.start : hi - keep_rows.start] = block[lo - start : hi - start]
+        start = stop
+    return out
+
+
 class ShardedProductKeyMemory(ProductKeyMemory):
     """A :class:`pkmem.ProductKeyMemory` whose value table is split over the ranks of ``group``.
 
     Takes ProductKeyMemory's arguments plus ``group`` (default: the whole world) and ``layout``
-    (``"columns"``, the default, or ``"rows"``). It is built as the unsharded layer (the same random
-    numbers: a run on N ranks starts from the parameters of the same run on one process), then keeps
-    its own part of the table as ``values`` (``(num_slots, v_dim / N)`` or ``(num_slots / N, v_dim)``).
+    (``"columns"``, the default, or ``"rows"``). Its ``values`` is its part of the table
+    (``(num_slots, v_dim / N)`` or ``(num_slots / N, v_dim)``), with the numbers the unsharded
+    layer's table would get, and every other parameter is drawn as the unsharded layer draws it: a
+    run on N ranks starts from the parameters of the same run on one process. The whole table is
+    never built (:func:`draw_part` draws it block by block).
     ``values=`` another sharded memory's ``values`` shares that table. ``full_shape`` is the whole
     table's shape. Checkpoints: :mod:`pkmem.distributed.checkpoint` saves and loads the shards as
     parts of the whole table (any number of ranks, or one process with an unsharded model).
@@ -170,6 +208,8 @@ class ShardedProductKeyMemory(ProductKeyMemory):
                 "ShardedProductKeyMemory needs an initialised torch.distributed process group "
                 "(start with torchrun, or call torch.distributed.init_process_group first)"
             )
+        self.group, self.layout = group, layout  # plain attributes: _new_values reads them in super()
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         shared = values
         if shared is not None:
             info = getattr(shared, _SHARD_ATTR, None)
@@ -180,29 +220,34 @@ class ShardedProductKeyMemory(ProductKeyMemory):
                 )
             values = nn.Parameter(torch.empty(info[1], device="meta"))  # passes the shape check
         super().__init__(dim, *args, values=values, **kwargs)
-        self.group, self.layout = group, layout
-        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.full_shape = (self.num_slots, self.v_dim)
-        size, name = (self.v_dim, "v_dim") if layout == "columns" else (self.num_slots, "num_keys**2")
-        if size % self.world:
-            raise ValueError(
-                f"{name}={size} is not allowed with layout={layout!r} over {self.world} ranks: "
-                f"{name} must be a multiple of the number of ranks"
-            )
+        self.shard_slice()  # checks the split
         if shared is not None:
             self.values = shared
-            return
-        lo, hi = shard_bounds(size, self.rank, self.world)
-        full = self.values
-        part = full.detach()[:, lo:hi] if layout == "columns" else full.detach()[lo:hi]
-        self.values = nn.Parameter(part.clone(), requires_grad=full.requires_grad)
-        setattr(self.values, _SHARD_ATTR, (layout, self.full_shape))
-        del full, part
 
-    def shard_slice(self, dim_size: int | None = None) -> tuple[int, slice]:
+    def _new_values(self, zero_init: bool) -> nn.Parameter:
+        """This rank's part of a new table: the numbers the whole table would get (:func:`draw_part`)."""
+        full = (self.num_slots, self.v_dim)
+        d, part = self.shard_slice(full)
+        if zero_init:
+            shape = (full[0], part.stop - part.start) if d == 1 else (part.stop - part.start, full[1])
+            table = torch.zeros(shape)
+        else:
+            table = draw_part(full, self.v_dim**-0.5, d, part)
+        values = nn.Parameter(table)
+        setattr(values, _SHARD_ATTR, (self.layout, full))
+        return values
+
+    def shard_slice(self, full_shape: tuple[int, int] | None = None) -> tuple[int, slice]:
         """``(dim, slice)``: where this rank's shard sits in the whole table."""
         d = 1 if self.layout == "columns" else 0
-        size = self.full_shape[d] if dim_size is None else dim_size
+        size = (self.full_shape if full_shape is None else full_shape)[d]
+        if size % self.world:
+            name = "v_dim" if d == 1 else "num_keys**2"
+            raise ValueError(
+                f"{name}={size} is not allowed with layout={self.layout!r} over {self.world} ranks: "
+                f"{name} must be a multiple of the number of ranks"
+            )
         lo, hi = shard_bounds(size, self.rank, self.world)
         return d, slice(lo, hi)
 
