@@ -178,6 +178,8 @@ def runs(tmp_path_factory):
     torch.manual_seed(0)
     # the reference: one process, 5 steps, checkpoints at 3 and 5
     train(load_config("tiny", [*base, "max_steps=5"]), root / "ref", progress=False, log=_quiet)
+    sparse = [*base, "max_steps=3", "mem_layers=[1,2]", "mem_share_values=true", "memory.sparse_values=true"]
+    train(load_config("tiny", sparse), root / "sparse_ref", progress=False, log=_quiet)
     shutil.copytree(root / "ref", root / "one_to_two")
     _only_checkpoint(root / "one_to_two", 3)
     scenarios = [
@@ -194,6 +196,12 @@ def runs(tmp_path_factory):
             "kind": "resume",
             "dir": str(root / "sharded"),
             "overrides": ["max_steps=5", "shard_layout=rows"],
+        },
+        {
+            "name": "sparse",  # two memories sharing one table, row-sparse gradients, SparseAdam
+            "kind": "train",
+            "dir": str(root / "sparse"),
+            "overrides": [*sparse, "shard_values=true"],
         },
         {
             "name": "one_to_two",
@@ -243,6 +251,16 @@ def test_sharded_values_equal_one_process(runs):
             _params(_checkpoint(root / "sharded", step)), _params(_checkpoint(root / "ref", step))
         )
     assert _evals(root / "sharded")[5]["loss"] == pytest.approx(_evals(root / "ref")[5]["loss"], rel=1e-5)
+
+
+def test_sharded_shared_sparse_values_equal_one_process(runs):
+    _ok(runs, "sparse")
+    root = runs["root"]
+    np.testing.assert_allclose(_losses(root / "sparse"), _losses(root / "sparse_ref"), rtol=1e-5)
+    got, want = _params(_checkpoint(root / "sparse", 3)), _params(_checkpoint(root / "sparse_ref", 3))
+    _assert_params_close(got, want)
+    model = load_run(root / "sparse")[0]  # one table, loaded once
+    assert model.blocks[0].memory.values is model.blocks[1].memory.values
 
 
 def test_resume_across_world_sizes(runs):

@@ -30,6 +30,9 @@ of tokens (the training loop gives every rank an equal slice of each batch).
 
 from __future__ import annotations
 
+import collections
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,7 +40,15 @@ from torch import nn
 from pkmem import ops
 from pkmem.layer import ProductKeyMemory
 
-__all__ = ["LAYOUTS", "ShardedProductKeyMemory", "sharded_read", "shard_bounds", "is_shard"]
+__all__ = [
+    "LAYOUTS",
+    "ShardedProductKeyMemory",
+    "sharded_read",
+    "shard_bounds",
+    "is_shard",
+    "draw_part",
+    "count_traffic",
+]
 
 LAYOUTS = ("columns", "rows")
 _SHARD_ATTR = "_pkmem_shard"  # on a shard Parameter: (layout, full shape), to share it between memories
@@ -48,9 +59,37 @@ def is_shard(param: torch.Tensor) -> bool:
     return getattr(param, _SHARD_ATTR, None) is not None
 
 
-def _all_gather_tensor(out: torch.Tensor, x: torch.Tensor, group) -> None:
+_traffic: collections.Counter | None = None
+
+
+@contextlib.contextmanager
+def count_traffic():
+    """Within it, the sharded reads add the bytes this rank sends to the other ranks to the yielded
+    ``Counter``, by what they carry (``indices``, ``weights``, ``outputs`` forward; ``output_grads``,
+    ``weight_grads`` backward): the messages' sizes as issued, whatever the backend makes of them."""
+    global _traffic
+    previous, _traffic = _traffic, collections.Counter()
+    try:
+        yield _traffic
+    finally:
+        _traffic = previous
+
+
+def _count(what: str, nbytes: int) -> None:
+    if _traffic is not None:
+        _traffic[what] += int(nbytes)
+
+
+def _all_gather_tensor(out: torch.Tensor, x: torch.Tensor, group, what: str) -> None:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    world = dist.get_world_size(group)
+    _count(what, (world - 1) * x.numel() * x.element_size())  # its own rows, to every other rank
     gather(out, x.contiguous(), group=group)
+
+
+def _all_to_all(recv: torch.Tensor, send: torch.Tensor, group, world: int, what: str) -> None:
+    _count(what, send.numel() * send.element_size() * (world - 1) // world)  # all but its own block
+    dist.all_to_all_single(recv, send, group=group)
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -67,13 +106,13 @@ class _AllGatherRows(torch.autograd.Function):
     def forward(ctx, x, group, world, scale):
         ctx.group, ctx.world, ctx.scale = group, world, scale
         out = x.new_empty(world * x.shape[0], *x.shape[1:])
-        _all_gather_tensor(out, x, group)
+        _all_gather_tensor(out, x, group, "weights")
         return out
 
     @staticmethod
     def backward(ctx, grad):
         recv = torch.empty_like(grad, memory_format=torch.contiguous_format)
-        dist.all_to_all_single(recv, grad.contiguous(), group=ctx.group)
+        _all_to_all(recv, grad.contiguous(), ctx.group, ctx.world, "weight_grads")
         g = recv.view(ctx.world, -1, *grad.shape[1:]).sum(0)
         return (g * ctx.scale if ctx.scale != 1 else g), None, None, None
 
@@ -86,7 +125,7 @@ class _ColumnsToTokens(torch.autograd.Function):
     def forward(ctx, part, group, world, scale):
         ctx.group, ctx.world, ctx.scale = group, world, scale
         recv = torch.empty_like(part, memory_format=torch.contiguous_format)
-        dist.all_to_all_single(recv, part.contiguous(), group=group)
+        _all_to_all(recv, part.contiguous(), group, world, "outputs")
         NT, c = recv.shape
         return recv.view(world, NT // world, c).transpose(0, 1).reshape(NT // world, world * c)
 
@@ -98,7 +137,7 @@ class _ColumnsToTokens(torch.autograd.Function):
         if ctx.scale != 1:
             send = send * ctx.scale
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=ctx.group)
+        _all_to_all(recv, send, ctx.group, ctx.world, "output_grads")
         return recv, None, None, None
 
 
@@ -111,13 +150,13 @@ class _ReduceToTokens(torch.autograd.Function):
     def forward(ctx, part, group, world, scale):
         ctx.group, ctx.world, ctx.scale = group, world, scale
         recv = torch.empty_like(part, memory_format=torch.contiguous_format)
-        dist.all_to_all_single(recv, part.contiguous(), group=group)
+        _all_to_all(recv, part.contiguous(), group, world, "outputs")
         return recv.view(world, -1, part.shape[1]).sum(0)
 
     @staticmethod
     def backward(ctx, grad):
         out = grad.new_empty(ctx.world * grad.shape[0], grad.shape[1])
-        _all_gather_tensor(out, grad, ctx.group)
+        _all_gather_tensor(out, grad, ctx.group, "output_grads")
         return (out * ctx.scale if ctx.scale != 1 else out), None, None, None
 
 
@@ -136,8 +175,10 @@ def sharded_read(
     group calls it with the same ``T`` and ``J``."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    idx_all = indices.new_empty(world * indices.shape[0], indices.shape[1])
-    _all_gather_tensor(idx_all, indices, group)
+    small = indices.to(torch.int32) if num_slots < 2**31 else indices  # half the bytes to send
+    idx_all = small.new_empty(world * indices.shape[0], indices.shape[1])
+    _all_gather_tensor(idx_all, small, group, "indices")
+    idx_all = idx_all.to(indices.dtype)
     # the gradient reaching the shard is divided by N (the mean over ranks' losses); the weights'
     # gradient goes back to its own rank, where that division is undone
     w_all = _AllGatherRows.apply(weights, group, world, float(world))
