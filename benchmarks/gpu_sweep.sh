@@ -3,8 +3,7 @@
 #   bash benchmarks/gpu_sweep.sh [tests] [kernels] [layer] [model] [decode] [timeline]   (default: all)
 # Each benchmark writes <name>-<gpu>.json and a log to $OUT (default ./gpu-out); copy the JSON over
 # benchmarks/results/ to update the committed results. The layer and model benchmarks measure the
-# library's default kernel configs; `benchmarks/layer.py --tuned $OUT/kernels-<gpu>.json` tries the
-# sweep's best ones. Wheels of product-key-memory 0.3.0 and its pure-python dependencies are
+# library's default kernel configs (kernels.py sweeps the alternatives). Wheels of product-key-memory 0.3.0 and its pure-python dependencies are
 # installed from .whl/ if present (for machines without a package index; the layer and model
 # benchmarks compare against it).
 set -u

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import traceback
@@ -244,23 +243,16 @@ def breakdown(num_keys: int = 512, T: int = 8192) -> list[dict]:
     return rows[:25]
 
 
-def apply_tuned(path: str | None) -> dict:
-    """Use the block sizes that benchmarks/kernels.py found best (and record what ran)."""
-    from pkmem.ops.triton import gather, norm, search
+def kernel_configs() -> dict:
+    """The block sizes the library chooses on this device at the paper setting (what ran)."""
+    from pkmem.ops.triton import _common, gather, search
 
-    if path and os.path.exists(path):
-        with open(path) as f:
-            tuned = json.load(f).get("tuned", {})
-        search.TUNED.update(tuned.get("search") or {})
-        search.TUNED_BWD.update(tuned.get("search_bwd") or {})
-        gather.TUNED_BWD.update(tuned.get("gather_bwd") or {})
-        norm.TUNED.update(tuned.get("norm") or {})
+    dev = _common.device_info(torch.device("cuda"))
     return {
-        "search": dict(search.TUNED),
-        "search_bwd": dict(search.TUNED_BWD),
-        "gather_bwd": dict(gather.TUNED_BWD),
-        "norm": dict(norm.TUNED),
-        "from": path,
+        "search": dict(search._fwd_config(8192, 4, 512, 256, 32, "ieee", dev)),
+        "search_bwd": dict(search._bwd_config(8192, 4, 512, dev)),
+        "gather_fwd": dict(gather._fwd_config(8192, 128, 1024, 512**2, 2, dev.l2_bytes)),
+        "gather_bwd": dict(gather._bwd_config(512**2, 1024)),
     }
 
 
@@ -268,9 +260,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layer-<gpu>.json)")
     ap.add_argument("--quick", action="store_true", help="pkmem triton and the FFN only")
-    ap.add_argument("--tuned", default=None, help="kernels.py JSON whose best block sizes to use")
     args = ap.parse_args()
-    tuned = apply_tuned(args.tuned)
+    tuned = kernel_configs()
     out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"layer-{gpu_slug()}.json")
     bw = copy_bandwidth()
     rate = matmul_rate()

@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cuda_time, environment, gpu_slug, table, write_json  # noqa: E402
-from layer import apply_tuned, eval_graph_time  # noqa: E402
+from layer import eval_graph_time, kernel_configs  # noqa: E402
 
 from pkmem import ProductKeyMemory  # noqa: E402
 
@@ -112,9 +112,8 @@ def _graph_cell(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/model-<gpu>.json)")
-    ap.add_argument("--tuned", default=None, help="kernels.py JSON whose best block sizes to use")
     args = ap.parse_args()
-    tuned = apply_tuned(args.tuned)
+    tuned = kernel_configs()
     out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"model-{gpu_slug()}.json")
     data = {"env": environment(), "config": dict(dim=DIM, heads=HEADS, batch=BATCH, seq=SEQ), "results": []}
     data["kernel_configs"] = tuned

@@ -413,6 +413,30 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(a(_x(4, 10)), b(_x(4, 10)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm"])
+def test_a_call_does_not_check_the_configuration_again(monkeypatch, query_norm):
+    """The layer's configuration (score, temperature, top-k, its parameters' shapes) is checked
+    when it is built; a call checks only its input (the host's time per call)."""
+    from pkmem.ops import dispatch, reference
+
+    mem = _mem(query_norm=query_norm)
+    x = _x(6, 10)
+    want = mem(x)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a call checked the layer's configuration again")
+
+    checks = [(reference, "check_score"), (reference, "check_batch_norm"), (dispatch, "_check_topk")]
+    for module, name in checks:
+        monkeypatch.setattr(module, name, refuse)
+    torch.testing.assert_close(mem(x), want)
+    mem(x, torch.ones(6, dtype=torch.bool)).sum().backward()
+    mem.eval()
+    mem(x)
+    with pytest.raises(ValueError, match="last dimension"):  # the input still is checked
+        mem(_x(6, 9))
+
+
 def test_torch_compile_smoke():
     mem = _mem().eval()
     compiled = torch.compile(mem, backend="aot_eager", fullgraph=False)

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from pkmem import ProductKeyMemory
-from pkmem.optim import MultiOptimizer, clip_grad_norm, make_optimizer, param_groups, value_parameters
+from pkmem.optim import (
+    MultiOptimizer,
+    RowAdam,
+    clip_grad_norm,
+    make_optimizer,
+    param_groups,
+    value_parameters,
+)
 
 
 def memory(**kw) -> ProductKeyMemory:
@@ -364,3 +371,336 @@ def test_value_parameters_recognises_product_key_memory_0_3_0():
     product_key_memory = pytest.importorskip("product_key_memory")
     model = nn.Sequential(nn.Linear(8, 8), product_key_memory.PKM(8, heads=2, num_keys=4, topk=2, dim_head=4))
     assert value_parameters(model) == [model[1].values.weight]
+
+
+# ---- row optimizers: RowAdam (value_optimizer="lazy_adam" | "exact_adam") --------------------------
+class Recorder:
+    """A memory's usage_stats stand-in that keeps the slots each forward read."""
+
+    def __init__(self):
+        self.indices = []
+
+    def update(self, idx, w):
+        self.indices.append(idx.detach().clone())
+
+
+def batches(n: int, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(2, 5, 16, generator=g)
+        mask = torch.rand(2, 5, generator=g) > 0.3
+        mask[0, 0] = True
+        out.append((x, mask))
+    return out
+
+
+def train(model, opt, data, value_lr, clip=None, accumulate=(), lr=1e-2):
+    """Steps with a changing learning rate (a schedule), optional clipping and accumulation; returns
+    the outputs of every forward."""
+    outs = []
+    for step, (x, mask) in enumerate(data, 1):
+        for g in opt.param_groups:
+            g["lr"] = (value_lr if g["name"] == "values" else lr) * (1.0 + 0.3 * step)
+        for part in [(x, mask)] + ([(x.flip(1), mask.flip(1))] if step in accumulate else []):
+            y = model(*part)
+            outs.append(y.detach())
+            y.square().mean().backward()
+        if clip is not None:
+            clip_grad_norm(model, clip, value_max_norm=clip / 2)
+        opt.step()
+        opt.zero_grad()
+    return outs
+
+
+@pytest.mark.parametrize("clip", [None, 0.02])
+def test_exact_adam_equals_adamw(clip):
+    """Weight decay, a schedule, masked tokens (rows untouched for steps), shared tables, gradient
+    accumulation and clipping: the same outputs every step and the same final tables."""
+    dense, rows = Model(), Model()
+    rows.load_state_dict(dense.state_dict())
+    kw = {"lr": 1e-2, "value_lr": 3e-2, "weight_decay": 0.1, "value_weight_decay": 0.05}
+    opt_d = make_optimizer(dense, **kw)
+    opt_r = make_optimizer(rows, **kw, value_optimizer="exact_adam")
+    assert isinstance(opt_r.optimizers[1], RowAdam) and opt_r.optimizers[1].mode == "exact"
+    data = batches(5)
+    outs_d = train(dense, opt_d, data, 3e-2, clip, accumulate=(3,))
+    outs_r = train(rows, opt_r, data, 3e-2, clip, accumulate=(3,))
+    for a, b in zip(outs_d, outs_r):
+        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5)
+    assert rows.mem1.values.grad is None
+    # some rows were never read: their lag is caught up by state_dict() (a flush)
+    state = opt_r.optimizers[1].state[rows.mem1.values]
+    assert (state["last"] < state["step"]).any()
+    sd_d, sd_r = dense.state_dict(), rows.state_dict()
+    assert (state["last"] == state["step"]).all()
+    for name in sd_d:
+        # the query linear's bias is folded into the BatchNorm: its gradient is rounding noise,
+        # which Adam scales up to lr-sized steps (it changes no output; nor does running_mean)
+        if name.endswith("linears.0.bias") or name.endswith("running_mean"):
+            continue
+        torch.testing.assert_close(sd_r[name], sd_d[name], atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_lazy_adam_equals_hand_written_lazy_adam():
+    """Lazy: the rows read get AdamW's update (the table's step count in the bias correction),
+    untouched rows and their moments stay as they are."""
+    torch.manual_seed(0)
+    mem = memory(num_keys=6)
+    hand = copy.deepcopy(mem)
+    opt = make_optimizer(mem, lr=1e-2, value_lr=5e-2, value_weight_decay=0.1, value_optimizer="lazy_adam")
+    opt_rest = make_optimizer(hand, lr=1e-2, value_lr=5e-2)  # AdamW; its value group is skipped below
+    hand_values = opt_rest.param_groups[-1]
+    assert hand_values["params"] == [hand.values]
+    opt_rest.param_groups.remove(hand_values)
+    b1, b2, eps, wd, lr = 0.9, 0.98, 1e-8, 0.1, 5e-2
+    m, v = torch.zeros_like(hand.values), torch.zeros_like(hand.values)
+    for t, (x, mask) in enumerate(batches(4, seed=5), 1):
+        rec = Recorder()
+        hand.usage_stats = rec
+        mem(x, mask).square().mean().backward()
+        hand(x, mask).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        opt_rest.step()
+        with torch.no_grad():  # the hand-written lazy AdamW
+            r = torch.unique(rec.indices[0][rec.indices[0] >= 0])
+            g = hand.values.grad[r]
+            m[r] = b1 * m[r] + (1 - b1) * g
+            v[r] = b2 * v[r] + (1 - b2) * g * g
+            p = hand.values[r] * (1 - lr * wd)
+            hand.values[r] = p - lr / (1 - b1**t) * m[r] / ((v[r] / (1 - b2**t)).sqrt() + eps)
+        opt_rest.zero_grad()
+        hand.values.grad = None
+        untouched = torch.ones(mem.num_slots, dtype=torch.bool)
+        untouched[r] = False
+        assert untouched.any()
+        torch.testing.assert_close(mem.values, hand.values, atol=1e-6, rtol=1e-5)
+        state = opt.optimizers[1].state[mem.values]
+        assert state["step"] == t
+        torch.testing.assert_close(state["exp_avg"], m, atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(state["exp_avg_sq"], v, atol=1e-9, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value_optimizer", ["lazy_adam", "exact_adam"])
+def test_row_adam_resume_is_exact_with_a_bf16_table(value_optimizer):
+    data = batches(4, seed=7)
+
+    def make():
+        torch.manual_seed(3)
+        mem = memory(value_dtype="bfloat16", num_keys=6)
+        return mem, make_optimizer(mem, lr=1e-2, value_lr=3e-2, value_optimizer=value_optimizer)
+
+    def steps(mem, opt, part):
+        for x, mask in part:
+            mem(x, mask).square().mean().backward()
+            clip_grad_norm(mem, 1e-3)
+            opt.step()
+            opt.zero_grad()
+
+    mem, opt = make()
+    assert mem.values.dtype == torch.bfloat16
+    steps(mem, opt, data[:2])
+    saved = copy.deepcopy((mem.state_dict(), opt.state_dict()))
+    steps(mem, opt, data[2:])
+    mem2, opt2 = make()
+    mem2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    state = opt2.optimizers[1].state[mem2.values]
+    assert state["exp_avg"].dtype == torch.float32 and state["step"] == 2
+    if value_optimizer == "exact_adam":
+        assert state["last"].dtype == torch.int32
+    steps(mem2, opt2, data[2:])
+    for (name, a), b in zip(mem.state_dict().items(), mem2.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class Table(nn.Module):
+    """A memory-shaped module that reads its value table with fixed slots."""
+
+    def __init__(self, n=12, v=5, dtype=torch.float32):
+        super().__init__()
+        self.num_slots = n
+        self.values = nn.Parameter(torch.randn(n, v, generator=torch.Generator().manual_seed(0)).to(dtype))
+
+    def forward(self, idx, w):
+        from pkmem.ops import weighted_gather
+
+        return weighted_gather(self.values, idx, w)
+
+
+def test_row_grads_accumulate_and_zero_grad_drops_them():
+    idx1, idx2 = torch.tensor([[1, 2], [2, -1]]), torch.tensor([[2, 7]])
+    w1, w2 = torch.tensor([[0.5, 1.0], [2.0, 9.0]]), torch.tensor([[1.5, -1.0]])
+    rows, dense = Table(), Table()
+    opt = make_optimizer(rows, lr=1e-2, value_optimizer="exact_adam")
+    opt_d = make_optimizer(dense, lr=1e-2)
+    for model in (rows, dense):
+        model(idx1, w1).sum().backward()
+        model(idx2, w2).square().sum().backward()
+    rg = opt.optimizers[-1].row_grad(rows.values)  # the RowAdam (alone in its MultiOptimizer)
+    assert rows.values.grad is None and rg.backwards == 2
+    torch.testing.assert_close(rg.grad[[1, 2, 7]], dense.values.grad[[1, 2, 7]])
+    r, v = clip_grad_norm(rows, 100.0)
+    assert v.item() == pytest.approx(dense.values.grad.norm().item(), rel=1e-6)
+    opt.step()
+    opt_d.step()
+    torch.testing.assert_close(rows.values, dense.values)
+    rows(idx1, w1).sum().backward()
+    opt.zero_grad()
+    assert not rg.pending and (rg.touched == 0).all()
+    before = rows.values.detach().clone()
+    opt.step()  # nothing pending: no step, as AdamW without gradients
+    assert torch.equal(before, rows.values)
+    assert opt.state[rows.values]["step"] == 1
+
+
+def test_row_adam_folds_dense_and_sparse_grads():
+    """Gradients that reach ``table.grad`` (another reader of the table) still count."""
+    for sparse in (False, True):
+        rows, dense = EmbeddingBagMemory(sparse=sparse), EmbeddingBagMemory(sparse=False)
+        dense.load_state_dict(rows.state_dict())
+        opt = make_optimizer(rows, lr=1e-2, value_optimizer="exact_adam")
+        opt_d = make_optimizer(dense, lr=1e-2)
+        for step in range(3):
+            for model, o in ((rows, opt), (dense, opt_d)):
+                model(torch.tensor([[1, 4], [4, step]])).sum().backward()
+                clip_grad_norm(model, 0.5)
+                o.step()
+                o.zero_grad()
+        # a sparse gradient's other rows are kept current at every step (an EmbeddingBag reads them)
+        torch.testing.assert_close(rows.values.weight, dense.values.weight)
+
+
+def test_row_adam_arguments_and_value_optimizer_errors():
+    model = Model()
+    with pytest.raises(ValueError, match="value_optimizer"):
+        make_optimizer(model, lr=1e-3, value_optimizer="sgd")
+    with pytest.raises(ValueError, match="sparse_values=True"):
+        make_optimizer(model, lr=1e-3, value_optimizer="sparse_adam")
+    sparse = nn.ModuleList([nn.Linear(2, 2), memory(sparse_values=True)])
+    opt = make_optimizer(sparse, lr=1e-3, value_optimizer="sparse_adam")
+    assert isinstance(opt.optimizers[1], torch.optim.SparseAdam)
+    opt = make_optimizer(Model(sparse=True), lr=1e-3, value_weight_decay=0.1, value_optimizer="lazy_adam")
+    assert isinstance(opt.optimizers[1], RowAdam)  # sparse_values tables too; weight decay allowed
+    table = nn.Parameter(torch.zeros(4, 3))
+    for kw, name in [
+        ({"mode": "eager"}, "mode"),
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"eps": 0.0}, "eps"),
+        ({"seed": -1}, "seed"),
+        ({"stochastic_rounding": 1}, "stochastic_rounding"),
+        ({"backend": "cuda"}, "backend"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            RowAdam([table], **kw)
+    for bad in (nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))):
+        with pytest.raises(ValueError, match="value tables"):
+            RowAdam([bad])
+    bf16 = memory(value_dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="exact_adam"):
+        make_optimizer(bf16, lr=1e-3)
+
+
+def test_row_adam_lives_with_its_table():
+    """When the optimizer is gone the table gets dense gradients again; a pickled table leaves the
+    optimizer behind; the LR scheduler and step hooks work through the MultiOptimizer."""
+    import gc
+    import io
+
+    mem = memory()
+    opt = make_optimizer(mem, lr=1e-2, value_optimizer="lazy_adam")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** (step + 1))
+    x = torch.randn(4, 16)
+    mem(x).sum().backward()
+    assert mem.values.grad is None
+    opt.step()
+    sched.step()
+    assert opt.optimizers[1].param_groups[0]["lr"] == pytest.approx(1e-3 / 4)
+    buffer = io.BytesIO()
+    torch.save(mem, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded(x).sum().backward()
+    assert loaded.values.grad is not None
+    del opt, sched
+    gc.collect()
+    mem.zero_grad()
+    mem(x).sum().backward()
+    assert mem.values.grad is not None and mem.values.grad.shape == mem.values.shape
+
+
+def test_value_dtype():
+    for dtype in ("bfloat16", torch.bfloat16):
+        mem = memory(value_dtype=dtype)
+        assert mem.values.dtype == torch.bfloat16 and "value_dtype=torch.bfloat16" in repr(mem)
+        assert mem(torch.randn(3, 16)).dtype == torch.float32
+    torch.manual_seed(0)
+    a = memory()
+    torch.manual_seed(0)
+    b = memory(value_dtype="float32")
+    assert a.values.dtype == torch.float32 and torch.equal(a.values, b.values)
+    shared = memory(values=memory(value_dtype="bfloat16").values)
+    assert shared.values.dtype == torch.bfloat16
+    for bad in ("float16", torch.float64, "fp32", 3):
+        with pytest.raises(ValueError, match="value_dtype"):
+            memory(value_dtype=bad)
+    with pytest.raises(ValueError, match="value_dtype"):
+        memory(values=a.values, value_dtype="bfloat16")
+
+
+def test_row_adam_under_torch_compile():
+    """A compiled memory (a graph break around the gather of a row optimizer's table) trains as the
+    eager one: the same tables after three steps."""
+    torch.manual_seed(0)
+    mem, ref = memory(query_bias=False), memory(query_bias=False)
+    ref.load_state_dict(mem.state_dict())
+    opt = make_optimizer(mem, lr=1e-2, value_optimizer="exact_adam")
+    opt_ref = make_optimizer(ref, lr=1e-2, value_optimizer="exact_adam")
+    compiled = torch.compile(mem)
+    x = torch.randn(5, 16)
+    for _ in range(3):
+        for model, o in ((compiled, opt), (ref, opt_ref)):
+            model(x).sum().backward()
+            o.step()
+            o.zero_grad()
+    assert mem.values.grad is None and opt.state[mem.values]["step"] == 3
+    torch.testing.assert_close(mem.state_dict()["values"], ref.state_dict()["values"], atol=1e-6, rtol=1e-5)
+
+
+def test_make_optimizer_fused():
+    """fused: torch's fused AdamW (the default on CUDA; chosen here on the CPU), the same steps."""
+
+    def model():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"lin": nn.Linear(5, 5), "table": Table()})
+
+    a, b = model(), model()
+    opt_a = make_optimizer(a, lr=1e-2, weight_decay=0.1)
+    opt_b = make_optimizer(b, lr=1e-2, weight_decay=0.1, fused=True)
+    assert not opt_a.defaults.get("fused") and opt_b.defaults["fused"]
+    idx, w = torch.tensor([[1, 3], [3, 0]]), torch.tensor([[0.5, 1.0], [2.0, -1.0]])
+    for m, opt in ((a, opt_a), (b, opt_b)):
+        for _ in range(3):
+            m["lin"](m["table"](idx, w)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="fused"):
+        make_optimizer(a, lr=1e-2, fused="yes")
+
+
+def test_value_betas():
+    """``value_betas``: the value tables' own Adam betas, whichever optimizer takes them."""
+    for value_optimizer in ("adamw", "lazy_adam", "exact_adam"):
+        opt = make_optimizer(
+            Model(), lr=1e-3, betas=(0.8, 0.9), value_betas=(0.5, 0.6), value_optimizer=value_optimizer
+        )
+        groups = {g["name"]: g for g in opt.param_groups}
+        assert groups["decay"]["betas"] == (0.8, 0.9) and groups["values"]["betas"] == (0.5, 0.6)
+    opt = make_optimizer(nn.ModuleList([memory(sparse_values=True)]), lr=1e-3, value_betas=(0.5, 0.6))
+    assert opt.optimizers[-1].param_groups[0]["betas"] == (0.5, 0.6)
+    with pytest.raises(ValueError, match="value_betas"):
+        make_optimizer(Model(), lr=1e-3, value_betas=(0.5, 1.0))

@@ -259,6 +259,12 @@ class TrainConfig:
         "the values' lr after warm-up: same (the schedule's) or constant (value_lr, as XLM)",
         ("same", "constant"),
     )
+    value_optimizer: str = _opt(
+        "adamw",
+        "the values' optimizer: adamw (dense, with the rest), lazy_adam (the rows read, the paper's sparse "
+        "updates), exact_adam (the rows read, equal to adamw) or sparse_adam (torch's, sparse_values)",
+        ("adamw", "lazy_adam", "exact_adam", "sparse_adam"),
+    )
     eps: float = _opt(1e-8, "Adam epsilon")
     weight_decay: float = _opt(0.0, "AdamW weight decay of the matrices")
     value_weight_decay: float = _opt(0.0, "weight decay of the memory values")
@@ -396,8 +402,7 @@ def _translate_legacy(model: dict, source: str, seen: list[str]) -> dict:
                     "mem_impl",
                     value,
                     "'pkmem' or left out: other memories plug in through "
-                    "MemoryTransformer(config, make_memory=...), as benchmarks/enwik8_small.py does for "
-                    "product-key-memory",
+                    "MemoryTransformer(config, make_memory=...) (see its docstring)",
                 )
             continue
         if _legacy_name(key) in memory:

@@ -18,11 +18,13 @@ from torch.nn.modules import module as _module
 
 from pkmem import ops
 from pkmem._util import not_allowed
+from pkmem.ops import dispatch
 from pkmem.ops.dispatch import check_backend
 from pkmem.ops.reference import check_score, real_rows, score_weights, update_running_stats
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 GATES = (None, "swilu")
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -81,6 +83,7 @@ def masked_batch_norm(
     mask: torch.Tensor | None,
     backend: str = "auto",
     shift: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """BatchNorm over the rows of ``x + shift`` (T, C) whose ``mask`` is True (all rows if None).
 
@@ -88,6 +91,7 @@ def masked_batch_norm(
     not shift them (one row trains too: torch's BatchNorm refuses to); in eval the running
     statistics are used. ``shift``: the preceding linear layer's bias, folded in. Output in x's
     dtype if 16-bit, else float32 (:func:`pkmem.ops.reference.batch_norm`; on CUDA one fused op).
+    ``check=False``: the caller has checked the arguments (``x`` (T, C), ``mask`` bool of T).
     """
     batch_stats = bn.training or not bn.track_running_stats
     sync = getattr(bn, "masked_batch_norm", None)
@@ -96,7 +100,7 @@ def masked_batch_norm(
     track = bn.training and bn.track_running_stats
     # with a momentum the op updates the running statistics itself (in the kernel on CUDA)
     momentum = bn.momentum if track else None
-    out, mean, var = ops.batch_norm(
+    out, mean, var = (ops.batch_norm if check else dispatch.run_batch_norm)(
         x,
         bn.weight,
         bn.bias,
@@ -130,14 +134,15 @@ class QueryNetwork(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in sizes[1:]) if batchnorm else None
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto"
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto", check: bool = True
     ) -> torch.Tensor:
+        """``check=False``: ``mask`` is known to be None or a bool tensor of ``x.shape[0]`` elements."""
         for i, linear in enumerate(self.linears):
             # before a BatchNorm the bias is added inside it (no bias add and bias-gradient sum here)
             fold = self.norms is not None and _plain_linear(linear)
             x = F.linear(_cast(x, linear), linear.weight) if fold else linear(_cast(x, linear))
             if self.norms is not None:
-                x = masked_batch_norm(self.norms[i], x, mask, backend, linear.bias if fold else None)
+                x = masked_batch_norm(self.norms[i], x, mask, backend, linear.bias if fold else None, check)
             if i < len(self.linears) - 1:
                 x = F.relu(x)
         return x
@@ -166,7 +171,14 @@ class ProductKeyMemory(nn.Module):
         sparse_values: values get a row-sparse gradient (for ``torch.optim.SparseAdam``).
         values: an existing value table ``(num_keys**2, v_dim)`` to share (XLM ``mem_share_values``).
         zero_init_values: start the values at zero instead of N(0, v_dim**-0.5).
+        value_dtype: the value table's dtype, ``torch.float32`` (default) or ``torch.bfloat16`` (or
+            "float32" / "bfloat16"): half the bytes of the gathers, the gradient and the table;
+            train it with ``make_optimizer(..., value_optimizer="exact_adam" | "lazy_adam")``
+            (float32 moments, stochastic rounding). Default for a shared table: its own dtype.
         backend: "auto" (Triton kernels on CUDA when available), "torch" or "triton".
+
+    The arguments are checked here, once; a call checks only its input (``x``, ``mask``) and
+    picks each op's implementation once per device type and dtypes (the host's time per call).
     """
 
     def __init__(
@@ -193,6 +205,7 @@ class ProductKeyMemory(nn.Module):
         sparse_values: bool = False,
         values: nn.Parameter | None = None,
         zero_init_values: bool = False,
+        value_dtype: torch.dtype | str | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -261,15 +274,29 @@ class ProductKeyMemory(nn.Module):
             )
 
         # values: one table for all heads, N(0, v_dim^-0.5), or a shared one
-        if values is None:
-            values = self._new_values(zero_init_values)
-        elif not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim):
+        dtype = VALUE_DTYPES.get(value_dtype, value_dtype) if isinstance(value_dtype, str) else value_dtype
+        _check(
+            dtype is None or dtype in VALUE_DTYPES.values(),
+            "value_dtype",
+            value_dtype,
+            "torch.float32, torch.bfloat16, 'float32', 'bfloat16' or None",
+        )
+        if dtype is not None and isinstance(values, torch.Tensor) and values.dtype != dtype:
+            raise ValueError(
+                f"value_dtype={value_dtype!r} is not allowed with a shared table of dtype {values.dtype}: "
+                "leave value_dtype out (None) or give the table's dtype"
+            )
+        if values is not None and (
+            not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim)
+        ):
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(
                 f"values={shape} is not allowed: values must be an nn.Parameter of shape "
                 f"(num_keys**2, v_dim) = {(self.num_slots, v_dim)}"
             )
-        self.values = values
+        self.values = (
+            values if values is not None else self._new_values(zero_init_values, dtype or torch.float32)
+        )
 
         # output: optional swilu gate, projection when v_dim != dim or gated
         self.gate_proj = nn.Linear(dim, v_dim, bias=False) if gate == "swilu" else None
@@ -322,19 +349,20 @@ class ProductKeyMemory(nn.Module):
             out = torch.where(m[:, None], out, 0.0)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.dim)
 
-    def _new_values(self, zero_init: bool) -> nn.Parameter:
-        """A new value table ``(num_slots, v_dim)``: N(0, v_dim**-0.5), or zeros (a memory whose table is
-        sharded across processes, :mod:`pkmem.distributed`, makes only its part)."""
-        values = nn.Parameter(torch.zeros(self.num_slots, self.v_dim))
+    def _new_values(self, zero_init: bool, dtype: torch.dtype) -> nn.Parameter:
+        """A new value table ``(num_slots, v_dim)`` of ``dtype``: N(0, v_dim**-0.5) drawn in float32
+        then rounded, or zeros (a memory whose table is sharded across processes,
+        :mod:`pkmem.distributed`, makes only its part)."""
+        table = torch.zeros(self.num_slots, self.v_dim)
         if not zero_init:
-            nn.init.normal_(values, std=self.v_dim**-0.5)
-        return values
+            nn.init.normal_(table, std=self.v_dim**-0.5)
+        return nn.Parameter(table.to(dtype))
 
     def read_values(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``out[t] = sum_j weights[t, j] * values[indices[t, j]]``: ``(T, J), (T, J) -> (T, v_dim)``
         float32, the layer's one read of its value table (a table sharded across processes,
         :mod:`pkmem.distributed`, overrides it)."""
-        return ops.weighted_gather(self.values, indices, weights, self.sparse_values, self.backend)
+        return dispatch.run_weighted_gather(self.values, indices, weights, self.sparse_values, self.backend)
 
     # ---- steps ----------------------------------------------------------------------------------
     def _flatten(self, x: torch.Tensor, mask: torch.Tensor | None):
@@ -350,7 +378,7 @@ class ProductKeyMemory(nn.Module):
     def _query(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         # (T, H, 2, half) in the query network's dtype: 16-bit under autocast (the search then
         # takes 16-bit operands with float32 sums, as a matmul under autocast), else float32 / float64
-        q = self.query_net(x, mask, self.backend).view(-1, self.heads, 2, self.k_dim // 2)
+        q = self.query_net(x, mask, self.backend, check=False).view(-1, self.heads, 2, self.k_dim // 2)
         if self.query_ln is not None:
             q = F.layer_norm(
                 q,
@@ -365,7 +393,7 @@ class ProductKeyMemory(nn.Module):
 
     def _lookup(self, q: torch.Tensor, mask: torch.Tensor | None):
         if self.product_keys:  # (T, H, k) each; the kernel applies the score function in registers
-            w, idx = ops.product_lookup(
+            w, idx = dispatch.run_product_lookup(
                 q, self.subkeys, self.topk, self.score, self.temperature, self.backend
             )
         else:
@@ -382,4 +410,5 @@ class ProductKeyMemory(nn.Module):
             f"topk={self.topk}, k_dim={self.k_dim}, v_dim={self.v_dim}, query_norm={self.query_norm!r}, "
             f"score={self.score!r}, product_keys={self.product_keys}, gate={self.gate!r}, "
             f"sparse_values={self.sparse_values}"
+            + ("" if self.values.dtype == torch.float32 else f", value_dtype={self.values.dtype}")
         )

@@ -317,3 +317,82 @@ def test_out_of_range_index_is_an_error_and_skipped_entries_may_hold_anything(ke
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     empty = reference.weighted_gather(values, idx[:, :0], w[:, :0])
     assert empty.shape == (3, 5) and (empty == 0).all()
+
+
+# ---- row-sparse gradients (a row optimizer's RowGrad) ---------------------------------------------
+
+
+def _oracle_rows(values, idx_list, w, gos):
+    """The float64 value gradient summed over several backward passes, and the rows read."""
+    total = torch.zeros(values.shape, dtype=torch.float64, device=values.device)
+    for idx, go in zip(idx_list, gos):
+        _, gv, _ = _grads(reference.weighted_gather, values.double(), idx, w.double(), go.double())
+        total += gv
+    read = torch.unique(torch.cat([i[i >= 0] for i in idx_list]))
+    return total, read
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# (50, 13, 6, 9): more entries than rows (one program per table row); (200, 33, 5, 7): fewer (one
+# program per sorted entry); (40, 70, 9, 6) with 32-column blocks: three blocks in one program
+@pytest.mark.parametrize("N,v,T,J,cfg", [(50, 13, 6, 9, None), (200, 33, 5, 7, None), (40, 70, 9, 6, 32)])
+def test_row_grad_matches_twin(kernels, device, dtype, N, v, T, J, cfg):
+    from pkmem.ops.rows import RowGrad
+    from pkmem.ops.triton.gather import gather_backward
+
+    values, idx, w = _inputs(N, v, T, J, device, dtype)
+    idx_list = [idx, torch.where(idx >= 0, (idx * 7 + 3) % N, -1).flip(0)]  # overlapping row sets
+    gos = [torch.randn(T, v, generator=torch.Generator().manual_seed(s)).to(device) for s in (1, 2)]
+    kern, twin = RowGrad(values), RowGrad(values)
+    config = {"BLOCK_V": cfg} if cfg else None
+    for i, go in zip(idx_list, gos):  # two backward passes before a step: they add up
+        gv, gw = gather_backward(go, values, i, w, config=config, row_grad=kern)
+        gw_twin = reference.gather_backward_rows(go, values, i, w, twin)
+        assert gv is None
+        _, _, gw_ref = _grads(reference.weighted_gather, values.double(), i, w.double(), go.double())
+        _check_weight_grad(gw, gw_ref, dtype)
+        _check_weight_grad(gw_twin, gw_ref, dtype)
+    total, read = _oracle_rows(values, idx_list, w, gos)
+    for rg in (kern, twin):
+        assert rg.backwards == 2 and rg.bound == min(N, 2 * T * J)
+        rows, count = rg.compact()
+        assert int(count) == read.numel()
+        assert torch.equal(rows[: int(count)].long(), read)  # the rows read, each once, ascending
+        assert torch.equal(rg.touched.nonzero().flatten(), read)
+        scale = max(1.0, total.abs().max().item())
+        tol = 2 * TOL[dtype]  # bf16: two roundings (one per pass) and grad_out read in bf16
+        torch.testing.assert_close(rg.grad[read].double(), total[read], atol=tol * scale, rtol=tol)
+        torch.testing.assert_close(
+            rg.sumsq[read], rg.grad[read].float().square().sum(1), atol=1e-6, rtol=1e-5
+        )
+        torch.testing.assert_close(rg.sq_norm().double(), total.square().sum(), atol=1e-6, rtol=3 * tol)
+
+
+def test_row_grad_through_autograd(kernels, device):
+    """A table with a live RowGrad gets no ``.grad``; once its owner is gone, dense gradients again."""
+    from pkmem.ops.rows import ROW_GRAD_ATTR, RowGrad
+
+    class Owner:
+        pass
+
+    values, idx, w = _inputs(30, 9, 4, 5, device, seed=11)
+    go = torch.randn(4, 9, generator=torch.Generator().manual_seed(12)).to(device)
+    table = torch.nn.Parameter(values.clone())
+    owner = Owner()
+    for fn in (kernels.weighted_gather, reference.weighted_gather):
+        rg = RowGrad(table, owner=owner)
+        setattr(table, ROW_GRAD_ATTR, rg)
+        ww = w.clone().requires_grad_()
+        (fn(table, idx, ww) * go).sum().backward()
+        assert (
+            table.grad is None and rg.pending and int(rg.touched.sum()) == torch.unique(idx[idx >= 0]).numel()
+        )
+        _, gv_ref, gw_ref = _grads(reference.weighted_gather, values, idx, w, go)
+        read = torch.unique(idx[idx >= 0])
+        torch.testing.assert_close(rg.grad[read], gv_ref[read], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ww.grad, gw_ref, atol=1e-5, rtol=1e-5)
+    del owner  # the optimizer is gone: the gather gives dense gradients again
+    for fn in (kernels.weighted_gather, reference.weighted_gather):
+        table.grad = None
+        (fn(table, idx, w) * go).sum().backward()
+        torch.testing.assert_close(table.grad, gv_ref, atol=1e-5, rtol=1e-5)

@@ -146,7 +146,8 @@ def test_bad_block_configs(kernels, device):
     [
         {"ROWS": 16, "BR": 8, "BC": 16, "NCB": 4},  # 10 chunks merged 4 at a time, 5 column blocks
         {"ROWS": 64, "BR": 16, "BC": 128, "NCB": 1, "num_warps": 2},  # one chunk per merge step
-        {"ROWS": 512, "BR": 64, "BC": 32, "NCB": 64},  # one chunk, larger than T
+        {"ROWS": 512, "BR": 64, "BC": 32, "NCB": 64},  # one chunk, larger than T: one launch each way
+        {"ROWS": 512, "BR": 64, "BC": 32, "NCB": 64, "ONE_CHUNK": False},  # one chunk, two launches
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -160,6 +161,26 @@ def test_block_configs(kernels, device, config, dtype, training):
     dx, dw, db, _ = batch_norm_backward(dy.to(y.dtype), x, w, mask, mean, var, EPS, training, config=config)
     want = _run(reference.batch_norm, x, w, b, mask, training, rm, rv, dy)
     _check((y, mean, var, dx, dw, db), want, dtype, dy, w)
+
+
+class _Refused:
+    def __getitem__(self, grid):
+        raise AssertionError("this kernel must not be launched")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_small_batches_take_one_launch_each_way(kernels, device, monkeypatch, masked):
+    """All rows in one chunk (small batches, the default configuration): the normalising kernel
+    computes the statistics itself and the dx kernel the column sums: one launch each way."""
+    from pkmem.ops.triton import norm
+
+    x, w, b, mask, rm, rv, dy = _inputs(150, 70, device, masked=masked, seed=23)
+    want = _run(reference.batch_norm, x, w, b, mask, True, rm, rv, dy, shift=w)
+    monkeypatch.setattr(norm, "_bn_stats_kernel", _Refused())
+    monkeypatch.setattr(norm, "_bn_bwd_sums_kernel", _Refused())
+    got = _run(kernels.batch_norm, x, w, b, mask, True, rm, rv, dy, shift=w)
+    _check(got[:6], want[:6], torch.float32, dy, w)
+    _close(got[6], want[6], 1e-5, "dshift", scale=want[4].abs().max().item())
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -229,12 +250,20 @@ def test_shift_folds_a_linear_bias(kernels, device, training, masked):
         assert (dshift == 0).all() and want_dshift.abs().max() < 1e-9 * want[4].abs().max()
     else:
         _close(dshift, want_dshift, 1e-5, "dshift")
-    # the fused op's backward alone, and the custom op (torch.compile's path)
-    from pkmem.ops.triton import norm
-
-    got_op = _run(lambda *a, shift: norm._bn_op(*a, shift), x, w, b, mask, training, rm, rv, dy, shift=sh)
+    # torch.compile's path: the autograd Function calling the custom ops
+    got_op = _compiled_path(kernels.batch_norm, x, w, b, mask, training, rm, rv, dy, shift=sh)
     for a, r in zip(got_op, got):
         _close(a, r, 1e-6)
+
+
+def _compiled_path(fn, *args, **kwargs):
+    """``_run`` with the autograd Function's torch.compile branch taken eagerly: the forward and
+    backward custom ops (opaque to the compiler) instead of the launchers."""
+    from pkmem.ops.triton import norm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(norm, "_compiling", lambda: True)
+        return _run(fn, *args, **kwargs)
 
 
 @pytest.mark.parametrize("lead", [32, 100, 299])
@@ -273,23 +302,32 @@ def test_gradients_of_some_inputs_only(kernels, device):
 
 
 def test_custom_op_registration(kernels, device):
+    """Schema and fake (meta) implementations of the custom ops that torch.compile sees, and the
+    autograd Function's compiled branch (the ops, then the running statistics' update) run eagerly."""
     from pkmem.ops.triton import norm
 
     x, w, b, mask, rm, rv, dy = _inputs(37, 17, device, seed=9)
-    x, w, b = (t.requires_grad_() for t in (x, w, b))
-    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    sh = torch.randn(17, device=device, requires_grad=True)
+    utils = ("test_schema", "test_faketensor")
+    sh = torch.randn(17, device=device)
     torch.library.opcheck(norm._bn_op, (x, w, b, mask, EPS, True, None, None, None), test_utils=utils)
     torch.library.opcheck(norm._bn_op, (x, None, None, None, EPS, False, rm, rv, None), test_utils=utils)
     torch.library.opcheck(norm._bn_op, (x, w, b, mask, EPS, True, None, None, sh), test_utils=utils)
-    mean, var = x.detach().mean(0), x.detach().var(0)
-    for shift in (None, sh.detach()):
-        args = (dy, x.detach(), w.detach(), mask, mean, var, EPS, True, True, False, True, shift, True)
-        torch.library.opcheck(norm._bn_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+    mean, var = x.mean(0), x.var(0)
+    for shift in (None, sh):
+        args = (dy, x, w, mask, mean, var, EPS, True, True, False, True, shift, True)
+        torch.library.opcheck(norm._bn_backward_op, args, test_utils=utils)
     for training in (True, False):
-        got = _run(lambda *a: norm._bn_op(*a, None), x, w, b, mask, training, rm, rv, dy)
+        got = _compiled_path(kernels.batch_norm, x, w, b, mask, training, rm, rv, dy)
         want = _run(reference.batch_norm, x, w, b, mask, training, rm, rv, dy)
         _check(got, want, torch.float32, dy, w)
+    # the running statistics are updated after the functional op, as in the eager kernel
+    stats = [(rm.clone(), rv.clone()) for _ in range(2)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(norm, "_compiling", lambda: True)
+        kernels.batch_norm(x, w, b, mask, EPS, True, *stats[0], momentum=0.1)
+    reference.batch_norm(x, w, b, mask, EPS, True, *stats[1], momentum=0.1)
+    for a, r in zip(stats[0], stats[1]):
+        _close(a, r, 1e-6)
 
 
 @pytest.mark.parametrize("affine", ["none", "both"])

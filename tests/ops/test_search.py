@@ -4,6 +4,8 @@ On a CPU these run under Triton's interpreter (tests/ops/conftest.py) at tiny si
 marked ``gpu`` run the paper's sizes on a CUDA device.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -33,6 +35,69 @@ def _check_selection(q, sk, topk, scores, idx, atol=1e-5, rtol=1e-5):
     half = reference.subkey_scores(q, sk)
     again = half[..., 0, :].gather(-1, idx // n) + half[..., 1, :].gather(-1, idx % n)
     torch.testing.assert_close(scores, again, atol=atol, rtol=rtol)
+
+
+@contextlib.contextmanager
+def _float32_matmul_precision(value: str):
+    """torch.set_float32_matmul_precision(value) inside the block, the previous setting after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_float32_precision_follows_torch():
+    from pkmem.ops.triton._common import float32_precision
+
+    for value, want in [("high", "tf32"), ("medium", "tf32"), ("highest", "ieee")]:
+        with _float32_matmul_precision(value):
+            assert float32_precision() == want
+    assert float32_precision() == ("ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_precision_read_at_call_time(kernels, device, fused):
+    """Float32 products follow torch.set_float32_matmul_precision at each call, forward and
+    backward: "highest" gives the float64 reference's scores and gradients to float32 precision and
+    the brute-force slots; "high" gives tf32 products (~1e-3 relative: under the interpreter the
+    kernels round their operands as the tensor cores do), then "highest" again exact float32."""
+    from pkmem.ops.triton.search import search_backward, search_forward
+
+    T, H, n, D, k = 24, 2, 40, 16, 6
+    q, sk = _inputs(T, H, n, D, device, seed=21)
+    cfg = {"FUSED": True, "BT": 16, "BN": 16, "NG": 16, "BD": 16} if fused else None
+    exact, _ = reference.product_topk(q.double(), sk.double(), k)
+    gs = torch.randn(T, H, k, generator=torch.Generator().manual_seed(22)).to(device)
+    errors = []
+    for value in ("highest", "high", "highest"):
+        with _float32_matmul_precision(value):
+            scores, idx = search_forward(q, sk, k, config=cfg)
+            gq, gk = search_backward(gs, q, sk, idx)
+        qq, kk = q.double().requires_grad_(), sk.double().requires_grad_()
+        half = reference.subkey_scores(qq, kk)
+        (((half[..., 0, :].gather(-1, idx // n) + half[..., 1, :].gather(-1, idx % n)) * gs).sum()).backward()
+        rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+        errors.append((rel(scores, exact), rel(gq, qq.grad), rel(gk, kk.grad)))
+        if value == "highest":
+            _check_selection(q, sk, k, scores, idx, atol=1e-5, rtol=1e-5)
+    for e in (errors[0], errors[2]):
+        assert max(e) < 1e-6, errors
+    assert all(1e-5 < e < 1e-2 for e in errors[1]), errors
+
+
+def test_precision_under_torch_compile(kernels, device):
+    """Compiled, the search reads the setting when it is traced, and torch.compile recompiles when
+    the setting changes (the precision is a constant of the compiled graph, as of a CUDA graph)."""
+    q, sk = _inputs(12, 2, 24, 8, device, seed=23)
+    exact, _ = reference.product_topk(q.double(), sk.double(), 5)
+    compiled = torch.compile(lambda a, b: kernels.product_topk(a, b, 5)[0], fullgraph=True, backend="eager")
+    rel = lambda a: ((a.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert rel(compiled(q, sk)) < 1e-6
+    with _float32_matmul_precision("high"):
+        assert 1e-5 < rel(compiled(q, sk)) < 1e-2
+    assert rel(compiled(q, sk)) < 1e-6
 
 
 @pytest.mark.parametrize(
@@ -160,22 +225,19 @@ def test_16bit_backward_products(kernels, device, grad_dtype, score, q16):
 def test_16bit_backward_choice_and_errors(kernels, device):
     from pkmem.ops.triton.search import autocast_grad_dtype, search_backward
 
-    # no CUDA autocast (or "ieee" / "tf32x3" asked for): float32 products
-    assert autocast_grad_dtype(torch.device("cpu"), "tf32") == "float32"
-    assert autocast_grad_dtype(device, "tf32") == "float32"
+    # no CUDA autocast: float32 products; under CUDA autocast 16-bit ones, whatever the float32
+    # matmul precision (as torch's own matmuls under autocast)
+    assert autocast_grad_dtype(torch.device("cpu")) == "float32"
+    assert autocast_grad_dtype(device) == "float32"
     if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            assert autocast_grad_dtype(device, "tf32") == "bfloat16"
-            assert autocast_grad_dtype(device, "ieee") == "float32"
-            assert autocast_grad_dtype(device, "tf32x3") == "float32"
+        with _float32_matmul_precision("highest"), torch.autocast("cuda", dtype=torch.bfloat16):
+            assert autocast_grad_dtype(device) == "bfloat16"
     q, sk = _inputs(3, 1, 8, 2, device)
     idx = torch.zeros(3, 1, 2, dtype=torch.int64, device=device)
     with pytest.raises(ValueError, match="grad_dtype='float64' is not allowed"):
         search_backward(torch.ones(3, 1, 2, device=device), q, sk, idx, grad_dtype="float64")
-    with pytest.raises(ValueError, match="grad_dtype='bfloat16' is not allowed with precision='ieee'"):
-        search_backward(
-            torch.ones(3, 1, 2, device=device), q, sk, idx, precision="ieee", grad_dtype="bfloat16"
-        )
+    with pytest.raises(ValueError, match="precision='fp32' is not allowed"):
+        search_backward(torch.ones(3, 1, 2, device=device), q, sk, idx, precision="fp32")
 
 
 def test_half_scores_float32_under_autocast_and_settings_restored(kernels, device):
@@ -206,20 +268,20 @@ def test_gradient_only_to_subkeys(kernels, device):
 
 
 def test_custom_op_registration(kernels, device):
-    """Schema, fake (meta) implementation and autograd of the torch.compile-facing custom op."""
+    """Schema and fake (meta) implementations of the custom ops that torch.compile sees, and the
+    autograd Function's compiled branch (forward and backward ops) run eagerly."""
     from pkmem.ops.triton import search
 
     q, sk = _inputs(5, 2, 12, 4, device, seed=7)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(search._product_lookup_op, (q, sk, 4, "ieee", "softmax", 0.5), test_utils=utils)
+    g = torch.randn(5, 2, 4, generator=torch.Generator().manual_seed(8)).to(device)
     q.requires_grad_()
     sk.requires_grad_()
-    torch.library.opcheck(
-        search._product_topk_op,
-        (q, sk, 4, "tf32", "softmax", 0.5),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )
-    w, idx = search._product_topk_op(q, sk, 4, "tf32", "softmax", 0.5)
-    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(8)).to(device)
-    (w * g).sum().backward()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(search, "_compiling", lambda: True)
+        w, idx = kernels.product_lookup(q, sk, 4, "softmax", 0.5)
+        (w * g).sum().backward()
     ref_q, ref_k = q.detach().clone().requires_grad_(), sk.detach().clone().requires_grad_()
     (reference.product_lookup(ref_q, ref_k, 4, "softmax", 0.5)[0] * g).sum().backward()
     torch.testing.assert_close(q.grad, ref_q.grad, atol=1e-5, rtol=1e-5)
@@ -228,18 +290,22 @@ def test_custom_op_registration(kernels, device):
 
 def test_backward_op_fake_strides_of_a_strided_query(kernels, device):
     """A strided query (tokens and heads swapped): the fake (meta) gradients have the strides of
-    the real (contiguous) ones, else torch.compile's stride assertions fail."""
+    the real (contiguous) ones, else torch.compile's stride assertions fail; a gradient not asked
+    for is an empty tensor."""
     from pkmem.ops.triton import search
 
     q, sk = _inputs(3, 4, 5, 3, device, seed=9)
     q = q.transpose(0, 1).contiguous().transpose(0, 1)
     assert not q.is_contiguous()
     w, idx = search.search_forward(q, sk, 3)
-    for precision, grad_dtype in (("ieee", "float32"), ("tf32", "bfloat16")):
-        args = (torch.randn_like(w), w, q, sk, idx, precision, "none", 1.0, grad_dtype)
+    cases = (("ieee", "float32", (True, True)), ("tf32", "bfloat16", (False, True)))
+    for precision, grad_dtype, need in cases:
+        args = (torch.randn_like(w), w, q, sk, idx, *need, precision, "none", 1.0, grad_dtype)
         torch.library.opcheck(
-            search._product_topk_backward_op, args, test_utils=("test_schema", "test_faketensor")
+            search._product_lookup_backward_op, args, test_utils=("test_schema", "test_faketensor")
         )
+    gq, gk = search._product_lookup_backward_op(*args)
+    assert gq.numel() == 0 and gk.shape == sk.shape
 
 
 @pytest.mark.parametrize("score", ["softmax", "relu", "none"])
@@ -330,7 +396,7 @@ def test_paper_size_gpu(kernels, n, precision, fused, topk):
     assert _rel(gq, qq.grad) < tol and _rel(gk, kk.grad) < tol, (_rel(gq, qq.grad), _rel(gk, kk.grad))
     if precision == "tf32" and not fused:  # the products under bf16 autocast: 16-bit operands
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            gq, gk = search_backward(gs, q, sk, idx, grad_dtype=search.autocast_grad_dtype(q.device, "tf32"))
+            gq, gk = search_backward(gs, q, sk, idx, grad_dtype=search.autocast_grad_dtype(q.device))
         assert _rel(gq, qq.grad) < 1e-2 and _rel(gk, kk.grad) < 1e-2, (_rel(gq, qq.grad), _rel(gk, kk.grad))
 
 

@@ -134,6 +134,21 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, cache_dir):
     assert fa["loss"] == fb["loss"] and fa["memories"][0]["usage"] == fb["memories"][0]["usage"]
 
 
+@pytest.mark.parametrize("value_optimizer", ["lazy_adam", "exact_adam"])
+def test_row_optimizers_train_and_resume_exactly(tmp_path, cache_dir, value_optimizer):
+    """train.value_optimizer reaches the optimizer; its row state survives a checkpoint exactly."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    opt = f"value_optimizer={value_optimizer}"
+    assert _train(full, cache_dir, "max_steps=6", "ckpt_every=3", opt) == 0
+    assert _train(part, cache_dir, "max_steps=4", "lr_decay_steps=6", "ckpt_every=3", opt) == 0
+    assert main(["train", "--out", str(part), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    assert _step_losses(full) == _step_losses(part)
+    state = json.loads((full / "config.json").read_text())
+    assert state["train"]["value_optimizer"] == value_optimizer
+    code = main(["train", "--out", str(part), "--resume", "--no-progress", "value_optimizer=adamw"])
+    assert code == 2  # the optimizer state is RowAdam's: it cannot change on resume
+
+
 def test_resume_refuses_changes_and_existing_runs(run, capsys):
     assert main(["train", "--out", str(run), "--no-progress", "max_steps=8"]) == 2
     assert "already holds a run" in capsys.readouterr().err

@@ -45,11 +45,12 @@ def test_preset_contents_follow_the_paper_and_issue():
     assert (big.model.n_layers, big.model.dim, big.model.memory_layers()) == (12, 1024, (6,))
     e8 = load_config("enwik8-small")
     assert (e8.model.n_layers, e8.model.dim, e8.model.seq_len, e8.model.memory_layers()) == (
-        8,
+        6,
         512,
         512,
         (5,),
     )
+    assert (e8.model.n_heads, e8.model.memory["k_dim"], e8.model.memory["num_keys"]) == (8, 512, 512)
     assert e8.model.mem_mode == "replace" and e8.train.data == "enwik8"
     tiny = load_config("tiny")
     assert tiny.train.data == "stdlib" and tiny.model.memory_layers()

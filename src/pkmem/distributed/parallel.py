@@ -274,11 +274,18 @@ class Parallel:
             )
         return self.make_memory(dict(cfg.model.memory), cfg.train.shard_layout)
 
-    def check_model(self, model: nn.Module, shard_values: bool) -> None:
-        """On several ranks, a replicated value table must have dense gradients (DDP all-reduces them;
-        row-sparse gradients need the table sharded: each rank then updates its own part)."""
+    def check_model(self, model: nn.Module, shard_values: bool, value_optimizer: str = "adamw") -> None:
+        """On several ranks, a replicated value table must have dense gradients in ``.grad``, which DDP
+        averages; row-sparse gradients (``sparse_values``, the row optimizers) need the table sharded:
+        each rank then computes and updates its own part from every rank's tokens."""
         if not self.distributed or shard_values:
             return
+        if value_optimizer in ("lazy_adam", "exact_adam"):
+            raise ValueError(
+                f"value_optimizer={value_optimizer!r} is not allowed on {self.world_size} ranks with "
+                "replicated value tables (its row gradients bypass DDP's averaging): set shard_values=true "
+                "(each rank keeps and updates its part of the table), or value_optimizer=adamw"
+            )
         sparse = [n for n, m in model.named_modules() if getattr(m, "sparse_values", False)]
         if sparse:
             raise ValueError(
@@ -343,7 +350,14 @@ class Parallel:
         its shards (the replicated gradients are already equal on every rank, by DDP's all-reduce);
         returns ``(rest_norm, value_norm)``, 0-dim tensors, no host sync."""
         from pkmem.distributed.values import is_shard
-        from pkmem.optim import _check_number, _grad_norm, _scale, clip_grad_norm, value_parameters
+        from pkmem.optim import (
+            _check_number,
+            _grad_norm,
+            _row_grads,
+            _scale,
+            clip_grad_norm,
+            value_parameters,
+        )
 
         values = value_parameters(model)
         if not self.distributed or not any(is_shard(p) for p in values):
@@ -353,13 +367,13 @@ class Parallel:
         value_ids = {id(p) for p in values}
         rest_norm, _ = clip_grad_norm([p for p in model.parameters() if id(p) not in value_ids], max_norm)
         device = next(model.parameters()).device
-        shards = [p.grad for p in values if p.grad is not None and is_shard(p)]
-        whole = [p.grad for p in values if p.grad is not None and not is_shard(p)]
-        sq = (
-            self.sum(_grad_norm(shards, device).float().square()) + _grad_norm(whole, device).float().square()
-        )
-        value_norm = sq.sqrt()
-        _scale(shards + whole, value_norm, value_max_norm)
+        parts = [p for p in values if is_shard(p)]
+        whole = [p for p in values if not is_shard(p)]
+        part_grads, part_rows = [p.grad for p in parts if p.grad is not None], _row_grads(parts)
+        whole_grads, whole_rows = [p.grad for p in whole if p.grad is not None], _row_grads(whole)
+        sq = self.sum(_grad_norm(part_grads, device, part_rows).float().square())
+        value_norm = (sq + _grad_norm(whole_grads, device, whole_rows).float().square()).sqrt()
+        _scale(part_grads + whole_grads, value_norm, value_max_norm, part_rows + whole_rows)
         return rest_norm, value_norm
 
 

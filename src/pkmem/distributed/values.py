@@ -259,15 +259,18 @@ class ShardedProductKeyMemory(ProductKeyMemory):
                     "values is not allowed: a sharded memory shares only another sharded memory's values "
                     f"with the same layout ({layout!r})"
                 )
-            values = nn.Parameter(torch.empty(info[1], device="meta"))  # passes the shape check
+            values = nn.Parameter(
+                torch.empty(info[1], device="meta", dtype=shared.dtype)
+            )  # passes the checks
         super().__init__(dim, *args, values=values, **kwargs)
         self.full_shape = (self.num_slots, self.v_dim)
         self.shard_slice()  # checks the split
         if shared is not None:
             self.values = shared
 
-    def _new_values(self, zero_init: bool) -> nn.Parameter:
-        """This rank's part of a new table: the numbers the whole table would get (:func:`draw_part`)."""
+    def _new_values(self, zero_init: bool, dtype: torch.dtype) -> nn.Parameter:
+        """This rank's part of a new table of ``dtype``: the numbers the whole table would get
+        (:func:`draw_part`, in float32, then rounded)."""
         full = (self.num_slots, self.v_dim)
         d, part = self.shard_slice(full)
         if zero_init:
@@ -275,7 +278,7 @@ class ShardedProductKeyMemory(ProductKeyMemory):
             table = torch.zeros(shape)
         else:
             table = draw_part(full, self.v_dim**-0.5, d, part)
-        values = nn.Parameter(table)
+        values = nn.Parameter(table.to(dtype))
         setattr(values, _SHARD_ATTR, (self.layout, full))
         return values
 

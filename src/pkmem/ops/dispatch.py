@@ -51,7 +51,7 @@ _REASONS: dict[tuple, str | None] = {}
 
 def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
     """Why the kernels cannot run on ``tensors`` (None if they can); remembered per device types,
-    dtypes and ``TRITON_INTERPRET`` (this runs on every op call)."""
+    dtypes and ``TRITON_INTERPRET``."""
     key = (os.environ.get("TRITON_INTERPRET", "0"), *((t.device.type, t.dtype) for t in tensors))
     if key not in _REASONS:
         _REASONS[key] = _unavailable_reason(tensors)
@@ -80,8 +80,36 @@ def _unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
     return None
 
 
+_RESOLVED: dict[tuple, str] = {}
+
+# os.environ.get costs microseconds for a name that is not set (it raises and catches a KeyError):
+# the variables' raw values are read from the environment's own dict, where CPython keeps it
+_ENV = getattr(os.environ, "_data", None)
+_ENV_NAMES = ("PKMEM_BACKEND", "TRITON_INTERPRET")
+if _ENV is not None and hasattr(os.environ, "encodekey"):
+    _ENV_KEYS = tuple(os.environ.encodekey(n) for n in _ENV_NAMES)
+else:  # pragma: no cover - not CPython
+    _ENV, _ENV_KEYS = os.environ, _ENV_NAMES
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """The concrete backend ("torch" or "triton") for an op on ``tensors``."""
+    """The concrete backend ("torch" or "triton") for an op on ``tensors``: decided once per
+    backend, ``PKMEM_BACKEND``, ``TRITON_INTERPRET``, device types and dtypes (this runs on every
+    op call: the host's time per call)."""
+    key = (
+        backend,
+        _ENV.get(_ENV_KEYS[0]),
+        _ENV.get(_ENV_KEYS[1]),
+        *[(t.is_cuda or t.device.type, t.dtype) for t in tensors],  # (is_cuda: no device object)
+    )
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _resolve(backend, tensors)  # an error is raised again on every call, not cached
+        _RESOLVED[key] = resolved
+    return resolved
+
+
+def _resolve(backend: str, tensors: tuple[torch.Tensor, ...]) -> str:
     check_backend(backend)
     if backend == "auto":
         env = os.environ.get("PKMEM_BACKEND", "auto")
@@ -118,22 +146,24 @@ def product_lookup(
     backend: str = "auto",
 ):
     """See :func:`pkmem.ops.reference.product_lookup` (the kernel applies the score function to the
-    selected scores in registers, forward and backward)."""
+    selected scores in registers, forward and backward). Float32 products follow torch's float32
+    matmul precision at the call ("highest", the default: exact float32; "high" / "medium": tf32),
+    in both backends."""
     temperature = reference.check_score(score, temperature)
-    if resolve_backend(backend, query, subkeys) == "torch":
-        return reference.product_lookup(query, subkeys, topk, score, temperature)
-    T, H, kd = query.shape
-    if subkeys.dim() != 4 or subkeys.shape[0] != H or subkeys.shape[1] != 2 or 2 * subkeys.shape[3] != kd:
-        raise ValueError(
-            f"query {tuple(query.shape)} and subkeys {tuple(subkeys.shape)}: subkeys must be "
-            f"(heads, 2, num_keys, k_dim // 2) = ({H}, 2, n, {kd // 2})"
-        )
-    n = subkeys.shape[2]
-    _check_topk(topk, n)
-    if n * n >= 2**31:
-        raise ValueError(f"num_keys={n} is not allowed with backend='triton': num_keys**2 must be < 2**31")
-    kernels, _ = _triton_module()
-    return kernels.product_lookup(query, subkeys, topk, score, temperature)
+    if resolve_backend(backend, query, subkeys) == "triton":
+        T, H, kd = query.shape
+        if subkeys.dim() != 4 or subkeys.shape[0] != H or subkeys.shape[1] != 2 or 2 * subkeys.shape[3] != kd:
+            raise ValueError(
+                f"query {tuple(query.shape)} and subkeys {tuple(subkeys.shape)}: subkeys must be "
+                f"(heads, 2, num_keys, k_dim // 2) = ({H}, 2, n, {kd // 2})"
+            )
+        n = subkeys.shape[2]
+        _check_topk(topk, n)
+        if n * n >= 2**31:
+            raise ValueError(
+                f"num_keys={n} is not allowed with backend='triton': num_keys**2 must be < 2**31"
+            )
+    return run_product_lookup(query, subkeys, topk, score, temperature, backend)
 
 
 def flat_topk(query, keys, topk: int, backend: str = "auto"):
@@ -144,11 +174,9 @@ def flat_topk(query, keys, topk: int, backend: str = "auto"):
 
 def weighted_gather(values, indices, weights, sparse: bool = False, backend: str = "auto"):
     """See :func:`pkmem.ops.reference.weighted_gather`."""
-    if resolve_backend(backend, values, indices, weights) == "torch":
-        return reference.weighted_gather(values, indices, weights, sparse)
-    reference.check_indices_below(indices, values.shape[0], "values.shape[0]")
-    kernels, _ = _triton_module()
-    return kernels.weighted_gather(values, indices, weights, sparse)
+    if resolve_backend(backend, values, indices, weights) == "triton" and not torch.compiler.is_compiling():
+        reference.check_indices_below(indices, values.shape[0], "values.shape[0]")  # CPU tensors only
+    return run_weighted_gather(values, indices, weights, sparse, backend)
 
 
 def batch_norm(
@@ -168,11 +196,43 @@ def batch_norm(
     output and the gradient of x in x's dtype (float32 output for float32 x), and update the
     running statistics in their normalising pass)."""
     reference.check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
-    used = [t for t in (weight, bias, mask, shift) if t is not None]
-    if not training or momentum is not None:
-        used += [t for t in (running_mean, running_var) if t is not None]
-    args = (x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)
-    if resolve_backend(backend, x, *used) == "torch":
-        return reference.batch_norm(*args)
+    args = (x, weight, bias, mask, eps, training, running_mean, running_var, backend, momentum, shift)
+    return run_batch_norm(*args)
+
+
+# ---- the ops on checked arguments ------------------------------------------------------------------
+#
+# What ProductKeyMemory calls: its configuration (score, temperature, top-k, the shapes of its
+# parameters) is checked once, when it is built, so a call only picks the implementation (decided
+# once per device types and dtypes). The functions above check their arguments, then call these.
+
+
+def run_product_lookup(query, subkeys, topk: int, score: str, temperature: float, backend: str = "auto"):
+    """:func:`product_lookup` on checked arguments (``temperature`` a float)."""
+    if resolve_backend(backend, query, subkeys) == "torch":
+        return reference.product_lookup(query, subkeys, topk, score, temperature)
     kernels, _ = _triton_module()
-    return kernels.batch_norm(*args)
+    return kernels.lookup(query, subkeys, topk, score, temperature, kernels.float32_precision())
+
+
+def run_weighted_gather(values, indices, weights, sparse: bool = False, backend: str = "auto"):
+    """:func:`weighted_gather` on checked arguments."""
+    if resolve_backend(backend, values, indices, weights) == "torch":
+        return reference.weighted_gather(values, indices, weights, sparse)
+    kernels, _ = _triton_module()
+    return kernels.weighted_gather(values, indices, weights, sparse)
+
+
+def run_batch_norm(
+    x, weight, bias, mask, eps: float, training: bool, running_mean=None, running_var=None,
+    backend: str = "auto", momentum: float | None = None, shift=None,
+):  # fmt: skip
+    """:func:`batch_norm` on checked arguments."""
+    args = (x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)
+    # the tensors the op reads: the running statistics only in eval or when it updates them
+    stats = not training or momentum is not None
+    used = (x, weight, bias, mask, shift, *((running_mean, running_var) if stats else ()))
+    if resolve_backend(backend, *[t for t in used if t is not None]) == "torch":
+        return reference.normalize(*args)
+    kernels, _ = _triton_module()
+    return kernels.normalize(*args)

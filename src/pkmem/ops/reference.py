@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pkmem.ops.rows import RowGrad, active_row_grad
+
 __all__ = [
     "acc_dtype",
     "subkey_scores",
@@ -31,10 +33,12 @@ __all__ = [
     "flat_topk",
     "brute_force_product_topk",
     "weighted_gather",
+    "gather_backward_rows",
     "check_batch_norm",
     "real_rows",
     "update_running_stats",
     "batch_norm",
+    "normalize",
 ]
 
 
@@ -196,8 +200,41 @@ def weighted_gather(
 
     Accumulates in float32 (float64 for float64 inputs) and returns that dtype. Entries with a
     negative index are skipped. With ``sparse=True`` the values receive a row-sparse (COO) gradient
-    holding only the rows the valid entries touched, as ``nn.EmbeddingBag(sparse=True)``.
+    holding only the rows the valid entries touched, as ``nn.EmbeddingBag(sparse=True)``. When a row
+    optimizer owns ``values`` (:class:`pkmem.ops.rows.RowGrad`), the rows read are first brought up
+    to date (exact mode) and the backward adds the value gradient's rows to its ``RowGrad``
+    (:func:`gather_backward_rows`) instead of returning one.
     """
+    rg = active_row_grad(values)
+    if rg is not None:
+        if torch.compiler.is_compiling():
+            return row_gather_outside_graph()(values, indices, weights, sparse, rg)
+        return _row_gather(values, indices, weights, sparse, rg)
+    return _weighted_gather(values, indices, weights, sparse)
+
+
+def _row_gather(values, indices, weights, sparse: bool, rg: RowGrad) -> torch.Tensor:
+    if rg.before_read is not None:
+        rg.before_read(values, indices)
+    if torch.is_grad_enabled() and values.requires_grad:
+        return _RowGather.apply(values, indices, weights, rg)
+    return _weighted_gather(values, indices, weights, sparse)
+
+
+_row_gather_eager = None
+
+
+def row_gather_outside_graph():
+    """``_row_gather`` behind ``torch.compiler.disable`` (a graph break under torch.compile), made
+    on the first call: it imports torch._dynamo, which ``import pkmem`` must not (a RowGrad makes it
+    when its optimizer attaches, before anything is compiled)."""
+    global _row_gather_eager
+    if _row_gather_eager is None:
+        _row_gather_eager = torch.compiler.disable(_row_gather)
+    return _row_gather_eager
+
+
+def _weighted_gather(values, indices, weights, sparse: bool = False) -> torch.Tensor:
     T, J = indices.shape
     dt = acc_dtype(values, weights)
     if J == 0:
@@ -219,6 +256,67 @@ def weighted_gather(
         return torch.einsum("tj,tjv->tv", flat_w, rows)
     bag = torch.arange(T, device=indices.device).repeat_interleave(valid.sum(1))
     return rows.new_zeros(T, values.shape[1]).index_add(0, bag, rows * flat_w[:, None])
+
+
+@torch.no_grad()
+def gather_backward_rows(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    row_grad: RowGrad,
+    need_weights: bool = True,
+) -> torch.Tensor | None:
+    """Backward of :func:`weighted_gather` into a :class:`~pkmem.ops.rows.RowGrad`: each row read
+    (a valid index) gets its gradient added to ``row_grad`` (``touched`` set, ``sumsq`` its squared
+    norm); returns the weights' gradient (or None).
+    Twin of the Triton kernel's row mode (``pkmem.ops.triton.gather.gather_backward(row_grad=...)``).
+    """
+    v = values.detach().requires_grad_()
+    w = weights.detach().requires_grad_(need_weights)
+    with torch.enable_grad():
+        out = _weighted_gather(v, indices, w)
+        grads = torch.autograd.grad(out, [v, w] if need_weights else [v], grad_out)
+    dense = grads[0]  # (N, v_dim) in the table's dtype, zeros where not read
+    rows = torch.unique(indices[indices >= 0])
+    row_grad.prepare(values)
+    was = row_grad.touched[rows].bool()
+    acc = torch.where(was[:, None], row_grad.grad[rows].float(), 0.0) + dense[rows].float()
+    new = acc.to(row_grad.grad.dtype)
+    row_grad.grad[rows] = new
+    row_grad.sumsq[rows] = new.float().square().sum(1)
+    row_grad.touched[rows] = 1
+    row_grad.added(indices.numel())
+    return grads[1].to(weights.dtype) if need_weights else None
+
+
+class _RowGather(torch.autograd.Function):
+    """The weighted gather whose value gradient goes to a RowGrad (``table.grad`` stays None)."""
+
+    @staticmethod
+    def forward(ctx, values, indices, weights, row_grad):
+        ctx.save_for_backward(values, indices, weights)
+        ctx.row_grad = row_grad
+        with torch.no_grad():
+            return _weighted_gather(values, indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, weights = ctx.saved_tensors
+        need_v, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        rg = ctx.row_grad
+        if grad_out is None or not (need_v or need_w):
+            return None, None, None, None
+        if need_v and rg.active:
+            gw = gather_backward_rows(grad_out, values, indices, weights, rg, need_w)
+            return None, None, gw, None
+        v = values.detach().requires_grad_(need_v)  # the optimizer is gone: a dense gradient again
+        w = weights.detach().requires_grad_(need_w)
+        with torch.enable_grad():
+            out = _weighted_gather(v, indices, w)
+            want = [t for t in (v, w) if t.requires_grad]
+            got = iter(torch.autograd.grad(out, want, grad_out))
+        return (next(got) if need_v else None), None, (next(got) if need_w else None), None
 
 
 def check_batch_norm(
@@ -308,6 +406,22 @@ def batch_norm(
     (training), the running statistics are also updated in place (:func:`update_running_stats`).
     """
     check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
+    return normalize(x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)
+
+
+def normalize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    eps: float,
+    training: bool,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    momentum: float | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_norm` on checked arguments."""
     y, mean, var = _batch_norm(x, weight, bias, mask, eps, training, running_mean, running_var, shift)
     if x.dtype in LOW_PRECISION:
         y = y.to(x.dtype)

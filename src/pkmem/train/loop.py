@@ -78,6 +78,7 @@ FIXED_ON_RESUME = (
     "seed",
     "betas",
     "value_betas",
+    "value_optimizer",
 )
 
 
@@ -409,7 +410,7 @@ def _model_and_optimizer(cfg: Config, device: torch.device, make_memory: MakeMem
     t = cfg.train
     par.rows(t.batch_size)  # the global batch must split evenly over the ranks
     model = build_model(cfg, device, par.memory_maker(cfg, make_memory))
-    par.check_model(model, t.shard_values)
+    par.check_model(model, t.shard_values, t.value_optimizer)
     optimizer = make_optimizer(
         model,
         lr=t.lr,
@@ -419,6 +420,7 @@ def _model_and_optimizer(cfg: Config, device: torch.device, make_memory: MakeMem
         weight_decay=t.weight_decay,
         value_weight_decay=t.value_weight_decay,
         value_betas=None if t.value_betas is None else tuple(t.value_betas),
+        value_optimizer=t.value_optimizer,
     )
     return model, optimizer
 
@@ -502,7 +504,8 @@ def fit(run: Run, state: LoopState, log) -> bool:
             stop, out_of_time = run.par.any(stop, out_of_time)  # every rank stops at the same step
             last = state.step == t.max_steps or out_of_time or stop
             do_ckpt = last or (t.ckpt_every and state.step % t.ckpt_every == 0)
-            do_eval = t.eval_every and state.step % t.eval_every == 0 and not last
+            # the periodic series includes the last step when it falls on it (curves end where runs do)
+            do_eval = t.eval_every and state.step % t.eval_every == 0
             if state.step % t.log_every == 0 or do_ckpt or do_eval or last:
                 log_window(run, state)
             if do_eval:

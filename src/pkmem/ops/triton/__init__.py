@@ -5,9 +5,18 @@
 - :mod:`.norm`: BatchNorm over the (masked) rows, forward and backward.
 """
 
-from pkmem.ops.triton._common import INTERPRET
+from pkmem.ops.triton._common import INTERPRET, float32_precision
 from pkmem.ops.triton.gather import weighted_gather
-from pkmem.ops.triton.norm import batch_norm
-from pkmem.ops.triton.search import product_lookup, product_topk
+from pkmem.ops.triton.norm import batch_norm, normalize
+from pkmem.ops.triton.search import lookup, product_lookup, product_topk
 
-__all__ = ["INTERPRET", "batch_norm", "product_lookup", "product_topk", "weighted_gather"]
+__all__ = [
+    "INTERPRET",
+    "batch_norm",
+    "float32_precision",
+    "lookup",
+    "normalize",
+    "product_lookup",
+    "product_topk",
+    "weighted_gather",
+]

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from pkmem.ops.reference import LOW_PRECISION
+from pkmem.ops.rows import RowGrad, active_row_grad
 from pkmem.ops.triton._common import cdiv, new_output, next_pow2, to_output
 
 __all__ = ["weighted_gather", "gather_forward", "gather_backward"]
@@ -80,6 +81,9 @@ def _gather_bwd_kernel(
     ROWS,
     GV,
     GW,
+    SORTED,
+    TOUCHED,
+    SUMSQ,
     n_rows,
     v_dim,
     stride_v,
@@ -95,6 +99,8 @@ def _gather_bwd_kernel(
     POS: tl.constexpr,
     VPP: tl.constexpr,
     GW_ADD: tl.constexpr,
+    ROWMODE: tl.constexpr,
+    BY_ENTRY: tl.constexpr,
 ):
     """Row ``r`` of the value gradient, columns of block ``vb``: the row's entries are
     OFFS[r]:OFFS[r+1] of the sorted order PERM, E at a time, as (columns, entries) tiles: a
@@ -103,23 +109,44 @@ def _gather_bwd_kernel(
     weight gradient (partial over this column block) reduces across the threads. The V row and the
     gradient row stream through once (evict first); grad_out rows are re-read by many rows (kept
     in L2). One warp per 512 columns: few instructions per element (the kernel is issue-bound).
-    A program handles VPP column blocks of its row one after the other (its segment bounds read once)."""
+    A program handles VPP column blocks of its row one after the other (its segment bounds read once).
+
+    ROWMODE (a RowGrad's rows, VPP = all column blocks): row ``row``'s gradient is added to GV[row]
+    (an (N, v) buffer whose rows are valid where TOUCHED), its squared norm written to SUMSQ[row]
+    and TOUCHED[row] set; no other row is written. BY_ENTRY: one program per sorted entry,
+    the first entry of each row's segment does the row (OFFS[i]: the segment's end), for steps
+    with fewer entries than rows; else one program per row of the table (empty ones write nothing)."""
     r = tl.program_id(0)
-    start = tl.load(OFFS + r)
-    end = tl.load(OFFS + r + 1)
-    if SPARSE:
-        row = tl.load(ROWS + r).to(tl.int64)
+    if BY_ENTRY:
+        key = tl.load(SORTED + r)
+        prev = tl.load(SORTED + r - 1, mask=r > 0, other=-1)
+        start = r.to(tl.int64)
+        end = tl.where((key >= 0) & (key != prev), tl.load(OFFS + r).to(tl.int64), start)
+        row = tl.maximum(key, 0).to(tl.int64)
     else:
-        row = r.to(tl.int64)
+        start = tl.load(OFFS + r)
+        end = tl.load(OFFS + r + 1)
+        if SPARSE:
+            row = tl.load(ROWS + r).to(tl.int64)
+        else:
+            row = r.to(tl.int64)
+    if ROWMODE:
+        has = start < end
+        before = tl.load(TOUCHED + row, mask=has, other=0)  # 1: the row holds this step's gradient
+        was = before != 0
+        ss = tl.zeros((), tl.float32)
     for vi in tl.static_range(VPP):  # VPP column blocks per program, one after the other
         vb = tl.program_id(1) * VPP + vi
         cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
         cmask = cols < v_dim
         e_ar = tl.arange(0, E)
+        vmask = cmask
+        if ROWMODE:  # (a vector limit: a scalar mask broadcast in `&` is int32 under the interpreter)
+            vmask = cols < tl.where(has, v_dim, 0)
         if NEED_GW:
             vrow = tl.load(
                 V + row * stride_v + cols[:, None],
-                mask=cmask[:, None],
+                mask=vmask[:, None],
                 other=0.0,
                 eviction_policy="evict_first",
             ).to(tl.float32)
@@ -150,12 +177,23 @@ def _gather_bwd_kernel(
                 else:
                     tl.store(gw_base + p, tl.sum(g * vrow, axis=0), mask=em)
         if NEED_GV:
-            tl.store(
-                GV + r.to(tl.int64) * v_dim + cols,
-                to_output(tl.sum(acc, axis=1), GV),
-                mask=cmask,
-                eviction_policy="evict_first",
-            )
+            if ROWMODE:
+                grow = GV + row * v_dim + cols
+                old = tl.load(grow, mask=cols < tl.where(has & was, v_dim, 0), other=0.0).to(tl.float32)
+                out = to_output(tl.sum(acc, axis=1) + old, GV)
+                tl.store(grow, out, mask=vmask)
+                of = tl.where(vmask, out.to(tl.float32), 0.0)
+                ss += tl.sum(of * of, axis=0)
+            else:
+                tl.store(
+                    GV + r.to(tl.int64) * v_dim + cols,
+                    to_output(tl.sum(acc, axis=1), GV),
+                    mask=cmask,
+                    eviction_policy="evict_first",
+                )
+    if ROWMODE:
+        tl.store(SUMSQ + row, ss, mask=has)
+        tl.store(TOUCHED + row, 1, mask=has)
 
 
 # ---- launchers ------------------------------------------------------------------------------------
@@ -249,13 +287,17 @@ def gather_forward(
     return out
 
 
+def _keys(indices: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The flat indices as sort keys (int32 when the rows fit: a faster sort)."""
+    flat = indices.reshape(-1)
+    return flat.to(torch.int32) if num_rows < 2**31 - 1 else flat
+
+
 def _segments(indices: torch.Tensor, num_rows: int, sparse: bool):
     """Stable sort of the flat indices: (perm, offsets (R+1), rows (R) or None)."""
-    flat = indices.reshape(-1)
-    keys = flat.to(torch.int32) if num_rows < 2**31 - 1 else flat
-    sorted_keys, perm = torch.sort(keys, stable=True)
+    sorted_keys, perm = torch.sort(_keys(indices, num_rows), stable=True)
     if not sparse:
-        bounds = torch.arange(num_rows + 1, device=flat.device, dtype=keys.dtype)
+        bounds = torch.arange(num_rows + 1, device=indices.device, dtype=sorted_keys.dtype)
         return perm, torch.searchsorted(sorted_keys, bounds), None
     rows, counts = torch.unique_consecutive(sorted_keys, return_counts=True)  # synchronises
     ends = torch.cumsum(counts, 0)
@@ -275,8 +317,13 @@ def gather_backward(
     need_weights: bool = True,
     sparse: bool = False,
     config: dict | None = None,
+    row_grad: RowGrad | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of the values (dense in values' dtype, or coalesced sparse COO) and of the weights."""
+    """Gradients of the values (dense in values' dtype, or coalesced sparse COO) and of the weights.
+
+    With ``row_grad`` (a :class:`~pkmem.ops.rows.RowGrad`), the value gradient's rows are added to
+    it instead (no host synchronisation; only the rows read are written) and None is returned for
+    the values."""
     T, J = indices.shape
     N, v = values.shape
     dev = values.device
@@ -285,16 +332,32 @@ def gather_backward(
     indices, weights = indices.contiguous(), weights.contiguous()
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    perm, offsets, rows = _segments(indices, N, sparse)
-    n_rows = N if rows is None else rows.numel()
+    rowmode = row_grad is not None and need_values
+    by_entry = False
+    if rowmode:
+        row_grad.prepare(values)
+        sorted_keys, perm = torch.sort(_keys(indices, N), stable=True)
+        by_entry = T * J < N  # fewer entries than rows: one program per entry, else per table row
+        if by_entry:
+            offsets = torch.searchsorted(sorted_keys, sorted_keys, right=True)
+        else:
+            bounds = torch.arange(N + 1, device=dev, dtype=sorted_keys.dtype)
+            offsets = torch.searchsorted(sorted_keys, bounds)
+        rows, n_rows = None, (T * J if by_entry else N)
+    else:
+        perm, offsets, rows = _segments(indices, N, sparse)
+        n_rows = N if rows is None else rows.numel()
     cfg = dict(_bwd_config(n_rows, v), **(config or {}))
     nvb = cdiv(v, cfg["BLOCK_V"]) if v > 0 else 1
     vpp = cfg["VPP"]
     if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
         raise ValueError(f"config VPP={vpp!r} is not allowed: VPP must be a positive int")
-    vpp = min(vpp, nvb)
+    vpp = nvb if rowmode else min(vpp, nvb)  # row mode: one program does all of its row
     nvb = cdiv(nvb, vpp) * vpp  # whole programs (the extra blocks' columns are masked)
-    gv = new_output(n_rows if need_values else 0, v, device=dev, dtype=values.dtype)
+    if rowmode:
+        gv = row_grad.grad
+    else:
+        gv = new_output(n_rows if need_values else 0, v, device=dev, dtype=values.dtype)
     # the weight gradient: with <= 2 column blocks their partials are added onto zeros in place
     # (deterministic: a + b == b + a), else one row of partials per column block, summed after
     gw_add = nvb <= 2
@@ -302,6 +365,7 @@ def gather_backward(
     if cfg["G16"] and values.dtype in LOW_PRECISION:
         grad_out = grad_out.to(values.dtype)
     if n_rows > 0 and v > 0 and (need_values or need_weights):
+        rg = row_grad if rowmode else None
         _gather_bwd_kernel[(n_rows, nvb // vpp)](
             values,
             grad_out,
@@ -311,6 +375,9 @@ def gather_backward(
             rows if rows is not None else offsets,
             gv,
             gw,
+            sorted_keys if by_entry else offsets,
+            rg.touched if rg else offsets,
+            rg.sumsq if rg else offsets,
             n_rows,
             v,
             values.stride(0),
@@ -326,10 +393,14 @@ def gather_backward(
             POS=tl.int32 if T * J < 2**31 else tl.int64,  # entry positions (int32: fewer instructions)
             VPP=vpp,
             GW_ADD=gw_add,
+            ROWMODE=rowmode,
+            BY_ENTRY=by_entry,
             num_warps=cfg["num_warps"],
         )
+    if rowmode:
+        row_grad.added(T * J)
     grad_values = grad_weights = None
-    if need_values:
+    if need_values and not rowmode:
         if sparse:
             grad_values = torch.sparse_coo_tensor(
                 rows.to(torch.int64)[None], gv, (N, v), is_coalesced=True, check_invariants=False
@@ -396,9 +467,9 @@ _gather_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _WeightedGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, weights, sparse):
+    def forward(ctx, values, indices, weights, sparse, row_grad=None):
         ctx.save_for_backward(values, indices, weights)
-        ctx.sparse = sparse
+        ctx.sparse, ctx.row_grad = sparse, row_grad
         return gather_forward(values, indices, weights)
 
     @staticmethod
@@ -406,16 +477,35 @@ class _WeightedGather(torch.autograd.Function):
         values, indices, weights = ctx.saved_tensors
         need_v, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         if grad_out is None or not (need_v or need_w):
-            return None, None, None, None
-        gv, gw = gather_backward(grad_out, values, indices, weights, need_v, need_w, ctx.sparse)
-        return gv, None, gw, None
+            return None, None, None, None, None
+        rg = ctx.row_grad if ctx.row_grad is not None and ctx.row_grad.active else None
+        gv, gw = gather_backward(grad_out, values, indices, weights, need_v, need_w, ctx.sparse, row_grad=rg)
+        return gv, None, gw, None, None
+
+
+def _row_gather(values, indices, weights, sparse: bool, rg: RowGrad) -> torch.Tensor:
+    """The gather of a table owned by a row optimizer: the backward writes into its RowGrad."""
+    if rg.before_read is not None:
+        rg.before_read(values, indices)
+    if torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad):
+        return _WeightedGather.apply(values, indices, weights, sparse, rg if values.requires_grad else None)
+    return gather_forward(values, indices, weights)
+
+
+_row_gather_eager = torch.compiler.disable(_row_gather)  # under torch.compile: a graph break
 
 
 def weighted_gather(
     values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse: bool = False
 ) -> torch.Tensor:
-    """Fused weighted gather: see :func:`pkmem.ops.reference.weighted_gather`."""
+    """Fused weighted gather: see :func:`pkmem.ops.reference.weighted_gather` (a table owned by a
+    row optimizer gets its gradient rows written into the optimizer's RowGrad)."""
     _check_inputs(values, indices, weights)
+    rg = active_row_grad(values)
+    if rg is not None:
+        if torch.compiler.is_compiling():
+            return _row_gather_eager(values, indices, weights, sparse, rg)
+        return _row_gather(values, indices, weights, sparse, rg)
     if torch.compiler.is_compiling() and not sparse:
         return _gather_op(values, indices, weights)
     if torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad):

@@ -29,12 +29,15 @@ rstd * dy`` needs no sums (one launch when no parameter needs a gradient).
 
 from __future__ import annotations
 
+import functools
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
 
 from pkmem.ops.reference import LOW_PRECISION, check_batch_norm, real_rows, update_running_stats
-from pkmem.ops.triton._common import cdiv, new_output, next_pow2, to_output
+from pkmem.ops.triton._common import DeviceInfo, cdiv, device_info, new_output, next_pow2, to_output
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
@@ -60,26 +63,11 @@ def _real_tile(X, MASK, rows, cols, cm, T, stride_x, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _bn_stats_kernel(
-    X,
-    MASK,
-    SHIFT,
-    PCNT,
-    PMEAN,
-    PM2,
-    T,
-    C,
-    stride_x,
-    ROWS: tl.constexpr,
-    BR: tl.constexpr,
-    BC: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-):
-    chunk = tl.program_id(0)
-    cb = tl.program_id(1)
-    cols = cb * BC + tl.arange(0, BC)
-    cm = cols < C
+def _chunk_stats(
+    X, MASK, SHIFT, chunk, cols, cm, T, stride_x,
+    ROWS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SHIFT: tl.constexpr,
+):  # fmt: skip
+    """Count, mean and M2 of the real rows of ``x + shift`` in rows [chunk * ROWS, (chunk + 1) * ROWS)."""
     sh = tl.zeros((BC,), tl.float32)
     if HAS_SHIFT:
         sh = tl.load(SHIFT + cols, mask=cm, other=0.0).to(tl.float32)
@@ -111,6 +99,33 @@ def _bn_stats_kernel(
     d1 = tl.sum(s1, axis=0)
     mean_a = pivot + d1 / tl.maximum(n_a, 1.0)
     m2_a = tl.maximum(tl.sum(s2, axis=0) - d1 * d1 / tl.maximum(n_a, 1.0), 0.0)
+    return n_a, mean_a, m2_a
+
+
+@triton.jit
+def _bn_stats_kernel(
+    X,
+    MASK,
+    SHIFT,
+    PCNT,
+    PMEAN,
+    PM2,
+    T,
+    C,
+    stride_x,
+    ROWS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    cb = tl.program_id(1)
+    cols = cb * BC + tl.arange(0, BC)
+    cm = cols < C
+    n_a, mean_a, m2_a = _chunk_stats(
+        X, MASK, SHIFT, chunk, cols, cm, T, stride_x, ROWS, BR, BC, HAS_MASK, HAS_SHIFT
+    )
     out = chunk.to(tl.int64) * C + cols
     tl.store(PMEAN + out, mean_a, mask=cm)
     tl.store(PM2 + out, m2_a, mask=cm)
@@ -161,6 +176,7 @@ def _bn_norm_kernel(
     stride_x,
     eps,
     momentum,
+    MASK,
     ROWS: tl.constexpr,
     BR: tl.constexpr,
     BC: tl.constexpr,
@@ -170,12 +186,22 @@ def _bn_norm_kernel(
     HAS_B: tl.constexpr,
     UPDATE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
+    """Normalises the chunk's rows; in training from the statistics merged from all chunks'
+    partials, or with ``ONE_CHUNK`` (all rows in one chunk: small batches) from the statistics it
+    computes itself (one launch instead of two)."""
     chunk = tl.program_id(0)
     cb = tl.program_id(1)
     cols = cb * BC + tl.arange(0, BC)
     cm = cols < C
-    if TRAINING:
+    if TRAINING and ONE_CHUNK:
+        n, mean, m2 = _chunk_stats(
+            X, MASK, SHIFT, 0, cols, cm, T, stride_x, ROWS, BR, BC, HAS_MASK, HAS_SHIFT
+        )
+        var = m2 / tl.maximum(n, 1.0)
+    elif TRAINING:
         n, mean, var = _merge_stats(PCNT, PMEAN, PM2, n_chunks, C, cols, cm, BC, NCB)
     else:
         mean = tl.load(RMEAN + cols, mask=cm, other=0.0).to(tl.float32)
@@ -220,6 +246,31 @@ def _centre_and_rstd(MEAN, VAR, SHIFT, cols, cm, eps, HAS_SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _chunk_sums(
+    DY, X, MASK, mean, rstd, chunk, cols, cm, T, stride_dy, stride_x,
+    ROWS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """``sum dy``, ``sum dy * xhat`` (BC,) over the chunk's rows (all of them) and its number of real rows."""
+    s1 = tl.zeros((BR, BC), tl.float32)
+    s2 = tl.zeros((BR, BC), tl.float32)
+    cnt = tl.zeros((BR,), tl.float32)
+    for r0 in range(0, ROWS, BR):
+        rows = chunk * ROWS + r0 + tl.arange(0, BR)
+        inside = rows < T
+        if HAS_MASK:
+            cnt += (inside & (tl.load(MASK + rows, mask=inside, other=0) != 0)).to(tl.float32)
+        else:
+            cnt += inside.to(tl.float32)
+        ok = inside[:, None] & cm[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        s1 += dy
+        s2 += dy * ((x - mean[None, :]) * rstd[None, :])
+    return tl.sum(s1, axis=0), tl.sum(s2, axis=0), tl.sum(cnt, axis=0)
+
+
+@triton.jit
 def _bn_bwd_sums_kernel(
     DY,
     X,
@@ -248,26 +299,13 @@ def _bn_bwd_sums_kernel(
     cols = cb * BC + tl.arange(0, BC)
     cm = cols < C
     mean, rstd = _centre_and_rstd(MEAN, VAR, SHIFT, cols, cm, eps, HAS_SHIFT)
-    s1 = tl.zeros((BR, BC), tl.float32)
-    s2 = tl.zeros((BR, BC), tl.float32)
-    cnt = tl.zeros((BR,), tl.float32)
-    for r0 in range(0, ROWS, BR):
-        rows = chunk * ROWS + r0 + tl.arange(0, BR)
-        inside = rows < T
-        if HAS_MASK:
-            cnt += (inside & (tl.load(MASK + rows, mask=inside, other=0) != 0)).to(tl.float32)
-        else:
-            cnt += inside.to(tl.float32)
-        ok = inside[:, None] & cm[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        s1 += dy
-        s2 += dy * ((x - mean[None, :]) * rstd[None, :])
+    s1, s2, n = _chunk_sums(
+        DY, X, MASK, mean, rstd, chunk, cols, cm, T, stride_dy, stride_x, ROWS, BR, BC, HAS_MASK
+    )
     out = chunk.to(tl.int64) * C + cols
-    tl.store(P1 + out, tl.sum(s1, axis=0), mask=cm)
-    tl.store(P2 + out, tl.sum(s2, axis=0), mask=cm)
-    tl.store(PCNT + chunk, tl.sum(cnt, axis=0), mask=cb == 0)
+    tl.store(P1 + out, s1, mask=cm)
+    tl.store(P2 + out, s2, mask=cm)
+    tl.store(PCNT + chunk, n, mask=cb == 0)
 
 
 @triton.jit
@@ -303,9 +341,11 @@ def _bn_bwd_dx_kernel(
     NEED_DX: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     NEED_SHIFT: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
 ):
-    """Merges the partial sums (when ``SUMS``: chunk 0 stores ``dweight``, ``dbias``) and writes
-    ``dx`` for the chunk's rows (when ``NEED_DX``)."""
+    """Merges the partial sums (when ``SUMS``: chunk 0 stores ``dweight``, ``dbias``), or with
+    ``ONE_CHUNK`` (all rows in one chunk: small batches) computes them itself (one launch instead
+    of two), and writes ``dx`` for the chunk's rows (when ``NEED_DX``)."""
     chunk = tl.program_id(0)
     cb = tl.program_id(1)
     cols = cb * BC + tl.arange(0, BC)
@@ -314,7 +354,11 @@ def _bn_bwd_dx_kernel(
     scale = rstd
     if HAS_W:
         scale = scale * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-    if SUMS:
+    if SUMS and ONE_CHUNK:
+        s1, s2, n = _chunk_sums(
+            DY, X, MASK, mean, rstd, 0, cols, cm, T, stride_dy, stride_x, ROWS, BR, BC, HAS_MASK
+        )
+    elif SUMS:
         s1 = tl.zeros((BC,), tl.float32)
         s2 = tl.zeros((BC,), tl.float32)
         n = tl.zeros((), tl.float32)
@@ -326,6 +370,7 @@ def _bn_bwd_dx_kernel(
             s1 += tl.sum(tl.load(P1 + offs, mask=ok, other=0.0), axis=0)
             s2 += tl.sum(tl.load(P2 + offs, mask=ok, other=0.0), axis=0)
             n += tl.sum(tl.load(PCNT + ch, mask=chm, other=0.0), axis=0)
+    if SUMS:
         tl.store(DW + cols, s2, mask=cm & (chunk + 0 * cols == 0))
         tl.store(DB + cols, s1, mask=cm & (chunk + 0 * cols == 0))
         inv_n = 1.0 / tl.maximum(n, 1.0)
@@ -356,22 +401,22 @@ def _bn_bwd_dx_kernel(
 # ---- launchers ------------------------------------------------------------------------------------
 
 
-# block sizes measured best on a GPU, merged over the defaults below (none measured yet)
-TUNED: dict = {}
-
-
-def _config(T: int, C: int) -> dict:
-    """128 columns per program; row chunks of 512 rows where that still gives >= 256 programs,
-    else 256 (more for long inputs, so that a program merges at most 64 chunks' partials): 16 x 16
-    programs at T 8192, C 2048 (H200, CUDA graphs: forward + backward 0.057 + 0.072 ms vs 0.058 +
-    0.081 with 256 rows, 0.059 + 0.087 with 64 columns; benchmarks/results/kernels-h200.json)."""
+@functools.lru_cache(maxsize=256)
+def _config(T: int, C: int, dev: DeviceInfo) -> MappingProxyType:
+    """Block sizes for x (T, C) on ``dev``: 128 columns per program; row chunks of 512 rows where
+    that still gives 1.9 programs per SM (256 on an H200), else 256 (more for long inputs, so that
+    a program merges at most 64 chunks' partials); at most T rows (one chunk, one launch, for small
+    batches). Measured on one H200 in CUDA graphs at T 8192, C 2048 (16 x 16 programs): forward +
+    backward 0.057 + 0.072 ms vs 0.058 + 0.081 with 256 rows, 0.059 + 0.087 with 64 columns
+    (``benchmarks/kernels.py``, ``benchmarks/results/kernels-h200.json``, commit f869288). Cached:
+    read-only."""
     bc = min(128, max(16, next_pow2(C)))
     br = 32
-    rows = 512 if cdiv(T, 512) * cdiv(C, bc) >= 256 else 256
+    rows = 512 if cdiv(T, 512) * cdiv(C, bc) >= 1.9 * dev.sms else 256
     while cdiv(T, rows) > 64:
         rows *= 2
     rows = max(br, min(rows, next_pow2(T)))
-    return {"ROWS": rows, "BR": br, "BC": bc, "NCB": 64, "num_warps": 4, **TUNED}
+    return MappingProxyType({"ROWS": rows, "BR": br, "BC": bc, "NCB": 64, "num_warps": 4, "ONE_CHUNK": True})
 
 
 def _y_dtype(x: torch.Tensor) -> torch.dtype:
@@ -392,17 +437,24 @@ def _unit_stride(*vectors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.contiguous() for t in vectors]
 
 
-def _sizes(T: int, C: int, config: dict | None) -> tuple[dict, int, int, int]:
-    cfg = dict(_config(T, C), **(config or {}))
-    for name in ("ROWS", "BR", "BC", "NCB"):
-        v = cfg[name]
-        if not isinstance(v, int) or v < 1 or v & (v - 1):
-            raise ValueError(f"config {name}={v!r} is not allowed: {name} must be a power of two")
-    if cfg["ROWS"] < cfg["BR"]:
-        raise ValueError(f"config ROWS={cfg['ROWS']} is not allowed: ROWS must be >= BR={cfg['BR']}")
+def _sizes(T: int, C: int, device: torch.device, config: dict | None) -> tuple[dict, int, int, int, bool]:
+    """``(config, chunks, column blocks, chunks merged at a time, one launch)``; a ``config`` given
+    by hand (benchmarks) is merged over the default and checked."""
+    cfg = _config(T, C, device_info(device))
+    if config:
+        cfg = dict(cfg, **config)
+        for name in ("ROWS", "BR", "BC", "NCB"):
+            v = cfg[name]
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"config {name}={v!r} is not allowed: {name} must be a power of two")
+        if cfg["ROWS"] < cfg["BR"]:
+            raise ValueError(f"config ROWS={cfg['ROWS']} is not allowed: ROWS must be >= BR={cfg['BR']}")
     n_chunks = max(1, cdiv(T, cfg["ROWS"]))
     ncb = min(cfg["NCB"], next_pow2(n_chunks))
-    return cfg, n_chunks, cdiv(C, cfg["BC"]), ncb
+    # all rows in one chunk: the statistics (the backward's sums) computed in the normalising
+    # (dx) kernel itself: one launch instead of two (ONE_CHUNK=False: two, for tests and benchmarks)
+    one = n_chunks == 1 and bool(cfg["ONE_CHUNK"])
+    return cfg, n_chunks, cdiv(C, cfg["BC"]), ncb, one
 
 
 def batch_norm_forward(
@@ -423,9 +475,14 @@ def batch_norm_forward(
     rows in training (biased variance), copies of the running statistics in eval. With a
     ``momentum`` (training), the normalising kernel also updates the running statistics in place."""
     check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
+    return _forward(x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift, config)
+
+
+def _forward(x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift, config=None):
+    """:func:`batch_norm_forward` on checked arguments."""
     update = training and momentum is not None
     if update and not (running_mean.is_contiguous() and running_var.is_contiguous()):
-        y, mean, var = batch_norm_forward(x, weight, bias, mask, eps, training, shift=shift, config=config)
+        y, mean, var = _forward(x, weight, bias, mask, eps, training, None, None, None, shift, config)
         update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
         return y, mean, var
     T, C = x.shape
@@ -439,8 +496,8 @@ def batch_norm_forward(
     var = new_output(C, device=dev, dtype=torch.float32)
     if C == 0:
         return y, mean, var
-    cfg, n_chunks, n_cb, ncb = _sizes(T, C, config)
-    if training:
+    cfg, n_chunks, n_cb, ncb, one = _sizes(T, C, dev, config)
+    if training and not one:
         pcnt = new_output(n_chunks, device=dev, dtype=torch.float32)
         pmean = new_output(n_chunks, C, device=dev, dtype=torch.float32)
         pm2 = new_output(n_chunks, C, device=dev, dtype=torch.float32)
@@ -482,6 +539,7 @@ def batch_norm_forward(
         x.stride(0),
         float(eps),
         float(momentum or 0.0),
+        m if m is not None else x,
         ROWS=cfg["ROWS"],
         BR=cfg["BR"],
         BC=cfg["BC"],
@@ -491,6 +549,8 @@ def batch_norm_forward(
         HAS_B=bias is not None,
         UPDATE=update,
         HAS_SHIFT=shift is not None,
+        ONE_CHUNK=one,
+        HAS_MASK=m is not None,
         num_warps=cfg["num_warps"],
     )
     return y, mean, var
@@ -529,8 +589,8 @@ def batch_norm_backward(
     db = new_output(C if sums else 0, device=dev, dtype=torch.float32)
     dsh = new_output(C if need_shift else 0, device=dev, dtype=torch.float32)
     if C > 0 and (sums or need_x):
-        cfg, n_chunks, n_cb, ncb = _sizes(T, C, config)
-        if sums:
+        cfg, n_chunks, n_cb, ncb, one = _sizes(T, C, dev, config)
+        if sums and not one:
             pcnt = new_output(n_chunks, device=dev, dtype=torch.float32)
             p1 = new_output(n_chunks, C, device=dev, dtype=torch.float32)
             p2 = new_output(n_chunks, C, device=dev, dtype=torch.float32)
@@ -590,6 +650,7 @@ def batch_norm_backward(
             NEED_DX=need_x,
             HAS_SHIFT=shift is not None,
             NEED_SHIFT=need_shift,
+            ONE_CHUNK=one,
             num_warps=cfg["num_warps"],
         )
     return (
@@ -600,7 +661,15 @@ def batch_norm_backward(
     )
 
 
-# ---- autograd -------------------------------------------------------------------------------------
+# ---- autograd: one torch.autograd.Function, eager and compiled ---------------------------------------
+#
+# Eagerly the Function calls the launchers itself; under torch.compile it calls the two custom ops
+# below instead (opaque to the compiler, with fake implementations), traced with the Function's own
+# backward (see pkmem.ops.triton.search). The compiled forward is functional: the running
+# statistics are then updated by traced ops after it (batch_norm below).
+
+# torch.compile traces the branch that calls the custom ops (tests patch this to run it eagerly)
+_compiling = torch.compiler.is_compiling
 
 
 @torch.library.custom_op("pkmem::batch_norm", mutates_args=())
@@ -615,7 +684,7 @@ def _bn_op(
     running_var: torch.Tensor | None,
     shift: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return batch_norm_forward(x, weight, bias, mask, eps, training, running_mean, running_var, shift=shift)
+    return _forward(x, weight, bias, mask, eps, training, running_mean, running_var, None, shift)
 
 
 @_bn_op.register_fake
@@ -663,56 +732,64 @@ def _(grad_out, x, weight, mask, mean, var, eps, training, need_x, need_weight, 
     )
 
 
-def _grads(grad_out, saved, ctx, backward_fn):
-    """``(dx, dweight, dbias, dshift)`` for the inputs that need them (None for the others)."""
-    x, weight, bias, mask, mean, var, shift = saved
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    need_s = ctx.needs_input_grad[ctx.shift_index]
-    if grad_out is None or not (need_x or need_w or need_b or need_s):
-        return None, None, None, None
-    dx, dw, db, ds = backward_fn(
-        grad_out, x, weight, mask, mean, var, ctx.eps, ctx.training, need_x, need_w, need_b, shift=shift,
-        need_shift=need_s,
-    )  # fmt: skip
-    return (
-        dx if need_x else None,
-        dw.to(weight.dtype) if need_w else None,
-        db.to(bias.dtype) if need_b else None,
-        ds.to(shift.dtype) if need_s else None,
-    )
-
-
-def _setup_context(ctx, inputs, output, shift_index=8):
-    x, weight, bias, mask, eps, training = inputs[:6]
-    shift = inputs[shift_index]
-    _, mean, var = output
-    ctx.save_for_backward(x, weight, bias, mask, mean, var, shift)
-    ctx.eps, ctx.training, ctx.shift_index = eps, training, shift_index
-    ctx.mark_non_differentiable(mean, var)
-
-
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
-    dx, dw, db, ds = _grads(grad_out, ctx.saved_tensors, ctx, _bn_backward_op)
-    return dx, dw, db, None, None, None, None, None, ds
-
-
-_bn_op.register_autograd(_backward, setup_context=_setup_context)
+def _bn_forward(x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift):
+    if _compiling():  # functional: the caller updates the running statistics
+        return _bn_op(x, weight, bias, mask, eps, training, running_mean, running_var, shift)
+    return _forward(x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)
 
 
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift):
-        y, mean, var = batch_norm_forward(
-            x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift=shift
-        )
-        inputs = (x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)
-        _setup_context(ctx, inputs, (y, mean, var), shift_index=9)
+        args = (x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)
+        y, mean, var = _bn_forward(*args)
+        ctx.save_for_backward(x, weight, bias, mask, mean, var, shift)
+        ctx.eps, ctx.training = eps, training
+        ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
-        dx, dw, db, ds = _grads(grad_out, ctx.saved_tensors, ctx, batch_norm_backward)
-        return dx, dw, db, None, None, None, None, None, None, ds
+        x, weight, bias, mask, mean, var, shift = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_s = ctx.needs_input_grad[9]
+        if grad_out is None or not (need_x or need_w or need_b or need_s):
+            return (None,) * 10
+        args = (grad_out, x, weight, mask, mean, var, ctx.eps, ctx.training, need_x, need_w, need_b)
+        if _compiling():
+            dx, dw, db, ds = _bn_backward_op(*args, shift, need_s)
+        else:
+            dx, dw, db, ds = batch_norm_backward(*args, shift=shift, need_shift=need_s)
+        return (
+            dx if need_x else None,
+            dw.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None,
+            None, None, None, None, None, None,
+            ds.to(shift.dtype) if need_s else None,
+        )  # fmt: skip
+
+
+def normalize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    eps: float,
+    training: bool,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    momentum: float | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_norm` on checked arguments: the op itself."""
+    args = (x, weight, bias, mask, float(eps), bool(training), running_mean, running_var, momentum, shift)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, shift)):
+        y, mean, var = _BatchNorm.apply(*args)
+    else:  # nothing to differentiate: the forward alone (no autograd node)
+        y, mean, var = _bn_forward(*args)
+    if _compiling() and training and momentum is not None:  # traced ops
+        update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
+    return y, mean, var
 
 
 def batch_norm(
@@ -728,14 +805,6 @@ def batch_norm(
     shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused BatchNorm: see :func:`pkmem.ops.reference.batch_norm` (``mean`` and ``var`` are not
-    differentiable; the inputs are checked by batch_norm_forward)."""
-    args = (x, weight, bias, mask, float(eps), bool(training), running_mean, running_var)
-    if torch.compiler.is_compiling():  # the custom op stays functional: the update is traced ops
-        y, mean, var = _bn_op(*args, shift)
-        if training and momentum is not None:
-            update_running_stats(running_mean, running_var, mean, var, real_rows(x, mask), momentum)
-        return y, mean, var
-    grads = (x, weight, bias, shift)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads):
-        return _BatchNorm.apply(*args, momentum, shift)
-    return batch_norm_forward(*args, momentum, shift=shift)  # nothing to differentiate: no autograd node
+    differentiable)."""
+    check_batch_norm(x, weight, bias, mask, training, running_mean, running_var, momentum, shift)
+    return normalize(x, weight, bias, mask, eps, training, running_mean, running_var, momentum, shift)

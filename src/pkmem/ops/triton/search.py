@@ -19,18 +19,21 @@ so per token the duplicates are summed in registers and stored (plain stores, de
 a dense ``(H, 2, T, n)`` buffer; two batched matrix products then give the query and the
 sub-key gradients.
 
-``precision`` (float32 queries): "tf32" (default: tensor-core float32, ~1e-3 relative error on the
-half scores, so near-ties may be resolved differently than in float32) or "ieee" (exact float32, as
-the reference; slower). "tf32x3" (about float32 accuracy) applies to the fused kernel's tl.dot. A
-16-bit query (the query network's output under autocast) takes the sub-keys in its dtype: 16-bit
-operands with float32 sums and results, in both backends.
+Precision of float32 products (float32 queries): torch's float32 matmul setting at each call, as
+torch's own matmuls (``torch.set_float32_matmul_precision``): "highest" (torch's default) gives
+exact float32 products ("ieee"), as the reference; "high" / "medium" give tf32 (tensor cores,
+~1e-3 relative error on the half scores, so near-ties may be resolved differently than in float32;
+faster). The functions here also take ``precision`` explicitly ("tf32", "ieee", or "tf32x3": about
+float32 accuracy, for the fused kernel's tl.dot). A 16-bit query (the query network's output under
+autocast) takes the sub-keys in its dtype: 16-bit operands with float32 sums and results, in both
+backends; under CUDA autocast the backward's products take 16-bit operands too, whatever the
+float32 setting (as torch's matmuls under autocast).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
+from types import MappingProxyType
 
 import torch
 import triton
@@ -39,14 +42,19 @@ import triton.language as tl
 from pkmem.ops.reference import LOW_PRECISION, check_score
 from pkmem.ops.triton._common import (
     INTERPRET,
+    DeviceInfo,
     cdiv,
     check_precision,
+    device_info,
+    float32_precision,
     from_orderable,
     key_or_lowest,
     new_output,
     next_pow2,
     orderable,
     pack,
+    round_to_tf32,
+    tf32_operand,
     to_output,
     unpack_payload,
     unpack_score,
@@ -58,10 +66,7 @@ __all__ = [
     "search_forward",
     "search_backward",
     "half_scores",
-    "DEFAULT_PRECISION",
 ]
-
-DEFAULT_PRECISION = check_precision(os.environ.get("PKMEM_SEARCH_PRECISION", "tf32"))
 
 
 @functools.lru_cache(maxsize=64)
@@ -144,6 +149,8 @@ def _scores(
             kt = tl.load(
                 k_base + cols[None, :] * D + dd[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0
             ).to(tl.float32)
+            q = tf32_operand(q, PRECISION)
+            kt = tf32_operand(kt, PRECISION)
             acc = tl.dot(q, kt, acc, input_precision=PRECISION)
         acc = tl.where(cmask[None, :], acc, float("-inf"))
         tl.store(s_base + lrows[:, None] * s_stride + cols[None, :], acc)
@@ -437,28 +444,38 @@ def _search_bwd_scatter_kernel(
 # ---- launchers ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _matmul_precision(precision: str, device: torch.device):
-    """float32 matrix products, never autocast, in tf32 ("tf32", "tf32x3") or exact float32
-    ("ieee") for the block (the global setting and autocast are touched only where they differ:
-    host time per call)."""
+def _float32_products(precision: str, device: torch.device):
+    """Set torch's float32 matmul precision to ``precision`` ("tf32" or "ieee") and turn autocast
+    off, where they differ from what is set (host time per call: nothing is touched in the common
+    case); returns what :func:`_restore` needs to undo it (None if nothing changed)."""
     mm = torch.backends.cuda.matmul
+    change = float32_precision() != ("ieee" if precision == "ieee" else "tf32")
+    autocast = torch.is_autocast_enabled(device.type)
+    if not (change or autocast):
+        return None
     name = "fp32_precision" if hasattr(mm, "fp32_precision") else "allow_tf32"
     old = getattr(mm, name)
-    tf32 = precision != "ieee"
-    want = ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32
-    if old != want:
-        setattr(mm, name, want)
-    autocast = torch.is_autocast_enabled(device.type)
+    if change:
+        tf32 = precision != "ieee"
+        setattr(mm, name, ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32)
     if autocast:
         torch.set_autocast_enabled(device.type, False)
-    try:
-        yield
-    finally:
+    return device.type, autocast, name if change else None, old
+
+
+def _restore(state) -> None:
+    if state is not None:
+        device_type, autocast, name, old = state
         if autocast:
-            torch.set_autocast_enabled(device.type, True)
-        if old != want:
-            setattr(mm, name, old)
+            torch.set_autocast_enabled(device_type, True)
+        if name is not None:
+            setattr(torch.backends.cuda.matmul, name, old)
+
+
+def _tf32_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """A float32 operand of a cuBLAS product as a GPU reads it: on CPU tensors (the interpreter's
+    tests) rounded to tf32 for precision "tf32", as the tensor cores round it."""
+    return round_to_tf32(x) if precision == "tf32" and not x.is_cuda and x.dtype == torch.float32 else x
 
 
 def _per_half(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -471,31 +488,46 @@ def _per_half(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
 
 
 def half_scores(query: torch.Tensor, subkeys: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
-    """All half scores ``(H, 2, T, n)`` float32 by one batched matrix product (cuBLAS). A 16-bit
-    query (the query network's output under autocast) takes the sub-keys in its dtype: 16-bit
-    operands, float32 sums (exact products: ``precision`` does not apply)."""
+    """All half scores ``(H, 2, T, n)`` float32 by one batched matrix product (cuBLAS): float32
+    products in ``precision`` ("tf32": tensor cores, "ieee": exact). A 16-bit query (the query
+    network's output under autocast) takes the sub-keys in its dtype: 16-bit operands, float32
+    sums (exact products: ``precision`` does not apply)."""
     T, H, kd = query.shape
     H_, _, n, D = subkeys.shape
-    with _matmul_precision(precision, query.device):
+    state = _float32_products(precision, query.device)
+    try:
         if query.dtype in LOW_PRECISION:
             k = subkeys.to(query.dtype).reshape(H * 2, n, D).transpose(1, 2)
             s = _bmm_fp32(_per_half(query, query.dtype), k)
         else:
-            s = torch.bmm(_per_half(query), subkeys.float().reshape(H * 2, n, D).transpose(1, 2))
+            q = _tf32_operand(_per_half(query), precision)
+            k = _tf32_operand(subkeys.float().reshape(H * 2, n, D), precision)
+            s = torch.bmm(q, k.transpose(1, 2))
+    finally:
+        _restore(state)
     return s.view(H, 2, T, n)
 
 
-# block sizes measured best on an H200 (benchmarks/kernels.py); merged over the defaults below
-TUNED: dict = {}
-TUNED_BWD: dict = {}  # the gradient scatter kernel
+@functools.lru_cache(maxsize=256)
+def _fwd_config(T: int, H: int, n: int, D: int, KP: int, precision: str, dev: DeviceInfo) -> MappingProxyType:
+    """Block sizes of the selection kernel for T tokens x H heads over n sub-keys per half, on ``dev``.
 
+    The selection is latency-bound: small programs, several resident per SM. Measured on one
+    H200 (132 SMs; k = 32, n = 512, k_dim = 512), device time of the kernel:
 
-def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
-    many = T * H >= 32 * 512
-    # small programs, several resident per SM (the selection is latency-bound: at 32 rows and 8
-    # warps one program of 242 registers filled an SM, 12% occupancy). H200, paper setting, one
-    # machine: 8 rows x 64 columns, 4 warps 0.40 ms vs 0.59 for 32 x 128, 8 warps; decode sizes
-    # (below 16k token-heads): 4 rows, 4 warps (18.6 vs 27.8 us at 64 tokens with 16 rows)
+    - paper setting (8192 tokens x 4 heads): 8 rows x 64 columns, 4 warps: 0.40 ms vs 0.59 for
+      32 x 128 with 8 warps, where one 242-register program filled an SM (12 % occupancy, Nsight
+      Compute): ``benchmarks/kernels.py``, commit e8667f2;
+    - decode sizes, CUDA-graph replays: 4 rows, 4 warps: 18.8 us vs 26.0 (8 rows) and 38.5 (16)
+      at 64 tokens, 31.7 vs 36.3 and 50.0 at 512 tokens: the decode sweep of
+      ``benchmarks/overhead.py``, ``benchmarks/results/overhead-h200.json``, commit deb4a07.
+
+    8-row programs once they number 15.5 per SM (2048 on an H200, from 16384 token-heads, where the
+    switch was set between the measured 2048 and 32768), so a GPU with fewer SMs switches at a
+    smaller batch. ``precision`` is the fused variant's ``tl.dot`` precision (a compile-time
+    constant; the default variant takes the half scores from cuBLAS in that precision). Cached:
+    read-only."""
+    many = cdiv(T * H, 8) >= 15.5 * dev.sms
     bn = max(min(next_pow2(n), 64 if many else 128), KP, 16)
     cfg = {
         "BT": 8 if many else 4,
@@ -509,10 +541,21 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int) -> dict:
         "num_warps": 4,
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
+        "PRECISION": precision,
     }
-    cfg.update(TUNED)
-    cfg["NG"] = min(cfg["BN"], cfg["NG"])
-    return cfg
+    return MappingProxyType(cfg)
+
+
+def _bwd_config(T: int, H: int, n: int, dev: DeviceInfo) -> MappingProxyType:
+    """Block sizes of the gradient scatter kernel: 8 rows, 4 warps. H200, paper setting: 0.286 ms;
+    4 rows 0.281, 4 rows with 2 warps 0.285, 16 rows with 8 warps 0.318 (``benchmarks/kernels.py``,
+    ``benchmarks/results/kernels-h200.json``, code of commit 9e2e638): no block size matters
+    within 2 %, and the kernel writes every (token, sub-key) gradient, so it is bandwidth-bound on
+    any GPU."""
+    return _BWD_CONFIG
+
+
+_BWD_CONFIG = MappingProxyType({"BT": 8, "num_warps": 4})
 
 
 def _check_config(cfg: dict, KP: int) -> None:
@@ -530,6 +573,7 @@ def _check_config(cfg: dict, KP: int) -> None:
         raise ValueError(
             f"config NG={cfg['NG']} is not allowed: NG must be in [next_pow2(topk)={KP}, BN={cfg['BN']}]"
         )
+    check_precision(cfg["PRECISION"])
 
 
 def search_forward(
@@ -542,8 +586,11 @@ def search_forward(
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the search: ``(T, H, k_dim), (H, 2, n, k_dim/2) -> weights fp32, indices int64``
-    (the weights are ``score`` of the selected scores / ``temperature``; the raw scores for "none")."""
-    precision = check_precision(precision or DEFAULT_PRECISION)
+    (the weights are ``score`` of the selected scores / ``temperature``; the raw scores for "none").
+    ``precision`` of float32 products: None follows torch's float32 matmul setting at this call
+    (:func:`~pkmem.ops.triton._common.float32_precision`). ``config``: block sizes by hand
+    (benchmarks), checked."""
+    precision = float32_precision() if precision is None else check_precision(precision)
     T, H, kd = query.shape
     n, D = subkeys.shape[2], subkeys.shape[3]
     if query.stride(-1) != 1:
@@ -555,10 +602,11 @@ def search_forward(
     indices = new_output(T, H, topk, device=query.device, dtype=torch.int64)
     if T == 0:
         return scores, indices
-    cfg = dict(_fwd_config(T, H, n, D, KP), **(config or {}))
-    if cfg["FUSED"] and "BT" not in (config or {}):
-        cfg["BT"] = max(cfg["BT"], 16)  # tl.dot needs 16 rows
+    cfg = _fwd_config(T, H, n, D, KP, precision, device_info(query.device))
     if config:
+        cfg = dict(cfg, **config)
+        if cfg["FUSED"] and "BT" not in config:
+            cfg["BT"] = max(cfg["BT"], 16)  # tl.dot needs 16 rows
         _check_config(cfg, KP)
     BT, BN = cfg["BT"], cfg["BN"]
     grid = (cdiv(T, BT), H)
@@ -570,7 +618,7 @@ def search_forward(
         S = torch.empty(progs * BT * npad, device=query.device, dtype=torch.float32)
         s_half, s_stride, s_block = 0, npad, BT * npad
     else:
-        S = half_scores(query, subkeys, "ieee" if precision == "ieee" else "tf32")
+        S = half_scores(query, subkeys, cfg["PRECISION"])
         s_half, s_stride, s_block = T * n, n, 0
     CAP = cfg["CAP"]
     cv = torch.empty(progs * BT * CAP, device=query.device, dtype=torch.float32)
@@ -604,7 +652,7 @@ def search_forward(
         NG=cfg["NG"],
         CAP=CAP,
         BNS=min(BN, 2 * KP),
-        PRECISION=precision if cfg["FUSED"] else "tf32",  # only the fused tl.dot uses it
+        PRECISION=cfg["PRECISION"],
         TOPK=cfg["TOPK"],
         FUSED=cfg["FUSED"],
         EXACT=cfg["EXACT"],
@@ -618,11 +666,11 @@ def search_forward(
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def autocast_grad_dtype(device: torch.device, precision: str) -> str:
+def autocast_grad_dtype(device: torch.device) -> str:
     """The dtype of the backward's matrix products for a forward run now: the autocast dtype
-    under CUDA autocast with the default "tf32" precision (as torch's own matmuls under
-    autocast), else "float32" (no autocast, or "ieee" / "tf32x3" asked for)."""
-    if precision == "tf32" and device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+    under CUDA autocast (as torch's own matmuls under autocast, whatever the float32 precision),
+    else "float32"."""
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
         if dtype in LOW_PRECISION:
             return str(dtype).removeprefix("torch.")
@@ -651,23 +699,21 @@ def search_backward(
     score: str = "none",
     temperature: float = 1.0,
     grad_dtype: str = "float32",
+    config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of the search with respect to ``query`` and ``subkeys`` (each in its own dtype),
     from the gradient of its output (``weights``, the forward's output, is needed unless ``score``
     is "none"). ``grad_dtype`` "bfloat16" / "float16" (what :func:`autocast_grad_dtype` picks
     under autocast): the half-score gradient is stored in that dtype and the two matrix products
-    take 16-bit operands (float32 accumulation and results): half the bytes, twice the rate."""
-    precision = check_precision(precision or DEFAULT_PRECISION)
+    take 16-bit operands (float32 accumulation and results): half the bytes, twice the rate.
+    ``precision`` of the float32 products (grad_dtype "float32"): None follows torch's setting.
+    ``config``: the scatter kernel's block sizes by hand (benchmarks)."""
+    precision = float32_precision() if precision is None else check_precision(precision)
     if grad_dtype not in GRAD_DTYPES:
         raise ValueError(
             f"grad_dtype={grad_dtype!r} is not allowed: grad_dtype must be one of {tuple(GRAD_DTYPES)}"
         )
     g_dtype = GRAD_DTYPES[grad_dtype]
-    if g_dtype != torch.float32 and precision != "tf32":
-        raise ValueError(
-            f"grad_dtype={grad_dtype!r} is not allowed with precision={precision!r}: 16-bit products "
-            "go with the default 'tf32' (use grad_dtype='float32' for 'ieee' or 'tf32x3')"
-        )
     T, H, kd = query.shape
     n, D = subkeys.shape[2], subkeys.shape[3]
     topk = indices.shape[-1]
@@ -679,7 +725,7 @@ def search_backward(
         query = query.contiguous()
     q16 = torch.empty(T, H, kd, device=query.device, dtype=g_dtype) if cast_q else query
     if T > 0:
-        cfg = {"BT": 8, "num_warps": 4, **TUNED_BWD}
+        cfg = dict(_bwd_config(T, H, n, device_info(query.device)), **config) if config else _BWD_CONFIG
         BT = cfg["BT"]
         grad_scores = grad_scores.contiguous()
         _search_bwd_scatter_kernel[(cdiv(T, BT), H)](
@@ -720,27 +766,41 @@ def search_backward(
         if need_subkeys:  # the query in G's dtype
             gk = _bmm_fp32(G.transpose(1, 2), _per_half(q16, g_dtype)).view(H, 2, n, D).to(subkeys.dtype)
         return gq, gk
-    with _matmul_precision(precision, query.device):
+    state = _float32_products(precision, query.device)
+    try:
+        G = _tf32_operand(G, precision)
         if need_query:  # (H*2, T, n) @ (H*2, n, D), written straight into (T, H, k_dim)
             gq = torch.empty(T, H, kd, device=query.device, dtype=torch.float32)
-            torch.bmm(G, subkeys.float().reshape(H * 2, n, D), out=_per_half(gq))
+            k = _tf32_operand(subkeys.float().reshape(H * 2, n, D), precision)
+            torch.bmm(G, k, out=_per_half(gq))
             gq = gq.to(query.dtype)
         if need_subkeys:  # (H*2, n, T) @ (H*2, T, D)
-            gk = torch.bmm(G.transpose(1, 2), _per_half(query)).view(H, 2, n, D).to(subkeys.dtype)
+            q = _tf32_operand(_per_half(query), precision)
+            gk = torch.bmm(G.transpose(1, 2), q).view(H, 2, n, D).to(subkeys.dtype)
+    finally:
+        _restore(state)
     return gq, gk
 
 
-# ---- autograd: a custom op (for torch.compile) and a plain Function (cheaper in eager) -------------
+# ---- autograd: one torch.autograd.Function, eager and compiled ---------------------------------------
+#
+# Eagerly the Function calls search_forward / search_backward itself. Under torch.compile it calls
+# the two custom ops below instead: opaque to the compiler (their fake implementations give the
+# output shapes), traced with the Function's own backward. A custom op with its own autograd
+# (register_autograd) costs several times the host time of a Function per eager call.
+
+# torch.compile traces the branch that calls the custom ops (tests patch this to run it eagerly)
+_compiling = torch.compiler.is_compiling
 
 
 @torch.library.custom_op("pkmem::product_lookup", mutates_args=())
-def _product_topk_op(
+def _product_lookup_op(
     query: torch.Tensor, subkeys: torch.Tensor, topk: int, precision: str, score: str, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return search_forward(query, subkeys, topk, precision, score=score, temperature=temperature)
 
 
-@_product_topk_op.register_fake
+@_product_lookup_op.register_fake
 def _(query, subkeys, topk, precision, score, temperature):
     T, H, _ = query.shape
     return (
@@ -750,65 +810,50 @@ def _(query, subkeys, topk, precision, score, temperature):
 
 
 @torch.library.custom_op("pkmem::product_lookup_backward", mutates_args=())
-def _product_topk_backward_op(
+def _product_lookup_backward_op(
     grad_weights: torch.Tensor,
     weights: torch.Tensor,
     query: torch.Tensor,
     subkeys: torch.Tensor,
     indices: torch.Tensor,
+    need_query: bool,
+    need_subkeys: bool,
     precision: str,
     score: str,
     temperature: float,
     grad_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return search_backward(
-        grad_weights, query, subkeys, indices, True, True, precision, weights, score, temperature, grad_dtype
-    )
+    gq, gk = search_backward(
+        grad_weights, query, subkeys, indices, need_query, need_subkeys, precision, weights, score,
+        temperature, grad_dtype,
+    )  # fmt: skip
+    # one empty tensor per missing gradient: a custom op's outputs must not alias each other
+    return (gq if gq is not None else query.new_empty(0)), (gk if gk is not None else subkeys.new_empty(0))
 
 
-@_product_topk_backward_op.register_fake
-def _(grad_weights, weights, query, subkeys, indices, precision, score, temperature, grad_dtype):
+@_product_lookup_backward_op.register_fake
+def _(grad_weights, weights, query, subkeys, indices, need_query, need_subkeys, precision, score, temperature,
+      grad_dtype):  # fmt: skip
     # contiguous, as search_backward writes them (empty_like would keep a strided input's strides)
-    return query.new_empty(query.shape), subkeys.new_empty(subkeys.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    query, subkeys, topk, precision, score, temperature = inputs
-    ctx.save_for_backward(query, subkeys, output[1], output[0])
-    ctx.precision, ctx.score, ctx.temperature = precision, score, temperature
-    ctx.grad_dtype = autocast_grad_dtype(query.device, precision)
-
-
-def _backward(ctx, grad_weights, grad_indices):
-    query, subkeys, indices, weights = ctx.saved_tensors
-    if grad_weights is None:
-        return None, None, None, None, None, None
-    gq, gk = _product_topk_backward_op(
-        grad_weights,
-        weights,
-        query,
-        subkeys,
-        indices,
-        ctx.precision,
-        ctx.score,
-        ctx.temperature,
-        ctx.grad_dtype,
+    return (
+        query.new_empty(query.shape if need_query else 0),
+        subkeys.new_empty(subkeys.shape if need_subkeys else 0),
     )
-    return gq, gk, None, None, None, None
 
 
-_product_topk_op.register_autograd(_backward, setup_context=_setup_context)
+def _lookup_forward(query, subkeys, topk, precision, score, temperature):
+    if _compiling():
+        return _product_lookup_op(query, subkeys, topk, precision, score, temperature)
+    return search_forward(query, subkeys, topk, precision, score=score, temperature=temperature)
 
 
-class _ProductTopk(torch.autograd.Function):
+class _ProductLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, subkeys, topk, precision, score, temperature):
-        weights, indices = search_forward(
-            query, subkeys, topk, precision, score=score, temperature=temperature
-        )
+        weights, indices = _lookup_forward(query, subkeys, topk, precision, score, temperature)
         ctx.save_for_backward(query, subkeys, indices, weights)
         ctx.precision, ctx.score, ctx.temperature = precision, score, temperature
-        ctx.grad_dtype = autocast_grad_dtype(query.device, precision)
+        ctx.grad_dtype = autocast_grad_dtype(query.device)
         ctx.mark_non_differentiable(indices)
         return weights, indices
 
@@ -818,20 +863,23 @@ class _ProductTopk(torch.autograd.Function):
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_weights is None or not (need_q or need_k):
             return None, None, None, None, None, None
-        gq, gk = search_backward(
-            grad_weights,
-            query,
-            subkeys,
-            indices,
-            need_q,
-            need_k,
-            ctx.precision,
-            weights,
-            ctx.score,
-            ctx.temperature,
-            ctx.grad_dtype,
-        )
-        return gq, gk, None, None, None, None
+        args = (grad_weights, weights, query, subkeys, indices, need_q, need_k, ctx.precision, ctx.score)
+        if _compiling():
+            gq, gk = _product_lookup_backward_op(*args, ctx.temperature, ctx.grad_dtype)
+        else:
+            gq, gk = search_backward(
+                grad_weights, query, subkeys, indices, need_q, need_k, ctx.precision, weights, ctx.score,
+                ctx.temperature, ctx.grad_dtype,
+            )  # fmt: skip
+        return (gq if need_q else None), (gk if need_k else None), None, None, None, None
+
+
+def lookup(query, subkeys, topk: int, score: str, temperature: float, precision: str):
+    """:func:`product_lookup` on checked arguments (``precision`` given): the op itself."""
+    if torch.is_grad_enabled() and (query.requires_grad or subkeys.requires_grad):
+        return _ProductLookup.apply(query, subkeys, topk, precision, score, temperature)
+    # nothing to differentiate: the forward alone (no autograd node, less host time per call)
+    return _lookup_forward(query, subkeys, topk, precision, score, temperature)
 
 
 def product_lookup(
@@ -842,15 +890,12 @@ def product_lookup(
     temperature: float = 1.0,
     precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact product-key search and the score function: see :func:`pkmem.ops.reference.product_lookup`."""
-    precision = check_precision(precision or DEFAULT_PRECISION)
+    """Exact product-key search and the score function: see :func:`pkmem.ops.reference.product_lookup`.
+    ``precision`` of float32 products: None (default) follows torch's float32 matmul setting at
+    this call ("highest": exact float32; "high" / "medium": tf32), as torch's own matmuls do."""
+    precision = float32_precision() if precision is None else check_precision(precision)
     temperature = check_score(score, temperature)
-    if torch.compiler.is_compiling():
-        return _product_topk_op(query, subkeys, topk, precision, score, temperature)
-    if torch.is_grad_enabled() and (query.requires_grad or subkeys.requires_grad):
-        return _ProductTopk.apply(query, subkeys, topk, precision, score, temperature)
-    # nothing to differentiate: the forward alone (no autograd node, less host time per call)
-    return search_forward(query, subkeys, topk, precision, score=score, temperature=temperature)
+    return lookup(query, subkeys, topk, score, temperature, precision)
 
 
 def product_topk(

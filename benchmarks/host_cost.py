@@ -1,0 +1,169 @@
+"""The host's share of an eager layer call, on whatever pkmem is imported: run it once per version
+(``PYTHONPATH=<that version>/src``) to compare versions side by side in one session.
+
+    python benchmarks/host_cost.py --label after --out results/host-after.json [--quick]
+
+Per setting (the paper's: 8192 tokens; decoding: 64 tokens; dim 1024, 4 heads, 512**2 slots,
+k 32, k_dim 512, bf16 value table, bf16 autocast, fp32 parameters, as ``benchmarks/layer.py``):
+
+- ``host_us``: host time to issue one call (``time.perf_counter`` around the call alone, the
+  device synchronised before each sample, so that a full launch queue never blocks it): median;
+- ``eager_ms``: one call between two CUDA events (what ``benchmarks/layer.py`` reports as "fwd"):
+  the larger of the host's time and the device's, median;
+- ``graph_ms``: the eval forward replayed from a CUDA graph, ten replays back to back: the
+  device time without the host;
+
+for a training-mode forward with autograd on ("train fwd") and an eval forward without autograd
+("eval fwd"), and the same for the 4 x dim FFN that a memory layer replaces. Without a GPU it runs
+tiny sizes on the CPU (the kernels under TRITON_INTERPRET=1: a smoke test, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+from torch import nn
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pkmem  # noqa: E402
+from pkmem import ProductKeyMemory  # noqa: E402
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def host_us(fn, n: int) -> float:
+    samples = []
+    for _ in range(n):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    _sync()
+    return statistics.median(samples)
+
+
+def eager_ms(fn, n: int) -> float | None:
+    if not CUDA:
+        return None
+    samples = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b))
+    return statistics.median(samples)
+
+
+def graph_ms(fn, n: int) -> float | None:
+    if not CUDA:
+        return None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    samples = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) / 10)
+    return statistics.median(samples)
+
+
+def measure(module: nn.Module, x: torch.Tensor, n: int) -> dict:
+    dev = x.device.type
+    xg = x.clone().requires_grad_()
+
+    def train():
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            return module(xg)
+
+    def infer():
+        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, cache_enabled=False):
+            return module(x)
+
+    out = {}
+    module.train()
+    for _ in range(5):  # compiles the kernels, warms the caches
+        train()
+    out["train fwd"] = {"host_us": host_us(train, n), "eager_ms": eager_ms(train, n)}
+    module.eval()
+    for _ in range(5):
+        infer()
+    out["eval fwd"] = {"host_us": host_us(infer, n), "eager_ms": eager_ms(infer, n)}
+    out["eval fwd"]["graph_ms"] = graph_ms(infer, n)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--label", default="", help="what this run is (before / after)")
+    ap.add_argument("--out", default=None, help="JSON path")
+    ap.add_argument("--quick", action="store_true", help="fewer samples")
+    args = ap.parse_args()
+    device = torch.device("cuda" if CUDA else "cpu")
+    if CUDA:
+        dim, heads, keys, topk, kd, settings = 1024, 4, 512, 32, 512, [("paper", 8192), ("decode", 64)]
+    else:
+        dim, heads, keys, topk, kd, settings = 64, 2, 16, 4, 16, [("tiny", 8)]
+    n = 20 if args.quick or not CUDA else 50
+    try:
+        git = ["git", "-C", os.path.dirname(pkmem.__file__), "rev-parse", "--short", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True).stdout
+    except OSError:
+        commit = ""
+    data = {
+        "label": args.label,
+        "pkmem": os.path.dirname(pkmem.__file__),
+        "git_commit": commit.strip() or None,
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "torch": torch.__version__,
+        "results": {},
+    }
+    torch.manual_seed(0)
+    layer = ProductKeyMemory(dim, heads, keys, topk, kd, backend="triton").to(device)
+    layer.values.data = layer.values.data.to(torch.bfloat16)
+    ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)).to(device)
+    for name, T in settings:
+        x = torch.randn(T, dim, device=device)
+        row = {"tokens": T, "layer": measure(layer, x, n), "ffn": measure(ffn, x, n)}
+        data["results"][name] = row
+        for what in ("train fwd", "eval fwd"):
+            m, f = row["layer"][what], row["ffn"][what]
+            print(
+                f"[{args.label}] {name} {what}: layer host {m['host_us']:.0f} us, eager "
+                f"{m['eager_ms']} ms, graph {m.get('graph_ms')} ms; FFN host {f['host_us']:.0f} us, "
+                f"eager {f['eager_ms']} ms"
+            )
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()

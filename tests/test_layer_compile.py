@@ -1,0 +1,108 @@
+"""torch.compile(fullgraph=True) of a whole MemoryTransformer with a memory: no graph break, and the
+compiled model's outputs, gradients and BatchNorm statistics equal the eager model's (training mode,
+padded batch). On a CPU the Triton kernels run under Triton's interpreter (set here before they are
+imported); the compiled graph calls them through their custom ops."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pkmem.models import MemoryTransformer, MemoryTransformerConfig  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _models(backend: str):
+    cfg = MemoryTransformerConfig(
+        vocab_size=50, seq_len=16, dim=32, n_layers=2, n_heads=4, mem_layers=(2,), mem_heads=2,
+        mem_num_keys=8, mem_topk=4, mem_k_dim=16, mem_backend=backend,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    eager = MemoryTransformer(cfg).to(DEVICE)
+    compiled = MemoryTransformer(cfg).to(DEVICE)
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def _step(call, model, idx, mask, grad):
+    out = call(idx, mask)
+    (out * grad).sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _skip_without_kernels(backend: str) -> None:
+    if backend == "triton":
+        try:
+            from pkmem.ops.triton import _common
+        except ImportError as e:  # pragma: no cover - triton is a dev dependency
+            pytest.skip(f"triton kernels do not import: {e}")
+        if DEVICE.type == "cpu" and not _common.INTERPRET:
+            pytest.skip("no CUDA device and the kernels were imported without TRITON_INTERPRET=1")
+
+
+def _compare(backend: str, compiler, tol: float) -> None:
+    """Two training steps of the compiled model against the eager one: outputs, gradients, the
+    BatchNorm statistics; one graph, no graph break."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, model = _models(backend)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):  # the second call runs the cached graph
+        idx = torch.randint(0, 50, (2, 8), generator=g).to(DEVICE)
+        mask = torch.ones(2, 8, dtype=torch.bool, device=DEVICE)
+        mask[1, 5:] = False
+        grad = torch.randn(2, 8, 50, generator=g).to(DEVICE)
+        for m in (eager, model):
+            m.zero_grad(set_to_none=True)
+        out1, g1 = _step(eager, eager, idx, mask, grad)
+        out2, g2 = _step(compiled, model, idx, mask, grad)
+        torch.testing.assert_close(out2, out1, rtol=tol, atol=tol)
+        assert g1.keys() == g2.keys()
+        for name in g1:
+            msg = lambda m, n=name, s=step: f"step {s}, grad of {n}: {m}"  # noqa: E731
+            torch.testing.assert_close(g2[name], g1[name], rtol=10 * tol, atol=tol, msg=msg)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    for (name, a), b in zip(eager.named_buffers(), model.buffers()):  # BatchNorm running statistics
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_whole_model_fullgraph(backend):
+    _skip_without_kernels(backend)
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    ops = {"forward": set(), "backward": set()}
+
+    def record(kind):
+        def compiler(gm, example_inputs):
+            ops[kind].update(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("pkmem."))
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    # as backend="aot_eager": AOTAutograd's forward and backward graphs, run without code generation
+    # (inductor compiles C++ on a CPU: minutes), here recording which of pkmem's custom ops they call
+    _compare(backend, aot_autograd(fw_compiler=record("forward"), bw_compiler=record("backward")), 1e-5)
+    if backend == "triton":  # the kernels run inside the compiled graphs, as opaque custom ops
+        names = ("batch_norm", "product_lookup", "weighted_gather")
+        assert ops["forward"] == {f"pkmem.{n}.default" for n in names}, ops
+        assert ops["backward"] == {f"pkmem.{n}_backward.default" for n in names}, ops
+    else:
+        assert ops == {"forward": set(), "backward": set()}, ops
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_whole_model_inductor_gpu():
+    """The default compiler (inductor) on CUDA, the kernels between its generated code."""
+    _skip_without_kernels("triton")
+    _compare("triton", "inductor", 1e-4)

@@ -1,0 +1,153 @@
+"""benchmarks/repro.py: the tables' bookkeeping (paired differences, verdicts, equal time) on made-up
+runs, and one job end to end on the CPU (resumable: a finished run is not trained again)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "repro.py"
+
+
+@pytest.fixture(scope="module")
+def repro():
+    spec = importlib.util.spec_from_file_location("repro", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["repro"] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_run(run, valid: float, test: float, curve: list[tuple[int, float]]) -> None:
+    run.dir.mkdir(parents=True)
+    mem = [{"layer": 5, "usage": 0.9, "kl": 0.7}] if run.variant.overrides != ("mem_layers=[]",) else []
+    (run.dir / "eval_valid.json").write_text(
+        json.dumps({"bpb": valid, "memories": mem, "stopped_early": False})
+    )
+    (run.dir / "eval_test.json").write_text(json.dumps({"bpb": test, "memories": mem}))
+    cfg = {"train": {"batch_size": 32, "grad_accum": 1}, "model": {"seq_len": 512}}
+    (run.dir / "config.json").write_text(json.dumps(cfg))
+    lines = [{"type": "train", "step": s, "loss": 1.0} for s, _ in curve]
+    lines += [{"type": "eval", "split": "valid", "step": s, "bpb": y, "tokens": 1024} for s, y in curve]
+    lines.append(
+        {"type": "eval", "split": "valid", "step": curve[-1][0], "bpb": valid, "stopped_early": False}
+    )
+    (run.dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def _args(tmp_path, steps=100, seeds=(0, 1, 2)):
+    return SimpleNamespace(
+        data_path=str(tmp_path / "enwik8"),
+        out=str(tmp_path),
+        device="cpu",
+        steps=steps,
+        seeds=list(seeds),
+        tiny=False,
+        overrides=[],
+    )
+
+
+def test_paired_differences_verdicts_and_equal_time(repro, tmp_path):
+    job = repro.JOBS["noise"]
+    args = _args(tmp_path)
+    runs = repro.plan_runs(job, args)
+    assert len(runs) == 6 and len({r.dir for r in runs}) == 6
+    # the memory is better by 0.05 +- 0.01 on valid (paired), its curve 0.1 lower at every step
+    base_valid = {0: 1.50, 1: 1.52, 2: 1.49}
+    gains = {0: 0.04, 1: 0.05, 2: 0.06}
+    for r in runs:
+        mem = r.variant.name != job.variants[0].name
+        v = base_valid[r.seed] - (gains[r.seed] if mem else 0.0)
+        curve = [(50, v + 0.2 - (0.1 if mem else 0.0)), (100, v)]
+        _fake_run(r, v, v + 0.01, curve)
+    step_s = {job.variants[0].name: 0.010, job.variants[1].name: 0.020}  # the memory is twice as slow
+    res = repro.summarize(job, runs, args, step_s, noise_sd=None)
+    base, mem = res["variants"]
+    assert base["verdict_valid"] == "baseline" and res["tokens_per_step"] == 32 * 512
+    assert mem["diff_valid"]["mean"] == pytest.approx(-0.05) and mem["diff_valid"]["sd"] == pytest.approx(
+        0.01
+    )
+    assert mem["diff_valid"]["n"] == 3 and mem["verdict_valid"] == "better"  # 0.05 > 2 * 0.01
+    assert mem["diff_test"]["mean"] == pytest.approx(-0.05)
+    assert mem["usage"] == pytest.approx(0.9) and base["usage"] is None
+    # equal time: in the baseline's 100 steps the memory reaches step 50, where its curve reads
+    # v + 0.2 - 0.1 - gain: minus the baseline's final v -> 0.1 - gain
+    assert mem["equal_time"]["step"] == pytest.approx(50)
+    assert mem["equal_time"]["diff"] == pytest.approx(statistics_mean([0.1 - g for g in gains.values()]))
+    # the diff curves pair the same seed at the same step
+    assert [y for _, y in mem["diff_curves"][1]] == pytest.approx([-0.15, -0.05])
+    text = repro.markdown(res)
+    assert "| memory (preset) | 1.4533 ± 0.0208 | -0.0500 ± 0.0100 | better |" in text
+    assert "paper" in text and "19.8" in text
+    assert repro.plot(res, tmp_path / "diff.png").is_file()
+
+
+def statistics_mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_verdict_needs_two_sd_and_uses_the_noise_floor_for_one_seed(repro, tmp_path):
+    assert repro._verdict(-0.03, 0.01) == "better" and repro._verdict(0.03, 0.01) == "worse"
+    assert repro._verdict(-0.019, 0.01) == "within noise" and repro._verdict(-0.01, None) == "n/a"
+    job = repro.JOBS["table4"]
+    args = _args(tmp_path, seeds=(0,))
+    runs = repro.plan_runs(job, args)
+    for i, r in enumerate(runs):
+        _fake_run(r, 1.5 - 0.01 * i, 1.5, [(50, 1.6), (100, 1.5 - 0.01 * i)])
+    res = repro.summarize(job, runs, args, {}, noise_sd=0.004)
+    v = res["variants"]
+    assert v[1]["diff_valid"]["sd"] is None and v[1]["diff_valid"]["sd_from"] == "noise job"
+    assert v[1]["verdict_valid"] == "better"  # 0.01 > 2 * 0.004
+    assert v[1]["equal_time"] is None  # no step times: no equal-time comparison
+    assert math.isclose(v[4]["diff_valid"]["mean"], -0.04)
+
+
+def test_runs_shared_between_jobs_and_variant_selection(repro, tmp_path):
+    args = _args(tmp_path, seeds=(0,))
+    a = repro.plan_runs(repro.JOBS["noise"], args)
+    b = repro.plan_runs(repro.JOBS["table2"], args)
+    assert a[0].dir == b[0].dir  # the baseline is the same run in both tables: trained once
+    assert a[0].dir != repro.plan_runs(repro.JOBS["noise"], _args(tmp_path, steps=99, seeds=(0,)))[0].dir
+    data = tmp_path / "enwik8"
+    data.write_bytes(b"x" * 100)
+    parsed = repro.parse_args(["table3", "--data-path", str(data), "--variants", "3,2"])
+    assert parsed.variant_indices == [0, 2, 3]  # the baseline is always in
+    for bad in (["--variants", "99"], ["--seeds", "0,0"], ["--steps", "0"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit):
+            repro.parse_args(["noise", "--data-path", str(data), *bad])
+
+
+def test_a_job_end_to_end_on_the_cpu_and_resumed(repro, tmp_path, capsys):
+    data = tmp_path / "enwik8"
+    data.write_bytes(bytes((i * 31 + i // 7) % 90 + 32 for i in range(80_000)))
+    out = tmp_path / "out"
+    argv = ["noise", "--data-path", str(data), "--out", str(out), "--device", "cpu", "--tiny"]
+    argv += [
+        "--seeds",
+        "0",
+        "--steps",
+        "2",
+        "--jobs",
+        "2",
+        "--time-steps",
+        "2",
+        "n_layers=2",
+        "mem_layers=[2]",
+    ]
+    assert repro.main(argv) == 0
+    res = json.loads((out / "noise.json").read_text())
+    base, mem = res["variants"]
+    assert res["steps"] == 2 and base["runs"][0]["status"] == "done" and mem["runs"][0]["status"] == "done"
+    assert base["test_bpb"][0] > 0 and mem["valid_bpb"][0] > 0 and 0 < mem["usage"] <= 1
+    assert mem["step_s"] > 0 and mem["params"] > base["params"] and mem["value_params"] == 16**2 * 32
+    assert [s for s, _ in mem["runs"][0]["curve"]] == [1, 2]  # eval_every = steps // 10 -> every step
+    assert (out / "noise.md").is_file() and (out / "noise-diff.png").is_file()
+    stamp = (Path(mem["runs"][0]["dir"]) / "eval_valid.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert repro.main([*argv, "--time-steps", "0"]) == 0
+    assert "2 done, 0 to train" in capsys.readouterr().out
+    assert (Path(mem["runs"][0]["dir"]) / "eval_valid.json").stat().st_mtime_ns == stamp

@@ -1,0 +1,33 @@
+"""benchmarks/train_step.py runs on a CPU at tiny sizes and writes its JSON."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "train_step.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    variants = "adamw fp32,exact_adam bf16"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu", "--tiny"]
+    cmd += ["--presets", "enwik8-small", "--variants", variants, "--warmup", "1", "--steps", "2"]
+    cmd += ["--update-repeats", "1"]
+    cmd += ["--out", str(out)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["results"]}
+    assert list(rows) == variants.split(",")
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["wall_ms"] > 0 and r["tokens_per_s"] > 0
+        assert set(r["device_ms"]) >= {"forward", "metrics", "backward", "clip", "optimizer", "step"}
+        assert r["device_ms"]["metrics"] > 0  # the usage tracking, timed apart from the forward
+        vu = r["value_update"]
+        assert vu["rows"] > 0 and vu["bytes"] > 0 and vu["measured_over_floor"] > 0, vu
+    assert "wall ms" in res.stdout  # the table
