@@ -41,6 +41,7 @@ import platform
 import re
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -369,7 +370,14 @@ def _launch(world: int, jobs: list[tuple], args, timeout_s: float) -> tuple[list
 
 # ---- the parent ------------------------------------------------------------------------------------
 def _environment(device: str, nproc: int) -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except Exception:
+        commit = ""
     env = {
+        "git_commit": commit,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "nproc": nproc,
