@@ -387,3 +387,16 @@ def test_draw_part_gives_the_whole_tables_numbers(shape, dim):
         got = draw_part(shape, 0.5, dim, part, chunk_elements=64)  # many small blocks
         assert torch.equal(got, whole[part] if dim == 0 else whole[:, part])
         assert torch.equal(torch.rand(4), after)
+
+
+def test_cli_prints_another_ranks_failure_as_one_line(monkeypatch, capsys):
+    import pkmem.train.loop as loop
+    from pkmem.cli import main
+
+    def failing(*args, **kwargs):
+        raise DistributedError("building the model: rank 1 failed: ValueError: no room")
+
+    monkeypatch.setattr(loop, "train", failing)
+    assert main(["train", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pkmem train: error: building the model: rank 1 failed: ValueError: no room"]

@@ -177,6 +177,8 @@ def save_sharded(
             shutil.rmtree(old, ignore_errors=True)
         for stale in ckpt_lib.list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
+        for leftover in root.glob(".step_*"):  # temporary directories of interrupted saves
+            shutil.rmtree(leftover, ignore_errors=True)
         return final
 
     par.on_main("completing the checkpoint", complete)
