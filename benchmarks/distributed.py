@@ -21,8 +21,9 @@ It starts its own ranks, as torchrun does (``RANK``, ``WORLD_SIZE``, ``LOCAL_RAN
   ``weight_grads``: the sharded reads' messages), and on CUDA the peak allocated memory.
 - ``read``: one read of the value table, forward and backward, at the preset's memory and batch:
   the sharded read by ``columns`` and by ``rows`` on N ranks (each its share of the tokens, random
-  slots), and the whole table's gather of all the tokens on one rank. Median milliseconds and the
-  bytes each rank sends: the layouts side by side.
+  slots), and the whole table's gather of all the tokens on one rank. Median (and minimum)
+  milliseconds of the read, of its local gather alone (every rank's tokens on this rank's part, no
+  communication), and the bytes each rank sends: the layouts side by side.
 - ``capacity`` (``--capacity-keys``): for 1 and N ranks, memories of growing ``num_keys`` (values
   zero-initialised: the same memory, no time spent drawing) train ``--capacity-steps`` steps or
   fail (out of memory); each attempt in fresh processes, stopping at the first failure.
@@ -211,6 +212,13 @@ def _read(name: str, overrides: list[str], layout: str, device_name: str, args) 
     idx = torch.randint(0, S, (T, J), device=device, generator=g)
     w = torch.rand(T, J, device=device, generator=g).requires_grad_()
     grad = torch.randn(T, v, device=device, generator=g)
+    # the local gather alone (no communication): every rank's tokens on this rank's part
+    idx_all = torch.randint(0, S, (N * T, J), device=device, generator=g)
+    if layout == "rows":
+        lo, hi = par.rank * S // N, (par.rank + 1) * S // N
+        idx_all = torch.where((idx_all >= lo) & (idx_all < hi), idx_all - lo, -1)
+    w_all = torch.rand(N * T, J, device=device, generator=g).requires_grad_()
+    grad_all = torch.randn(N * T, shape[1], device=device, generator=g)
 
     def once():
         if layout == "whole":
@@ -220,19 +228,28 @@ def _read(name: str, overrides: list[str], layout: str, device_name: str, args) 
         out.backward(grad)
         table_.grad = w.grad = None
 
+    def local():
+        ops.weighted_gather(table_, idx_all, w_all).backward(grad_all)
+        table_.grad = w_all.grad = None
+
+    def timed(fn) -> list[float]:
+        times = []
+        for _ in range(args.read_iters):
+            par.barrier("timing")
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
     for _ in range(3):
         once()
+        local()
     with count_traffic() as traffic:
         once()
-    times = []
-    for _ in range(args.read_iters):
-        par.barrier("timing")
-        _sync(device)
-        t0 = time.perf_counter()
-        once()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
+    times, local_times = timed(once), timed(local)
+    ms = statistics.median(times)
     return {
         "config": name,
         "part": "read",
@@ -243,7 +260,10 @@ def _read(name: str, overrides: list[str], layout: str, device_name: str, args) 
         "slots": S,
         "v_dim": v,
         "read_ms": ms,
-        "read_ms_all": [t * 1e3 for t in times],
+        "read_ms_min": min(times),
+        "read_ms_all": times,
+        "local_gather_ms": statistics.median(local_times),
+        "local_gather_ms_min": min(local_times),
         "tokens_per_s": N * T / (ms * 1e-3),
         "bytes_sent": dict(traffic),
         "bytes_sent_total": sum(traffic.values()),
@@ -519,12 +539,14 @@ def main(argv: list[str] | None = None) -> int:
             r["config"],
             r["world_size"],
             r["layout"],
-            f"{r['read_ms']:.2f}",
+            f"{r['read_ms']:.2f} ({r['read_ms_min']:.2f})",
+            f"{r['local_gather_ms']:.2f} ({r['local_gather_ms_min']:.2f})",
             f"{r['bytes_sent_total'] / 2**20:.2f}",
         ]
         for r in result["read"]
     ]
-    print(table(reads, ["config", "ranks", "read of the table", "ms (fwd+bwd)", "MiB sent"]))
+    head = ["config", "ranks", "read of the table", "ms fwd+bwd (min)", "local gather ms (min)", "MiB sent"]
+    print(table(reads, head))
     for r in result["capacity"]:
         state = "trained" if r["trained"] else f"failed: {r.get('error', '')[:80]}"
         print(f"capacity: {r['config']} num_keys={r['num_keys']} on {r['world_size']} rank(s): {state}")
