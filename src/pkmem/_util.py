@@ -1,4 +1,5 @@
-"""Small helpers shared across pkmem: the "is not allowed" error and atomic file writes.
+"""Small helpers shared across pkmem: the "is not allowed" error, atomic file writes and the error of a
+distributed run.
 
 Torch-free: the ``pkmem`` command imports it before it knows whether torch is needed.
 """
@@ -9,7 +10,12 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["not_allowed", "atomic_write_bytes", "file_mode"]
+__all__ = ["not_allowed", "atomic_write_bytes", "file_mode", "DistributedError"]
+
+
+class DistributedError(RuntimeError):
+    """Another rank of a distributed run failed (the text names it and its error), or the ranks
+    stopped answering (:mod:`pkmem.distributed`)."""
 
 
 def not_allowed(name: str, value, allowed: str) -> ValueError:

@@ -14,7 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
-from pkmem._util import atomic_write_bytes, not_allowed
+from pkmem._util import DistributedError, atomic_write_bytes, not_allowed
 
 __all__ = ["main", "build_parser"]
 
@@ -426,7 +426,7 @@ def _run(args, overrides: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"pkmem {args.command}: interrupted", file=sys.stderr)
         return 130
-    except FloatingPointError as e:
+    except (FloatingPointError, DistributedError) as e:  # DistributedError: another rank's failure
         print(f"pkmem {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -243,7 +243,7 @@ class TrainConfig:
         None, "where token ids are cached, shared by runs (null: $XDG_CACHE_HOME/pkmem or ~/.cache/pkmem)"
     )
     # batches
-    batch_size: int = _opt(16, "sequences per micro-batch, each seq_len tokens")
+    batch_size: int = _opt(16, "sequences per micro-batch, each seq_len tokens (all ranks together)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     max_steps: int = _opt(1000, "optimizer steps (max_time_s may stop the run earlier)")
     # optimisation (AdamW; memory values in their own group)
@@ -284,6 +284,14 @@ class TrainConfig:
         "auto", "auto (bf16 autocast on cuda, fp32 on cpu), fp32 or bf16", ("auto", "fp32", "bf16")
     )
     compile: bool = _opt(False, "torch.compile the model")
+    shard_values: bool = _opt(
+        False, "on several ranks (torchrun): split each memory's value table over the ranks, not replicate it"
+    )
+    shard_layout: str = _opt(
+        "columns",
+        "how shard_values splits a table: columns (v_dim / ranks each) or rows",
+        ("columns", "rows"),
+    )
     seed: int = _opt(0, "random seed: initialisation and batches (a batch is a function of seed and step)")
     max_time_s: float | None = _opt(
         None, "seconds of training after which the run stops early (with a checkpoint), even before max_steps"

@@ -143,6 +143,9 @@ def masked_batch_norm(
     ``check=False``: the caller has checked the arguments (``x`` (T, C), ``mask`` bool of T).
     """
     batch_stats = bn.training or not bn.track_running_stats
+    sync = getattr(bn, "masked_batch_norm", None)
+    if batch_stats and sync is not None:  # statistics of the global batch (pkmem.distributed)
+        return sync(x, mask, shift)
     track = bn.training and bn.track_running_stats
     # with a momentum the op updates the running statistics itself (in the kernel on CUDA)
     momentum = bn.momentum if track else None
@@ -328,23 +331,22 @@ class ProductKeyMemory(nn.Module):
             value_dtype,
             "torch.float32, torch.bfloat16, 'float32', 'bfloat16' or None",
         )
-        if values is None:
-            table = torch.zeros(self.num_slots, v_dim)
-            if not zero_init_values:
-                nn.init.normal_(table, std=v_dim**-0.5)
-            values = nn.Parameter(table.to(dtype or torch.float32))  # drawn in float32, then rounded
-        elif dtype is not None and isinstance(values, torch.Tensor) and values.dtype != dtype:
+        if dtype is not None and isinstance(values, torch.Tensor) and values.dtype != dtype:
             raise ValueError(
                 f"value_dtype={value_dtype!r} is not allowed with a shared table of dtype {values.dtype}: "
                 "leave value_dtype out (None) or give the table's dtype"
             )
-        if not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim):
+        if values is not None and (
+            not isinstance(values, nn.Parameter) or tuple(values.shape) != (self.num_slots, v_dim)
+        ):
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(
                 f"values={shape} is not allowed: values must be an nn.Parameter of shape "
                 f"(num_keys**2, v_dim) = {(self.num_slots, v_dim)}"
             )
-        self.values = values
+        self.values = (
+            values if values is not None else self._new_values(zero_init_values, dtype or torch.float32)
+        )
 
         # output: optional swilu gate, projection when v_dim != dim or gated
         self.gate_proj = nn.Linear(dim, v_dim, bias=False) if gate == "swilu" else None
@@ -387,9 +389,7 @@ class ProductKeyMemory(nn.Module):
             self.usage_stats.update(idx, w)
         w = _dropout(self.score_dropout, w)
         T, J = x2.shape[0], self.heads * self.topk
-        out = dispatch.run_weighted_gather(
-            self.values, idx.reshape(T, J), w.reshape(T, J), self.sparse_values, self.backend
-        )
+        out = self.read_values(idx.reshape(T, J), w.reshape(T, J))
         out = _dropout(self.value_dropout, out)  # (T, v_dim), float32
         if self.gate_proj is not None:
             out = out * F.silu(self.gate_proj(_cast(x2, self.gate_proj)).to(out.dtype))
@@ -404,6 +404,21 @@ class ProductKeyMemory(nn.Module):
         dev = x.device.type
         autocast16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
         return x.dtype == torch.float16 or self.values.dtype == torch.float16 or autocast16
+
+    def _new_values(self, zero_init: bool, dtype: torch.dtype) -> nn.Parameter:
+        """A new value table ``(num_slots, v_dim)`` of ``dtype``: N(0, v_dim**-0.5) drawn in float32
+        then rounded, or zeros (a memory whose table is sharded across processes,
+        :mod:`pkmem.distributed`, makes only its part)."""
+        table = torch.zeros(self.num_slots, self.v_dim)
+        if not zero_init:
+            nn.init.normal_(table, std=self.v_dim**-0.5)
+        return nn.Parameter(table.to(dtype))
+
+    def read_values(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``out[t] = sum_j weights[t, j] * values[indices[t, j]]``: ``(T, J), (T, J) -> (T, v_dim)``
+        float32, the layer's one read of its value table (a table sharded across processes,
+        :mod:`pkmem.distributed`, overrides it)."""
+        return dispatch.run_weighted_gather(self.values, indices, weights, self.sparse_values, self.backend)
 
     # ---- steps ----------------------------------------------------------------------------------
     def _flatten(self, x: torch.Tensor, mask: torch.Tensor | None):

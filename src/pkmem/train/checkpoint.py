@@ -582,13 +582,16 @@ def _load_safetensors(ckpt: Path, name: str) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
-    """``{"dir", "state", "model" (tensors), "optimizer" (a state dict or None)}`` of a checkpoint.
+    """``{"dir", "state", "model" (tensors), "optimizer" (a state dict or None)}`` of a checkpoint
+    (``model`` and ``optimizer`` None for a distributed run's: :mod:`pkmem.distributed.checkpoint`).
 
     With ``verify`` (the default) the whole checkpoint is checked first (see the module's docstring)
     and a tensor holding NaN or infinity is a CheckpointError.
     """
     ckpt = find_checkpoint(path)
     state = read_state(ckpt, verify)
+    if state.get("layout") == "dcp":  # written by the ranks of a distributed run: pkmem.distributed reads it
+        return {"dir": ckpt, "state": state, "model": None, "optimizer": None}
     model = _load_safetensors(ckpt, "model.safetensors")
     if verify and _non_finite(model):
         bad = _non_finite(model)

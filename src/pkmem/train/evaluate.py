@@ -137,6 +137,7 @@ def evaluate(
     track_usage: bool = True,
     forward=None,
     progress: bool = False,
+    parallel=None,
 ) -> dict:
     """Next-token loss of ``model`` on windows of ``tokens`` (see :func:`eval_windows`).
 
@@ -146,9 +147,14 @@ def evaluate(
     ``forward`` (default ``model``) is the callable that computes logits (e.g. a compiled model).
     ``seconds`` and the speeds leave out the first batch when there are several (it compiles kernels).
     ``progress``: a tqdm bar on stderr (tokens evaluated).
+    ``parallel`` (a :class:`pkmem.distributed.Parallel` of several ranks): every rank calls this and
+    evaluates its share of the windows; the results are those of all windows, on every rank.
     """
     forward = model if forward is None else forward
     starts = eval_windows(len(tokens), seq_len, max_tokens)
+    real = None  # on several ranks: which of this rank's windows count (the last rank's are padded)
+    if parallel is not None and parallel.distributed:
+        starts, real = parallel.windows(starts)
     offsets = np.arange(seq_len + 1)
     tracker = None
     if track_usage and hasattr(model, "memories") and model.memories():
@@ -185,13 +191,24 @@ def evaluate(
                 t0, timed = time.perf_counter(), count
             chunk = np.asarray(tokens[starts[i : i + batch_size, None] + offsets], dtype=np.int64)
             xy = torch.from_numpy(chunk).to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = forward(xy[:, :-1])
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1), reduction="sum"
-            )
+            if real is None:
+                with autocast(device, precision):
+                    logits = forward(xy[:, :-1])
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1), reduction="sum"
+                )
+                count += xy[:, 1:].numel()
+            else:  # padded windows run (every rank makes the same calls) but are masked and not counted
+                keep = torch.from_numpy(real[i : i + batch_size]).to(device)
+                mask = keep[:, None].expand(-1, seq_len)
+                with autocast(device, precision):
+                    logits = forward(xy[:, :-1], mask)
+                per_token = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1), reduction="none"
+                )
+                loss = torch.where(mask.reshape(-1), per_token, 0.0).sum()
+                count += int(real[i : i + batch_size].sum()) * seq_len
             total += loss.double()
-            count += xy[:, 1:].numel()
             if bar is not None:
                 bar.update(xy[:, 1:].numel())
         _sync(device)
@@ -202,6 +219,13 @@ def evaluate(
         if tracker is not None:
             tracker.stop()
         model.train(was_training)
+    rate = (count - timed) / max(seconds, 1e-9)
+    if real is not None:  # the sums (and the speeds) of all ranks
+        local = torch.tensor([count, rate], dtype=total.dtype, device=device)
+        sums = parallel.sum(torch.cat([total.reshape(1), local]))
+        total, count, rate = sums[0], int(sums[1].item()), float(sums[2].item())
+        if tracker is not None:
+            tracker.all_reduce_(parallel.group)
     loss = total.item() / count
     bits = loss / math.log(2)
     out = {
@@ -211,8 +235,8 @@ def evaluate(
         "bpb": bits if is_bytes else None,
         "tokens": count,
         "seconds": seconds,
-        "tokens_per_s": (count - timed) / max(seconds, 1e-9),
-        "words_per_s": ((count - timed) / max(seconds, 1e-9)) * words_per_token if words_per_token else None,
+        "tokens_per_s": rate,
+        "words_per_s": rate * words_per_token if words_per_token else None,
         "memories": memory_report(tracker, _layers(model)),
     }
     return out

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from pkmem._util import atomic_write_bytes, not_allowed
 from pkmem.config import PRESETS, Config, TrainConfig, config_from_dict, override_section, read_config_file
+from pkmem.distributed.parallel import Parallel
 from pkmem.models import MakeMemory, MemoryTransformer
-from pkmem.optim import clip_grad_norm, make_optimizer
+from pkmem.optim import make_optimizer
 from pkmem.train import checkpoint as ckpt_lib
 from pkmem.train.data import (
     TokenData,
@@ -170,7 +171,12 @@ def load_run(
     tok = load_tokenizer(ck["dir"] / "tokenizer.json")
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model = MemoryTransformer(cfg.model, make_memory)
-    ckpt_lib.load_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
+    if ck["model"] is None:  # a distributed run's checkpoint: its shards make whole tables here
+        from pkmem.distributed.checkpoint import load_model
+
+        load_model(model, ck["dir"])
+    else:
+        ckpt_lib.load_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
     return model.to(device).eval(), cfg, tok, ck
 
 
@@ -188,11 +194,13 @@ def train(
 
     Writes ``<run_dir>/metrics.jsonl``, ``checkpoints/``, ``tokenizer.json``, ``config.json``,
     ``eval_valid.json`` and ``plots/``. ``make_memory``: see :class:`pkmem.models.MemoryTransformer`.
+    Started by torchrun (``WORLD_SIZE`` > 1), every rank calls it: see :mod:`pkmem.distributed`.
     """
-    run_dir = _new_run_dir(cfg, run_dir)
+    par = Parallel.from_env(cfg.train.device)
+    run_dir = par.on_main("choosing the run directory", lambda: _new_run_dir(cfg, run_dir))
     if cfg.train.data_path is not None:  # absolute: the run resumes and evaluates from anywhere
         cfg.train.data_path = _absolute(cfg.train.data_path)
-    return _run(cfg, run_dir, None, progress, log, make_memory)
+    return _run(cfg, run_dir, None, progress, log, make_memory, par)
 
 
 def resume(
@@ -216,7 +224,7 @@ def resume(
     ck = ckpt_lib.load_checkpoint(run_dir)  # verifies all of itself: clear error if corrupt
     cfg = _resume_config(ck, list(overrides), config_name)
     _check_resumable(cfg, ck, make_memory)  # before anything in the run directory is written
-    return _run(cfg, run_dir, ck, progress, log, make_memory)
+    return _run(cfg, run_dir, ck, progress, log, make_memory, Parallel.from_env(cfg.train.device))
 
 
 def _new_run_dir(cfg: Config, run_dir: str | os.PathLike | None) -> Path:
@@ -277,6 +285,8 @@ def _check_resumable(cfg: Config, ck: dict, make_memory: MakeMemory | None) -> N
             model = MemoryTransformer(cfg.model, make_memory)
     except (RuntimeError, NotImplementedError):  # a make_memory that cannot be built without data:
         return  # set_up's own load checks it (after the run's files are written)
+    if ck["model"] is None:  # a checkpoint of several ranks: its loader checks it against the model
+        return
     ckpt_lib.match_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
     if ck["optimizer"] is not None:
         optimizer = _make_optimizer(model, cfg.train)
@@ -298,23 +308,36 @@ def _absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _run(cfg: Config, run_dir: Path, ck: dict | None, progress: bool, log, make_memory) -> dict:
+def _run(
+    cfg: Config, run_dir: Path, ck: dict | None, progress: bool, log, make_memory, par: Parallel
+) -> dict:
     """Set up, fit and finish; a new run that fails before its first checkpoint leaves nothing."""
-    if cfg.train.data != "stdlib":  # a missing --data-path is reported before anything is written
-        source_fingerprint(cfg.train.data, cfg.train.data_path, cfg.train.follow_symlinks)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not par.is_main:  # rank 0 logs and writes the run's files
+        log, progress = (lambda *args, **kwargs: None), False
     own = ck is not None and cfg.train.threads == ck["state"]["config"]["train"].get("threads")
     cfg.train.threads = set_threads(cfg.train.threads, log, "the run's own" if own else "threads")
     try:
-        run = set_up(cfg, run_dir, ck, progress, log, make_memory)
-        state = LoopState(step=run.start_step, last_saved=run.start_step if ck else -1, lr=cfg.train.lr)
-        stopped_early = fit(run, state, log)
-        return finish(run, state, stopped_early, log)
-    except BaseException:
-        if created and not ckpt_lib.list_checkpoints(run_dir):  # nothing worth keeping
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        if cfg.train.data != "stdlib":  # a missing --data-path is reported before anything is written
+            t = cfg.train
+            par.agree("finding the data", lambda: source_fingerprint(t.data, t.data_path, t.follow_symlinks))
+        created = par.on_main("creating the run directory", lambda: _make_dir(run_dir))
+        try:
+            run = set_up(cfg, run_dir, ck, progress, log, make_memory, par)
+            state = LoopState(step=run.start_step, last_saved=run.start_step if ck else -1, lr=cfg.train.lr)
+            stopped_early = fit(run, state, log)
+            return finish(run, state, stopped_early, log)
+        except BaseException:
+            if created and par.is_main and not ckpt_lib.list_checkpoints(run_dir):  # nothing worth keeping
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+    finally:
+        par.close()
+
+
+def _make_dir(run_dir: Path) -> bool:
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 # ---- set-up -----------------------------------------------------------------------------------------
@@ -335,9 +358,10 @@ class Run:
     pbar: object | None  # the tqdm progress bar
     start_step: int  # 0, or the step of the checkpoint resumed from
     t_start: float  # time.perf_counter() when the run started
+    par: Parallel = field(default_factory=Parallel)  # the ranks (one process by default)
 
     @property
-    def tokens_per_step(self) -> int:
+    def tokens_per_step(self) -> int:  # all ranks together
         return self.cfg.train.batch_size * self.cfg.model.seq_len * self.cfg.train.grad_accum
 
     @property
@@ -362,31 +386,46 @@ class LoopState:
 
 
 def set_up(
-    cfg: Config, run_dir: Path, ck: dict | None, progress: bool, log, make_memory: MakeMemory | None = None
+    cfg: Config,
+    run_dir: Path,
+    ck: dict | None,
+    progress: bool,
+    log,
+    make_memory: MakeMemory | None = None,
+    par: Parallel | None = None,
 ) -> Run:
-    """Data and tokenizer, model and optimizer (restored from ``ck`` when resuming), logging."""
+    """Data and tokenizer, model and optimizer (restored from ``ck`` when resuming), logging; on
+    several ranks (``par``) also the DDP wrap and the sharded value tables (:mod:`pkmem.distributed`)."""
     t, t_start = cfg.train, time.perf_counter()
-    device = resolve_device(t.device)
-    data = load_data_for(
-        cfg, run_dir, tokenizer=load_tokenizer(ck["dir"] / "tokenizer.json") if ck else None, log=log
-    )
+    par = Parallel() if par is None else par
+    device = par.device(t.device)
+    tokenizer = load_tokenizer(ck["dir"] / "tokenizer.json") if ck else None
+    data = par.main_first("preparing the data", lambda: load_data_for(cfg, run_dir, tokenizer, log=log))
     tok = data.tokenizer
     cfg.model.vocab_size = tok.vocab_size
-    tok.save(run_dir / "tokenizer.json")
-    _record_data(run_dir, data)
-
-    model = build_model(cfg, device, make_memory)
-    optimizer = _make_optimizer(model, t)
-    start_step = _restore(model, optimizer, ck, run_dir, log) if ck else 0
+    if par.is_main:
+        tok.save(run_dir / "tokenizer.json")
+        _record_data(run_dir, data)
+    model, optimizer = par.agree(
+        "building the model", lambda: _model_and_optimizer(cfg, device, make_memory, par)
+    )
+    par.seed_rank(t.seed)
+    start_step = (
+        par.agree("loading the checkpoint", lambda: _restore(model, optimizer, ck, run_dir, log, par))
+        if ck
+        else 0
+    )
+    forward = par.wrap(model)  # DDP on several ranks
     if start_step >= t.max_steps and ck:
         log(f"the run is already at step {start_step} >= max_steps={t.max_steps}: evaluating only")
-    atomic_write_bytes(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+    if par.is_main:
+        atomic_write_bytes(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
 
     n_params, n_dense = model.num_parameters(), model.num_parameters(values=False)
     log(
         f"model: {cfg.model.n_layers} layers, dim {cfg.model.dim}, memories at layers "
         f"{list(model.mem_layer_indices) or 'none'} ({cfg.model.mem_mode}); {n_params / 1e6:.2f}M parameters "
-        f"({n_dense / 1e6:.2f}M without memory values); device {device}"
+        f"({n_dense / 1e6:.2f}M without memory values); device {device}{par.describe(model)}"
     )
     log(
         f"data: {data.meta['description']}, {len(data.tokens('train')):,} training tokens "
@@ -399,14 +438,23 @@ def set_up(
         data=data,
         tok=tok,
         model=model,
-        forward=torch.compile(model) if t.compile else model,
+        forward=torch.compile(forward) if t.compile else forward,
         optimizer=optimizer,
         tracker=_usage_tracker(model, t.track_usage),
-        tb=_tensorboard(run_dir, t.tensorboard),
+        tb=_tensorboard(run_dir, t.tensorboard and par.is_main),
         pbar=_progress_bar(t.max_steps, start_step) if progress else None,
         start_step=start_step,
         t_start=t_start,
+        par=par,
     )
+
+
+def _model_and_optimizer(cfg: Config, device: torch.device, make_memory: MakeMemory | None, par: Parallel):
+    t = cfg.train
+    par.rows(t.batch_size)  # the global batch must split evenly over the ranks
+    model = build_model(cfg, device, par.memory_maker(cfg, make_memory))
+    par.check_model(model, t.shard_values, t.value_optimizer)
+    return model, _make_optimizer(model, t)
 
 
 def _make_optimizer(model, t: TrainConfig) -> torch.optim.Optimizer:
@@ -423,14 +471,25 @@ def _make_optimizer(model, t: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
-def _restore(model, optimizer, ck: dict, run_dir: Path, log) -> int:
+def _restore(model, optimizer, ck: dict, run_dir: Path, log, par: Parallel | None = None) -> int:
     """Load a checkpoint's model, optimizer and RNG states; returns its step."""
-    ckpt_lib.load_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
-    if ck["optimizer"] is not None:
-        optimizer.load_state_dict(ck["optimizer"])
-    ckpt_lib.set_rng_state(ck["state"].get("rng", {}), str(ck["dir"] / ckpt_lib.STATE))
+    par = Parallel() if par is None else par
+    if par.distributed or ck["model"] is None:  # saved or resumed on several ranks
+        from pkmem.distributed.checkpoint import load_sharded, load_whole, restore_rng
+
+        if ck["model"] is None:
+            load_sharded(ck, model, optimizer, par)
+        else:
+            load_whole(ck, model, optimizer, str(ck["dir"] / "model.safetensors"))
+        restore_rng(ck["state"], par)
+    else:
+        ckpt_lib.load_model_state(model, ck["model"], str(ck["dir"] / "model.safetensors"))
+        if ck["optimizer"] is not None:
+            optimizer.load_state_dict(ck["optimizer"])
+        ckpt_lib.set_rng_state(ck["state"].get("rng", {}), str(ck["dir"] / ckpt_lib.STATE))
     step = int(ck["state"]["step"])
-    _truncate_metrics(run_dir / METRICS, step)
+    if par.is_main:
+        _truncate_metrics(run_dir / METRICS, step)
     log(f"resuming {run_dir} from step {step} ({ck['dir'].name})")
     return step
 
@@ -507,6 +566,7 @@ def fit(run: Run, state: LoopState, log) -> bool:
             train_step(run, state)
             out_of_time = t.max_time_s is not None and time.perf_counter() - loop_t0 >= t.max_time_s
             stop = interrupt.requested  # read once: a Ctrl-C arriving later is handled next step
+            stop, out_of_time = run.par.any(stop, out_of_time)  # every rank stops at the same step
             last = state.step == t.max_steps or out_of_time or stop
             do_ckpt = last or (t.ckpt_every and state.step % t.ckpt_every == 0)
             # the periodic series includes the last step when it falls on it (curves end where runs do)
@@ -544,22 +604,26 @@ def train_step(run: Run, state: LoopState) -> None:
     t, model, device = run.cfg.train, run.model, run.device
     state.lr = set_lr(run.optimizer, run.cfg, state.step)
     B, T, A = t.batch_size, run.cfg.model.seq_len, t.grad_accum
+    rows = run.par.rows(B)  # this rank's rows of the global batch
     train_tokens = run.data.tokens("train")
     loss_sum = torch.zeros((), device=device)
     for micro in range(A):
-        xy = torch.from_numpy(sample_batch(train_tokens, B, T, t.seed, state.step, micro))
+        xy = torch.from_numpy(sample_batch(train_tokens, B, T, t.seed, state.step, micro)[rows])
         if device.type == "cuda":
             xy = xy.pin_memory()
         xy = xy.to(device, non_blocking=True)
-        with autocast(device, t.precision):
-            logits = run.forward(xy[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
-        (loss / A).backward()
+        with run.par.accumulating(run.forward, micro < A - 1):
+            with autocast(device, t.precision):
+                logits = run.forward(xy[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
+            (loss / A).backward()
         loss_sum += loss.detach() / A
-    state.norms = clip_grad_norm(model, t.grad_clip, t.value_grad_clip)
+    state.norms = run.par.clip_grad_norm(model, t.grad_clip, t.value_grad_clip)
     if state.guard is None or state.guard.optimizer is not run.optimizer:
         state.guard = StepGuard(run.optimizer)
-    state.guard.step(loss_sum, *state.norms)  # a non-finite loss or gradient changes nothing
+    # a non-finite loss or gradient changes nothing (on several ranks the all-reduced gradients,
+    # hence the norms, are non-finite on every rank: they all skip the step)
+    state.guard.step(loss_sum, *state.norms)
     run.optimizer.zero_grad(set_to_none=True)
     state.losses.append(loss_sum)
     state.window_steps += 1
@@ -589,7 +653,7 @@ def log_window(run: Run, state: LoopState, log=print) -> dict:
     (``skipped``) and said; ``max_nonfinite_steps`` of them in a row raise FloatingPointError."""
     if not state.losses:
         return state.last_record
-    losses = torch.stack(state.losses).tolist()
+    losses = run.par.mean(torch.stack(state.losses)).tolist()  # over the ranks' rows
     skipped, in_a_row = state.guard.read() if state.guard is not None else (0, 0)
     finite = [v for v in losses if math.isfinite(v)]
     dt = time.perf_counter() - state.window_t0
@@ -608,10 +672,13 @@ def log_window(run: Run, state: LoopState, log=print) -> dict:
         "elapsed_s": time.perf_counter() - run.t_start,
     }
     if run.tracker is not None:
+        if run.par.distributed:
+            run.tracker.all_reduce_(run.par.group)
         mems = memory_report(run.tracker, _layer_of(run.model))
         rec["memories"] = [{"layer": m["layer"], "usage": m["usage"], "kl": m["kl"]} for m in mems]
         run.tracker.reset()
-    _append_jsonl(run.metrics_path, rec)
+    if run.par.is_main:
+        _append_jsonl(run.metrics_path, rec)
     if run.tb is not None:
         run.tb.add_scalar("train/loss", rec["loss"], state.step)
         run.tb.add_scalar("train/lr", state.lr, state.step)
@@ -658,8 +725,9 @@ def evaluate_split(run: Run, split: str, max_tokens: int | None, progress: bool 
         max_tokens=max_tokens,
         is_bytes=run.tok.is_bytes,
         words_per_token=words_per_token if split == "valid" else None,
-        forward=run.forward,
-        progress=progress,
+        forward=run.forward if not run.par.distributed else run.model,
+        parallel=run.par,
+        progress=progress and run.par.is_main,
     )
     if run.tracker is not None:
         run.tracker.start()
@@ -669,7 +737,8 @@ def evaluate_split(run: Run, split: str, max_tokens: int | None, progress: bool 
 def periodic_evaluation(run: Run, state: LoopState) -> None:
     """``eval_tokens`` of the validation split, recorded in metrics.jsonl and TensorBoard."""
     res = evaluate_split(run, "valid", run.cfg.train.eval_tokens)
-    _append_jsonl(run.metrics_path, {"type": "eval", "split": "valid", "step": state.step, **res})
+    if run.par.is_main:
+        _append_jsonl(run.metrics_path, {"type": "eval", "split": "valid", "step": state.step, **res})
     if run.tb is not None:
         run.tb.add_scalar("valid/loss", res["loss"], state.step)
     state.window_t0 = time.perf_counter()
@@ -689,9 +758,23 @@ def save(run: Run, state: LoopState) -> Path:
         "pkmem_version": __import__("pkmem").__version__,
         "torch_version": torch.__version__,
     }
-    path = ckpt_lib.save_checkpoint(
-        run.dir, step, run.model, run.optimizer, ckpt_state, run.tok.to_json(), t.keep_checkpoints
-    )
+    if run.par.distributed:  # every rank writes its part (torch.distributed.checkpoint)
+        from pkmem.distributed.checkpoint import save_sharded
+
+        path = save_sharded(
+            run.dir,
+            step,
+            run.model,
+            run.optimizer,
+            ckpt_state,
+            run.tok.to_json(),
+            t.keep_checkpoints,
+            run.par,
+        )
+    else:
+        path = ckpt_lib.save_checkpoint(
+            run.dir, step, run.model, run.optimizer, ckpt_state, run.tok.to_json(), t.keep_checkpoints
+        )
     state.last_saved, state.window_t0 = step, time.perf_counter()
     return path
 
@@ -721,7 +804,7 @@ def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
     # resumed after the end: nothing was trained and the records stay (unless a crash came between
     # the last checkpoint and them: then they are written now, once)
     finished_before = run.start_step >= t.max_steps and (run.dir / "eval_valid.json").is_file()
-    if not finished_before:
+    if not finished_before and run.par.is_main:
         if not _has_final_record(run.metrics_path, state.step):
             _append_jsonl(run.metrics_path, {"type": "eval", **res})
         atomic_write_bytes(run.dir / "eval_valid.json", json.dumps(res, indent=1).encode())
@@ -732,7 +815,7 @@ def finish(run: Run, state: LoopState, stopped_early: bool, log) -> dict:
     try:
         from pkmem.train.plot import plot_runs
 
-        plots = plot_runs([run.dir], run.dir / "plots")
+        plots = plot_runs([run.dir], run.dir / "plots") if run.par.is_main else []
     except ImportError as e:  # matplotlib missing: the run itself is complete
         log(f"no plots: {e}")
     tokens_trained = (state.step - run.start_step) * run.tokens_per_step
