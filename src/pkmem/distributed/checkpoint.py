@@ -13,7 +13,7 @@ So a checkpoint saved on N ranks loads
 
 And a one-process checkpoint (safetensors) resumes on N ranks: :func:`load_whole` gives each rank
 its part. Writing is atomic as for one process: the ranks write into a temporary directory, then
-rank 0 adds ``tokenizer.json`` and ``state.json`` (sizes and sha256 of every file, so the usual
+rank 0 adds ``tokenizer.json``, ``state.json`` and the manifest (sizes and sha256 of every file, so the usual
 verification applies) and renames the directory into place.
 
 Optimizer state is saved per parameter name (``optimizer.state.<param name>.<key>``), so it does
@@ -149,11 +149,6 @@ def save_sharded(
 
     def complete() -> Path:
         (tmp / "tokenizer.json").write_text(tokenizer_json)
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": ckpt_lib._sha256(p)}
         full = {
             "format": ckpt_lib.FORMAT,
             "step": step,
@@ -162,9 +157,12 @@ def save_sharded(
             "rng_ranks": rng,
             "layout": LAYOUT,
             "world_size": par.world_size,
-            "files": files,
         }
         atomic_write_bytes(tmp / ckpt_lib.STATE, json.dumps(full, indent=1).encode())
+        for p in sorted(tmp.iterdir()):
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        ckpt_lib.write_manifest(tmp)  # last: a directory whose manifest verifies is complete
         ckpt_lib._fsync_dir(tmp)
         old = None
         if final.exists():  # the same step saved again: move the old copy aside first

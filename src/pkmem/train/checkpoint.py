@@ -315,7 +315,10 @@ def write_manifest(ckpt: str | os.PathLike) -> Path:
     """
     ckpt = Path(ckpt)
     names = sorted(
-        p.name for p in ckpt.iterdir() if p.name != MANIFEST and not p.name.startswith(".") and p.is_file()
+        p.name
+        for p in ckpt.iterdir()
+        # hidden names are leftovers of atomic writes, except DCP's own ".metadata" (distributed runs)
+        if p.name != MANIFEST and (not p.name.startswith(".") or p.name == ".metadata") and p.is_file()
     )
     files = {name: _file_entry(_member(ckpt, name, str(ckpt))) for name in names}
     manifest = {"format": FORMAT, "files": files, "sha256": _manifest_digest(files)}
@@ -335,7 +338,10 @@ def read_manifest(ckpt: str | os.PathLike, verify: bool = True) -> dict:
     files = _check_entries(manifest.get("files"), source)
     if manifest["sha256"] != _manifest_digest(files):
         raise CheckpointError(f"checkpoint file {source!r} is corrupt: its own sha256 does not match")
-    for name in REQUIRED:
+    # a distributed run's checkpoint holds DCP shards (".metadata", "*.distcp") instead of the model file
+    sharded = ".metadata" in files
+    required = [n for n in REQUIRED if not (sharded and n == "model.safetensors")]
+    for name in required:
         if name not in files:
             raise CheckpointError(
                 f"checkpoint file {source!r} does not list {name}: the checkpoint is incomplete"
