@@ -21,7 +21,6 @@ tiny sizes on the CPU (the kernels under TRITON_INTERPRET=1: a smoke test, not a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -34,8 +33,13 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
+
 import pkmem  # noqa: E402
 from pkmem import ProductKeyMemory  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cuda_time, graph_time, write_json  # noqa: E402
 
 
 def _sync() -> None:
@@ -55,41 +59,11 @@ def host_us(fn, n: int) -> float:
 
 
 def eager_ms(fn, n: int) -> float | None:
-    if not CUDA:
-        return None
-    samples = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        samples.append(a.elapsed_time(b))
-    return statistics.median(samples)
+    return cuda_time(fn, iters=n)["median_ms"] if CUDA else None
 
 
 def graph_ms(fn, n: int) -> float | None:
-    if not CUDA:
-        return None
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    samples = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(10):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        samples.append(a.elapsed_time(b) / 10)
-    return statistics.median(samples)
+    return graph_time(fn, iters=n, calls=10)["median_ms"] if CUDA else None
 
 
 def measure(module: nn.Module, x: torch.Tensor, n: int) -> dict:
@@ -158,11 +132,7 @@ def main() -> None:
                 f"eager {f['eager_ms']} ms"
             )
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, data)
 
 
 if __name__ == "__main__":
