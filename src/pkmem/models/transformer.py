@@ -310,7 +310,7 @@ class MemoryTransformer(nn.Module):
         every step runs the last ``seq_len`` tokens (the same logits while the text fits the window,
         many times slower).
         """
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"idx has shape {tuple(idx.shape)}: idx must be (batch, seq >= 1) token ids")
         window = self.config.seq_len
@@ -336,7 +336,8 @@ class MemoryTransformer(nn.Module):
             self.train(was_training)
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    """ValueError naming the first sampling option of :meth:`MemoryTransformer.stream` that is not allowed."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise not_allowed("max_new_tokens", max_new_tokens, "an int >= 0")
     if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pkmem._util import not_allowed
+from pkmem.models.transformer import check_sampling
 from pkmem.train.loop import load_run
 
 __all__ = ["generate_text", "stream_text"]
@@ -29,8 +29,7 @@ def stream_text(
     A piece ends on a whole character: the bytes of a character split across tokens wait for its
     last byte. An empty prompt starts from a newline.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise not_allowed("max_new_tokens", max_new_tokens, "an int >= 0")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the checkpoint is read
     model, cfg, tok, _ = load_run(run, device)
     prompt_ids = tok.encode(prompt) or tok.encode("\n")
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
