@@ -4,6 +4,7 @@ runs, and one job end to end on the CPU (resumable: a finished run is not traine
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,17 +79,13 @@ def test_paired_differences_verdicts_and_equal_time(repro, tmp_path):
     # equal time: in the baseline's 100 steps the memory reaches step 50, where its curve reads
     # v + 0.2 - 0.1 - gain: minus the baseline's final v -> 0.1 - gain
     assert mem["equal_time"]["step"] == pytest.approx(50)
-    assert mem["equal_time"]["diff"] == pytest.approx(statistics_mean([0.1 - g for g in gains.values()]))
+    assert mem["equal_time"]["diff"] == pytest.approx(statistics.fmean([0.1 - g for g in gains.values()]))
     # the diff curves pair the same seed at the same step
     assert [y for _, y in mem["diff_curves"][1]] == pytest.approx([-0.15, -0.05])
     text = repro.markdown(res)
     assert "| memory (preset) | 1.4533 ± 0.0208 | -0.0500 ± 0.0100 | better |" in text
     assert "paper" in text and "19.8" in text
     assert repro.plot(res, tmp_path / "diff.png").is_file()
-
-
-def statistics_mean(xs):
-    return sum(xs) / len(xs)
 
 
 def test_verdict_needs_two_sd_and_uses_the_noise_floor_for_one_seed(repro, tmp_path):

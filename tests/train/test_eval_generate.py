@@ -4,12 +4,11 @@
 import json
 
 import pytest
+from conftest import TINY
 
 from pkmem.cli import build_parser, main
 
-FAST = ["dim=32", "n_heads=2", "n_layers=2", "seq_len=32", "mem_layers=[2]", "memory.num_keys=8"]
-FAST += ["memory.topk=4", "memory.k_dim=16", "memory.heads=2", "batch_size=4", "log_every=2"]
-FAST += ["warmup_steps=2", "eval_tokens=256", "final_eval_tokens=512", "max_time_s=null", "tensorboard=false"]
+FAST = [*TINY, "eval_tokens=256", "final_eval_tokens=512", "track_usage=true"]
 
 
 @pytest.fixture(scope="module")

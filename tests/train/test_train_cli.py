@@ -9,28 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from pkmem.cli import main
 from pkmem.train.checkpoint import list_checkpoints
 
-FAST = [
-    "dim=32",
-    "n_heads=2",
-    "n_layers=2",
-    "seq_len=32",
-    "mem_layers=[2]",
-    "memory.num_keys=8",
-    "memory.topk=4",
-    "memory.k_dim=16",
-    "memory.heads=2",
-    "batch_size=4",
-    "log_every=2",
-    "warmup_steps=2",
-    "eval_tokens=256",
-    "final_eval_tokens=512",
-    "max_time_s=null",
-    "tensorboard=false",
-]  # a model small enough that a few steps take well under a second on a CPU
+# the conftest's tiny run, with usage tracked and a larger evaluation
+FAST = [*TINY, "eval_tokens=256", "final_eval_tokens=512", "track_usage=true"]
 
 
 def _train(out: Path, cache_dir: Path, *extra: str, data: tuple = ()) -> int:
