@@ -50,6 +50,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pkmem._util import atomic_write_bytes
+
 BASE = "enwik8-small"
 TINY = [  # the smoke-test model: every job's variants keep their meaning at this size
     "dim=32",
@@ -704,12 +706,6 @@ def plot(res: dict, path: Path) -> Path | None:
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---- main -------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -823,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         noise_sd = noise["variants"][1]["diff_valid"]["sd"]
     res = summarize(job, runs, args, step_s, noise_sd)
     res["wall_s"] = time.perf_counter() - t0
-    _atomic_write(out / f"{job.name}.json", json.dumps(res, indent=1))
+    atomic_write_bytes(out / f"{job.name}.json", json.dumps(res, indent=1).encode())
     status = _report(res, out, log)
     failed = [r for r in runs if r.status == "failed"]
     if failed:
@@ -837,7 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(res: dict, out: Path, log) -> int:
     """Write ``<job>.md`` and ``<job>-diff.png`` from the job's results and print the table."""
-    _atomic_write(out / f"{res['job']}.md", markdown(res))
+    atomic_write_bytes(out / f"{res['job']}.md", markdown(res).encode())
     png = plot(res, out / f"{res['job']}-diff.png")
     log("\n" + markdown(res))
     log(f"wrote {out / (res['job'] + '.json')}, {out / (res['job'] + '.md')}" + (f", {png}" if png else ""))
