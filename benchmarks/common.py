@@ -96,6 +96,29 @@ def environment() -> dict:
     }
 
 
+def versions() -> dict:
+    """Python's and the packages' versions, and the commit of the code (``PKMEM_COMMIT`` where the
+    tree is a copy without its git history, as on a lent GPU machine); needs no GPU."""
+    import importlib.metadata as md
+    import sys
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("pkmem", "torch", "triton", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    out["git"] = os.environ.get("PKMEM_COMMIT")
+    if not out["git"]:
+        try:
+            git = ["git", "rev-parse", "--short", "HEAD"]
+            here = os.path.dirname(os.path.abspath(__file__))
+            out["git"] = subprocess.run(git, capture_output=True, text=True, cwd=here).stdout.strip() or None
+        except OSError:
+            out["git"] = None
+    return out
+
+
 def gpu_slug() -> str:
     name = torch.cuda.get_device_name(0).lower().replace("nvidia", "")
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"

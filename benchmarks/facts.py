@@ -52,6 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 # ---- settings -----------------------------------------------------------------------------------
 DEFAULT = {
     "model": {"dim": 64, "n_layers": 2, "n_heads": 2, "seq_len": 64, "ffn_mult": 4.0, "memory_layer": 2},
@@ -418,30 +420,9 @@ def estimate(s: dict, variants: list[str], jobs: int) -> dict:
 
 # ---- the table ----------------------------------------------------------------------------------
 def _versions() -> dict:
-    import numpy
-    import torch
+    from common import versions  # imports torch: only when the table is written
 
-    import pkmem
-
-    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__}
-    v["pkmem"] = pkmem.__version__
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except Exception:
-        v["triton"] = None
-    try:
-        v["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except Exception:
-        v["git_commit"] = None
-    return v
+    return versions()
 
 
 def _matched(s: dict, variant: str) -> str:

@@ -52,6 +52,9 @@ from pathlib import Path
 
 from pkmem._util import atomic_write_bytes
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import versions  # noqa: E402
+
 BASE = "enwik8-small"
 TINY = [  # the smoke-test model: every job's variants keep their meaning at this size
     "dim=32",
@@ -556,7 +559,7 @@ def summarize(job: Job, runs: list[Run], args, step_s: dict[str, float], noise_s
         "validation subset (eval_tokens) every steps/10",
         "variants": variants,
         "device": args.trained_on or _device(args.device),
-        "versions": _versions(),
+        "versions": versions(),
         "command": " ".join(["python", "benchmarks/repro.py", *sys.argv[1:]]),
     }
 
@@ -576,31 +579,6 @@ def _device(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("pkmem", "torch", "triton", "numpy"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    out["git"] = os.environ.get("PKMEM_COMMIT")  # set where the tree is a copy without its history
-    try:
-        out["git"] = out["git"] or (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-            ).stdout.strip()
-            or None
-        )
-    except OSError:
-        out["git"] = None
-    return out
 
 
 def _f(x, fmt: str = ".4f", pct: bool = False) -> str:
