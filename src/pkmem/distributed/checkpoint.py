@@ -162,22 +162,7 @@ def save_sharded(
         for p in sorted(tmp.iterdir()):
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        ckpt_lib.write_manifest(tmp)  # last: a directory whose manifest verifies is complete
-        ckpt_lib._fsync_dir(tmp)
-        old = None
-        if final.exists():  # the same step saved again: move the old copy aside first
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        ckpt_lib._fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in ckpt_lib.list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
-        for leftover in root.glob(".step_*"):  # temporary directories of interrupted saves
-            shutil.rmtree(leftover, ignore_errors=True)
-        return final
+        return ckpt_lib.publish_checkpoint(tmp, final, run_dir, keep)
 
     par.on_main("completing the checkpoint", complete)
     return final

@@ -523,25 +523,33 @@ def save_checkpoint(
             os.chmod(p, file_mode())  # safetensors writes 0600
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        write_manifest(tmp)  # last: a directory whose manifest verifies is complete
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():  # the same step saved again: move the old copy aside first
-            old = ckpt_root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return publish_checkpoint(tmp, final, run_dir, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_checkpoint(tmp: Path, final: Path, run_dir: str | os.PathLike, keep: int) -> Path:
+    """Seal the written checkpoint directory ``tmp`` (its manifest last: a directory whose manifest
+    verifies is complete) and move it to ``final`` atomically (an older copy of the same step is moved
+    aside first); then drop all but the newest ``keep`` checkpoints of the run and the temporary
+    directories of interrupted saves. Returns ``final``."""
+    write_manifest(tmp)
+    _fsync_dir(tmp)
+    root = final.parent
+    old = None
+    if final.exists():  # the same step saved again: move the old copy aside first
+        old = root / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     for stale in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
-    for leftover in ckpt_root.glob(".step_*"):  # temporary directories of interrupted saves
-        if leftover != tmp:
-            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(".step_*"):  # temporary directories of interrupted saves
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
