@@ -454,52 +454,102 @@ def _params(overrides: list[str]) -> tuple[int, int]:
     return model.num_parameters(), model.num_parameters() - model.num_parameters(values=False)
 
 
-def summarize(job: Job, runs: list[Run], args, step_s: dict[str, float], noise_sd: float | None) -> dict:
-    """The job's JSON: per run and per variant, with paired differences from the first variant."""
+def _row(r: Run, tokens_per_step: int | None) -> dict:
+    """One run's record in the job's JSON (read from its directory)."""
+    valid = _load(r.dir / "eval_valid.json")
+    test = _load(r.dir / "eval_test.json")
+    mem = (valid or {}).get("memories") or [{}]
+    return {
+        "seed": r.seed,
+        "dir": str(r.dir),
+        "status": "done" if r.done else r.status,
+        "valid_bpb": (valid or {}).get("bpb"),
+        "test_bpb": (test or {}).get("bpb"),
+        "usage": mem[0].get("usage"),
+        "kl": mem[0].get("kl"),
+        "curve": _curve(r),
+        # training tokens/s side by side with the job's other runs (shared GPU: not a speed claim)
+        "tokens_per_s_shared": (valid or {}).get("train_seconds")
+        and tokens_per_step
+        and tokens_per_step * valid["step"] / valid["train_seconds"],
+    }
+
+
+def earlier_rows(path: str | None, job: Job, steps: int, seeds: Sequence[int]) -> dict[str, list[dict]]:
+    """Per variant name, the finished runs recorded in an earlier results JSON of the same job and
+    steps (``--with-runs-from``), for the seeds not run here; each row keeps where it came from."""
+    if not path:
+        return {}
+    res = _load(Path(path))
+    if res is None:
+        raise SystemExit(f"--with-runs-from: {path} does not exist or is not JSON")
+    if res.get("job") != job.name or res.get("steps") != steps or res.get("base_config") != BASE:
+        raise SystemExit(
+            f"--with-runs-from: {path} holds job {res.get('job')!r}, {res.get('steps')} steps on "
+            f"{res.get('base_config')!r}; allowed: job {job.name!r}, {steps} steps on {BASE!r}"
+        )
+    known = {v.name: list(v.overrides) for v in job.variants}
+    out: dict[str, list[dict]] = {}
+    for v in res["variants"]:
+        if v["name"] not in known:
+            continue
+        if sorted(v["overrides"]) != sorted(known[v["name"]]):
+            raise SystemExit(
+                f"--with-runs-from: variant {v['name']!r} in {path} has overrides {v['overrides']}; "
+                f"this job's are {known[v['name']]}"
+            )
+        src = {"from": str(path), "git": (res.get("versions") or {}).get("git"), "device": res.get("device")}
+        out[v["name"]] = [
+            dict(row, earlier=src)
+            for row in v["runs"]
+            if row["seed"] not in seeds and row.get("status") == "done"
+        ]
+    return out
+
+
+def summarize(
+    job: Job,
+    runs: list[Run],
+    args,
+    step_s: dict[str, float],
+    noise_sd: float | None,
+    earlier: dict[str, list[dict]] | None = None,
+) -> dict:
+    """The job's JSON: per run and per variant, with paired differences (same seed) from the first
+    variant. ``earlier``: rows of runs made before (``--with-runs-from``), counted like this job's."""
     base = job.variants[0]
-    by_variant: dict[str, list[Run]] = {}
-    for r in runs:
-        by_variant.setdefault(r.variant.name, []).append(r)
-    base_runs = {r.seed: r for r in by_variant[base.name]}
     tokens_per_step = None
+    for r in runs:
+        cfg = _load(r.dir / "config.json")
+        if cfg:
+            t, m = cfg["train"], cfg["model"]
+            tokens_per_step = t["batch_size"] * t.get("grad_accum", 1) * m["seq_len"]
+            break
+    rows_of: dict[str, list[dict]] = {v.name: [] for v in job.variants}
+    for r in runs:
+        rows_of[r.variant.name].append(_row(r, tokens_per_step))
+    for name, rows in (earlier or {}).items():
+        rows_of[name].extend(rows)
+    for rows in rows_of.values():
+        rows.sort(key=lambda row: row["seed"])
+    base_rows = {row["seed"]: row for row in rows_of[base.name]}
     variants = []
     for v in job.variants:
-        rows, diffs, test_diffs, curves = [], [], [], {}
-        for r in by_variant[v.name]:
-            valid = _load(r.dir / "eval_valid.json")
-            test = _load(r.dir / "eval_test.json")
-            cfg = _load(r.dir / "config.json")
-            if cfg and tokens_per_step is None:
-                t, m = cfg["train"], cfg["model"]
-                tokens_per_step = t["batch_size"] * t.get("grad_accum", 1) * m["seq_len"]
-            mem = (valid or {}).get("memories") or [{}]
-            row = {
-                "seed": r.seed,
-                "dir": str(r.dir),
-                "status": "done" if r.done else r.status,
-                "valid_bpb": (valid or {}).get("bpb"),
-                "test_bpb": (test or {}).get("bpb"),
-                "usage": mem[0].get("usage"),
-                "kl": mem[0].get("kl"),
-                "curve": _curve(r),
-                # training tokens/s side by side with the job's other runs (shared GPU: not a speed claim)
-                "tokens_per_s_shared": (valid or {}).get("train_seconds")
-                and tokens_per_step * valid["step"] / valid["train_seconds"],
-            }
-            b = base_runs.get(r.seed)
-            if b is not None and row["valid_bpb"] is not None:
-                bv, bt = _load(b.dir / "eval_valid.json"), _load(b.dir / "eval_test.json")
-                if bv:
-                    diffs.append(row["valid_bpb"] - bv["bpb"])
-                if bt and row["test_bpb"] is not None:
-                    test_diffs.append(row["test_bpb"] - bt["bpb"])
-                bc = dict(_curve(b))
-                curves[r.seed] = [(s, y - bc[s]) for s, y in row["curve"] if s in bc]
-            rows.append(row)
+        rows, diffs, test_diffs, curves = rows_of[v.name], [], [], {}
+        for row in rows:
+            b = base_rows.get(row["seed"])
+            if b is None or row["valid_bpb"] is None:
+                continue
+            if b["valid_bpb"] is not None:
+                diffs.append(row["valid_bpb"] - b["valid_bpb"])
+            if b["test_bpb"] is not None and row["test_bpb"] is not None:
+                test_diffs.append(row["test_bpb"] - b["test_bpb"])
+            bc = dict(map(tuple, b["curve"]))
+            curves[row["seed"]] = [(s, y - bc[s]) for s, y in row["curve"] if s in bc]
         mean, sd = _mean_sd(diffs)
         ref_sd = sd if sd is not None else noise_sd
         t_mean, t_sd = _mean_sd(test_diffs)
-        params, value_params = _params(by_variant[v.name][0].overrides)
+        params, value_params = _params(plan_runs(replace(job, variants=(v,)), args)[0].overrides)
         entry = {
             "name": v.name,
             "overrides": list(v.overrides),
@@ -553,7 +603,8 @@ def summarize(job: Job, runs: list[Run], args, step_s: dict[str, float], noise_s
         "steps": args.steps,
         "tokens_per_step": tokens_per_step,
         "tokens": tokens_per_step and tokens_per_step * args.steps,
-        "seeds": list(args.seeds),
+        "seeds": sorted({r["seed"] for e in variants for r in e["runs"]}),
+        "with_runs_from": args.with_runs_from,
         "noise_sd": noise_sd,
         "split_note": "valid_bpb: whole validation split; test_bpb: whole test split; curves: "
         "validation subset (eval_tokens) every steps/10",
@@ -631,8 +682,15 @@ def markdown(res: dict) -> str:
         "baseline's training time (step times measured alone on the device), minus the baseline's final one.",
         f"Paper columns: {res['paper_setting']} (perplexity of BPE words, not comparable in value; compare "
         "the trends). Device: " + res["device"] + f"; pkmem {res['versions'].get('git')}.",
-        "",
     ]
+    earlier = sorted(
+        {(r["earlier"]["from"], r["earlier"]["git"], r["earlier"]["device"]): None for v in res["variants"]
+         for r in v["runs"] if r.get("earlier")}
+    )  # fmt: skip
+    for src, git, device in earlier:
+        seeds = sorted({r["seed"] for v in res["variants"] for r in v["runs"] if (r.get("earlier") or {}).get("from") == src})
+        lines.append(f"Seeds {seeds} were trained earlier (from {src}: pkmem {git}, {device}), the same configuration.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -704,6 +762,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--variants", help="comma-separated indices of the job's variants to run (default: all)")
     p.add_argument("--no-test", action="store_true", help="skip the test-split evaluation")
+    p.add_argument(
+        "--with-runs-from",
+        metavar="JSON",
+        help="an earlier results JSON of this job (same steps): its finished runs of other seeds are "
+        "counted beside this run's (e.g. more seeds for the noise floor)",
+    )
     p.add_argument("--time-steps", type=int, default=20, help="timed steps per variant alone (0: no timing)")
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke test on the CPU")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
@@ -768,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--report-only: {out / f'{job.name}.json'} does not exist or is not JSON")
         return _report(res, out, log)
     runs = plan_runs(job, args)
+    earlier = earlier_rows(args.with_runs_from, job, args.steps, args.seeds)
     todo = [r for r in runs if not r.done]
     log(
         f"{job.title}: {len(job.variants)} variants x {len(args.seeds)} seeds, {args.steps} steps each; "
@@ -795,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     noise_sd = None
     if noise and len(noise["variants"]) > 1:
         noise_sd = noise["variants"][1]["diff_valid"]["sd"]
-    res = summarize(job, runs, args, step_s, noise_sd)
+    res = summarize(job, runs, args, step_s, noise_sd, earlier)
     res["wall_s"] = time.perf_counter() - t0
     atomic_write_bytes(out / f"{job.name}.json", json.dumps(res, indent=1).encode())
     status = _report(res, out, log)

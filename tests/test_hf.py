@@ -78,7 +78,7 @@ def train_a_little(model, steps=2):
     model.train()
     opt = pkmem.make_optimizer(model, lr=1e-2, value_lr=1e-1)
     for s in range(steps):
-        x = ids(seed=10 + s)
+        x = ids(seed=10 + s).to(model.device)
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()

@@ -50,6 +50,7 @@ def _args(tmp_path, steps=100, seeds=(0, 1, 2)):
         tiny=False,
         overrides=[],
         trained_on=None,
+        with_runs_from=None,
     )
 
 
@@ -86,6 +87,43 @@ def test_paired_differences_verdicts_and_equal_time(repro, tmp_path):
     assert "| memory (preset) | 1.4533 ± 0.0208 | -0.0500 ± 0.0100 | better |" in text
     assert "paper" in text and "19.8" in text
     assert repro.plot(res, tmp_path / "diff.png").is_file()
+
+
+def test_runs_from_an_earlier_json_count_beside_new_seeds(repro, tmp_path):
+    """More seeds later: seeds 0-1 from an earlier JSON, seed 2 trained now; the paired differences
+    span all three, each earlier row says where it came from, and a mismatched JSON is refused."""
+    job = repro.JOBS["noise"]
+    gains = {0: 0.04, 1: 0.05, 2: 0.06}
+
+    def made(seeds, out):
+        args = _args(out, seeds=seeds)
+        runs = repro.plan_runs(job, args)
+        for r in runs:
+            mem = r.variant.name != job.variants[0].name
+            v = 1.5 - (gains[r.seed] if mem else 0.0)
+            _fake_run(r, v, v + 0.01, [(50, v + 0.1), (100, v)])
+        return args, runs
+
+    args, runs = made((0, 1), tmp_path / "a")
+    first = tmp_path / "noise-first.json"
+    first.write_text(json.dumps(repro.summarize(job, runs, args, {}, None) | {"device": "gpu0", "versions": {"git": "abc"}}))
+    args, runs = made((2,), tmp_path / "b")
+    earlier = repro.earlier_rows(str(first), job, 100, [2])
+    assert [r["seed"] for r in earlier[job.variants[1].name]] == [0, 1]
+    args.with_runs_from = str(first)
+    res = repro.summarize(job, runs, args, {}, None, earlier) | {"device": "gpu1", "versions": {"git": "def"}}
+    mem = res["variants"][1]
+    assert res["seeds"] == [0, 1, 2] and mem["diff_valid"]["n"] == 3
+    assert mem["diff_valid"]["mean"] == pytest.approx(-0.05) and mem["diff_valid"]["sd"] == pytest.approx(0.01)
+    assert mem["diff_test"]["n"] == 3 and sorted(mem["diff_curves"]) == [0, 1, 2]
+    assert [bool(r.get("earlier")) for r in mem["runs"]] == [True, True, False]
+    assert "Seeds [0, 1] were trained earlier" in repro.markdown(res) and "abc" in repro.markdown(res)
+    assert repro.earlier_rows(str(first), job, 100, [0, 2])[job.variants[1].name][0]["seed"] == 1  # seed 0 here
+    for bad_job, steps in ((repro.JOBS["table2"], 100), (job, 99)):
+        with pytest.raises(SystemExit, match="--with-runs-from"):
+            repro.earlier_rows(str(first), bad_job, steps, [2])
+    with pytest.raises(SystemExit, match="does not exist"):
+        repro.earlier_rows(str(tmp_path / "nope.json"), job, 100, [2])
 
 
 def test_verdict_needs_two_sd_and_uses_the_noise_floor_for_one_seed(repro, tmp_path):
