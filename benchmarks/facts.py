@@ -597,6 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-heads", type=int, help="the base model's attention heads")
     p.add_argument("--seed", type=int, help="the model's and the batches' seed")
     p.add_argument("--estimate", action="store_true", help="print the estimated GPU time and exit")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the table and plots from the finished runs under --out (e.g. runs made on a "
+        "GPU machine, with --device cuda)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--settings-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -642,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available() and not args.report_only:
         p.error("--device cuda: no CUDA device is available")
     gpus = [g.strip() for g in (args.gpus or "0").split(",") if g.strip()]
     out = Path(args.out)
@@ -652,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     for v, n in jobs:
         if (v, n) not in todo:
             print(f"{v} N={n}: done already ({_run_path(out, v, n)})", flush=True)
+    if args.report_only:
+        for v, n in todo:
+            print(f"{v} N={n}: not run (no finished run with these settings)", flush=True)
+        todo = []
     # the costliest variants first, so the slow ones do not start last
     cost = {v: flops_per_token(model_config(s, v)) for v in variants}
     todo.sort(key=lambda j: (-cost[j[0]], -j[1]))
@@ -705,7 +715,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv])
         if argv is None
         else "main(" + repr(argv) + ")",
-        "device": _device_name(torch.device(device if device == "cpu" else f"cuda:{gpus[0]}")),
+        "device": ", ".join(sorted({r["device"] for rs in runs.values() for r in rs.values()}))
+        if args.report_only
+        else _device_name(torch.device(device if device == "cpu" else f"cuda:{gpus[0]}")),
         "versions": _versions(),
         "settings": s,
         "jobs": args.jobs,
