@@ -327,6 +327,7 @@ def run_job(s: dict, variant: str, n_facts: int, device: str, out: Path, log=pri
         "train_tokens_per_s": t["steps"] * t["batch_size"] * cfg.seq_len / train_s,
         "eval_s": eval_s,
         "device": _device_name(dev),
+        "versions": _versions(),
         "curve": curve,
         "final": final,
     }
@@ -475,8 +476,21 @@ def markdown(res: dict) -> str:
         f"= {t['steps'] * t['batch_size'] * s['model']['seq_len']:,} training bytes per run, the same "
         f"batches for every variant; recall on {s['eval']['queries']} sampled facts (all when N is smaller); "
         f"{s['facts']['n_values']} cities; device: {res['device']}; {run_s:.0f} s of training and "
-        f"evaluation in all, {res['jobs']} jobs at once."
+        f"evaluation in all"
+        + (
+            f", {res['jobs']} jobs at once."
+            if res.get("jobs")
+            else " (runs made earlier, jobs side by side)."
+        )
     )
+    missing = [
+        f"{v} N={n}"
+        for v in res["variants"]
+        for n in s["facts"]["n_facts"]
+        if str(n) not in res["runs"].get(v, {})
+    ]
+    if missing:
+        lines.append(f"Not run ('-'): {', '.join(missing)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -718,9 +732,10 @@ def main(argv: list[str] | None = None) -> int:
         "device": ", ".join(sorted({r["device"] for rs in runs.values() for r in rs.values()}))
         if args.report_only
         else _device_name(torch.device(device if device == "cpu" else f"cuda:{gpus[0]}")),
+        # with --report-only: the versions the table was made with; each run records its own
         "versions": _versions(),
         "settings": s,
-        "jobs": args.jobs,
+        "jobs": None if args.report_only else args.jobs,
         "wall_s": time.perf_counter() - t0,
         "variants": info,
         "runs": runs,

@@ -272,6 +272,15 @@ def test_benchmark_tiny_cpu_run_writes_results_and_resumes(tmp_path, capsys):
     assert bench.main([*argv, "--n-facts", "32", "--variants", "ffn", "--steps", "3"]) == 0  # new settings
     said = capsys.readouterr().out
     assert "done already" not in said and "ffn N=32 step 3/3" in said
+    # --report-only trains nothing: the finished runs in the table, the others named as not run
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert bench.main([*argv, "--n-facts", "32,48,64", "--report-only"]) == 0
+    said = capsys.readouterr().out
+    assert "mem-64 N=64: not run" in said and "ffn N=32: not run" in said and "step 4/4" not in said
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == stamps
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["runs"]["mem-64"]) == {"32", "48"} and res["jobs"] is None
+    assert "Not run ('-'): ffn N=32, ffn N=48, ffn N=64, mem-64 N=64." in (out / "results.md").read_text()
 
 
 def test_benchmark_estimate(capsys):
