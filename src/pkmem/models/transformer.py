@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkmem._util import not_allowed
+from pkmem.layer import _dropout
 from pkmem.config import MEM_MODES, MemoryTransformerConfig, build_memory, default_memory_layers
 from pkmem.optim import value_parameters
 
@@ -126,7 +127,7 @@ class CausalSelfAttention(nn.Module):
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # y: (B, heads, T, d)
+        return _dropout(self.resid_dropout, self.proj(y.transpose(1, 2).reshape(B, T, C)))  # y: (B, heads, T, d)
 
 
 class FeedForward(nn.Module):
@@ -138,7 +139,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return _dropout(self.dropout, self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -261,7 +262,7 @@ class MemoryTransformer(nn.Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
-        x = self.drop(x)
+        x = _dropout(self.drop, x)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
         if cache is not None:
