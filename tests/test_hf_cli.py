@@ -24,7 +24,8 @@ from pkmem.train.checkpoint import list_checkpoints  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
 MEM = ["memory.heads=2", "memory.num_keys=8", "memory.topk=4", "memory.k_dim=16"]  # 64 slots
-SMALL = ["--batch-size", "4", "--seq-len", "16", "--no-progress", "--eval-tokens", "128"]
+# on the CPU wherever the tests run: runs are compared bit for bit with each other and the library's
+SMALL = ["--batch-size", "4", "--seq-len", "16", "--no-progress", "--eval-tokens", "128", "--device", "cpu"]
 
 
 def _tokenizer():
@@ -235,7 +236,18 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_goes_on(trained, corpus, tmp_path,
 def background(trained, corpus, tmp_path_factory):
     path = tmp_path_factory.mktemp("counts") / "background.safetensors"
     args = ["count-slots", "--model", str(trained / "model"), "--data-path", str(corpus), "--out", str(path)]
-    assert main([*args, "--seq-len", "16", "--batch-size", "2", "--max-tokens", "320", "--no-progress"]) == 0
+    args += [
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-tokens",
+        "320",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
     return path
 
 

@@ -271,16 +271,20 @@ def _model_dir(path: str, flag: str = "--model") -> Path:
     return d
 
 
-def _saved_memories(path: Path, flag: str = "--model") -> bool:
-    """Whether the model directory's config records pkmem memories (its config is read first)."""
+def _config(path: Path, flag: str = "--model"):
+    """The model directory's transformers config (a clear error for any other config.json)."""
     transformers = _transformers()
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises ValueError, OSError, KeyError, ... for a foreign config
         raise ValueError(
             f"{flag} {str(path)!r} is not allowed: its config.json is not a transformers model's ({e})"
         ) from None
-    return isinstance(getattr(config, CONFIG_KEY, None), dict)
+
+
+def _saved_memories(path: Path, flag: str = "--model") -> bool:
+    """Whether the model directory's config records pkmem memories."""
+    return isinstance(getattr(_config(path, flag), CONFIG_KEY, None), dict)
 
 
 def _load_tokenizer(path: Path, flag: str = "--model"):
@@ -316,6 +320,12 @@ def _load_model(path: Path, device: torch.device, flag: str = "--model"):
     return model.to(device)
 
 
+def _check_layers(layers: list[int], n: int, what: str) -> None:
+    if len(set(layers)) != len(layers) or not all(-n <= i < n for i in layers):
+        allowed = f"distinct block indices in [{-n}, {n}) (0-based: {what})"
+        raise not_allowed("--memory-layers", ",".join(map(str, layers)), allowed)
+
+
 def _add_memories(model, s: dict, log) -> None:
     """``add_memory`` at ``--memory-layers`` (seeded: the new memories are a function of ``--seed``)."""
     layers = s["memory_layers"]
@@ -327,14 +337,7 @@ def _add_memories(model, s: dict, log) -> None:
             )
         return
     path, blocks = _find_blocks(model, None)
-    n = len(blocks)
-    if len(set(layers)) != len(layers) or not all(-n <= i < n for i in layers):
-        raise not_allowed(
-            "--memory-layers",
-            ",".join(map(str, layers)),
-            f"distinct block indices in [{-n}, {n}) (0-based: {type(model).__name__} has {n} blocks, "
-            f"{path}.0 to {path}.{n - 1})",
-        )
+    _check_layers(layers, len(blocks), f"{type(model).__name__} has {len(blocks)} blocks at {path}")
     torch.manual_seed(s["seed"])
     try:
         add_memory(model, layers, s["mode"], **s["memory"])
@@ -407,15 +410,20 @@ def _no_transformers_bars():
             hf_logging.enable_progress_bar()
 
 
-def _read_text(path: str, flag: str, tokenizer, splits: tuple) -> tuple[dict, object]:
-    """``({split: token ids}, source)`` of the text files ``path`` names (read as pkmem train's
-    ``--data text``: the same documents and train / valid / test split); ``splits``: which."""
+def _open_text(path: str, flag: str):
+    """The :func:`pkmem.train.data.open_source` of the text files ``path`` names (as pkmem train's
+    ``--data text``: the same documents and train / valid / test split)."""
     from pkmem.train.data import open_source
 
     try:
-        source = open_source("text", path)
+        return open_source("text", path)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"{flag} {path!r}: {e}") from None
+
+
+def _read_text(path: str, flag: str, tokenizer, splits: tuple) -> tuple[dict, object]:
+    """``({split: token ids}, source)`` of the text files ``path`` names; ``splits``: which."""
+    source = _open_text(path, flag)
     with _quiet_tokenizer():
         return {split: _split_tokens(source, split, tokenizer) for split in splits}, source
 
@@ -423,12 +431,7 @@ def _read_text(path: str, flag: str, tokenizer, splits: tuple) -> tuple[dict, ob
 def _all_text(path: str, flag: str, tokenizer) -> tuple[np.ndarray, object]:
     """The token ids of all of the text, and its source: every document whole (a text of few documents,
     which pkmem train cuts by position, in its order)."""
-    from pkmem.train.data import open_source
-
-    try:
-        source = open_source("text", path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"{flag} {path!r}: {e}") from None
+    source = _open_text(path, flag)
     with _quiet_tokenizer():
         if not source.hashed:  # one stream cut by position: read it uncut
             return _split_tokens(source, None, tokenizer), source
@@ -817,7 +820,10 @@ def _start_new(args, overrides: list[str], log) -> tuple[_Job, int, bool]:
     _new_run_dir(None, out)  # new or empty: never a run or other files
     device = _device(s["device"])
     model_dir = _model_dir(s["model"])
-    _saved_memories(model_dir)  # a transformers config: checked before anything else is read
+    config = _config(model_dir)  # a transformers model's: checked before anything else is read
+    blocks = getattr(config, "num_hidden_layers", None)
+    if s["memory_layers"] is not None and isinstance(blocks, int):  # before the weights load
+        _check_layers(s["memory_layers"], blocks, f"the model has {blocks} blocks")
     background = _read_background(s["background"], device) if s["sparse_memory"] else None
     tokenizer = _load_tokenizer(model_dir)
     tokens, info = _load_data(s["data_path"], tokenizer, s["valid_path"])
