@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 import time
@@ -205,7 +206,9 @@ def test_resume_repeats_the_uninterrupted_run(gpt2_dir, corpus, tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_goes_on(trained, corpus, tmp_path, capsys):
-    """SIGINT (Ctrl-C) stops after the step with a checkpoint and exit code 130; --resume continues."""
+    """SIGINT (Ctrl-C) stops after the step with a checkpoint and exit code 130; --resume continues
+    (and says when the data files changed in between)."""
+    data = shutil.copytree(corpus, tmp_path / "text")
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
 
@@ -218,17 +221,19 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_goes_on(trained, corpus, tmp_path,
     watcher = threading.Thread(target=interrupt)
     watcher.start()
     try:
-        code = _finetune(trained / "model", corpus, out, "--max-steps", "100000", "--log-every", "1")
+        code = _finetune(trained / "model", data, out, "--max-steps", "100000", "--log-every", "1")
     finally:
         watcher.join()
     assert code == 130
     (ckpt,) = list_checkpoints(out)
     step = json.loads((ckpt / "state.json").read_text())["step"]
     assert step >= 2 and f"pkmem finetune --out {out} --resume" in capsys.readouterr().out
+    os.utime(data / "doc00.txt", (1e9, 1e9))
     assert (
         main(["finetune", "--out", str(out), "--resume", "--max-steps", str(step + 2), "--no-progress"]) == 0
     )
     assert sorted(_step_losses(out)) == list(range(1, step + 3))
+    assert "warning: --data-path" in capsys.readouterr().err  # the batches may differ: said
 
 
 # ---- sparse memory finetuning -------------------------------------------------------------------------
