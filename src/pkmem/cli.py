@@ -1,4 +1,5 @@
-"""The ``pkmem`` command: ``train``, ``eval``, ``bench``, ``plot``, ``generate``.
+"""The ``pkmem`` command: ``train``, ``eval``, ``bench``, ``plot``, ``generate``, and for Hugging Face
+models ``finetune`` and ``count-slots`` (:mod:`pkmem.hf.cli`).
 
 ``pkmem train`` with no arguments trains the ``tiny`` preset on Python's standard library (a few
 minutes on a laptop CPU) and prints validation bits per byte, memory usage and KL.
@@ -43,10 +44,177 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _eval_tokens(text: str) -> int | str:
+    """``--eval-tokens``: a positive int, or ``all``."""
+    value = _max_tokens(text)
+    return "all" if value is None else value
+
+
+def _add_hf_parsers(sub) -> None:
+    """``pkmem finetune`` and ``pkmem count-slots`` (run by :mod:`pkmem.hf.cli`: it imports transformers)."""
+    f = sub.add_parser(
+        "finetune",
+        help="continue training a local Hugging Face model with memories added (or sparse memory finetuning)",
+        usage="pkmem finetune --model DIR --data-path PATH --out RUN [options] [memory.KEY=VALUE ...]\n"
+        "       pkmem finetune --out RUN --resume [--max-steps N]",
+        description="Train a local transformers causal LM (a save_pretrained directory with its tokenizer; "
+        "nothing is downloaded) with product-key memories, on text files, as pkmem train does: progress bar, "
+        "RUN/metrics.jsonl (loss, lr, gradient norms, memory usage and KL), atomic checkpoints, exact "
+        "--resume, Ctrl-C saves a checkpoint; RUN/model is the final model (pkmem.hf.from_pretrained loads "
+        "it). memory.KEY=VALUE arguments set the added memories' options (ProductKeyMemory's arguments: "
+        "memory.heads=4 memory.num_keys=256 memory.topk=32 memory.k_dim=256 ...). Unset flags take the "
+        "defaults shown, or with --resume the run's settings.",
+    )
+    m = f.add_argument_group("model and memories")
+    m.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local model directory (config.json, safetensors weights, tokenizer files); a model with pkmem "
+        "memories (saved after pkmem.hf.add_memory) loads with them",
+    )
+    m.add_argument(
+        "--memory-layers",
+        type=_ints,
+        metavar="I,J",
+        help="0-based indices of the blocks that get a memory (model.layers.I); needed unless the model "
+        "has memories",
+    )
+    m.add_argument(
+        "--mode",
+        choices=["parallel", "replace"],
+        help="parallel (default): the memory's output is added to the block's MLP and starts at zero, so "
+        "the model is unchanged until it trains; replace: the memory replaces the MLP",
+    )
+    d = f.add_argument_group("data")
+    d.add_argument("--data", choices=["text"], help="data source (default: text)")
+    d.add_argument(
+        "--data-path",
+        metavar="PATH",
+        help="text file, directory (its .txt and .jsonl files) or glob, read and split into train / valid "
+        "as pkmem train --data text does",
+    )
+    d.add_argument(
+        "--valid-path",
+        metavar="PATH",
+        help="held-out text to validate on (e.g. the background data, to see what is forgotten); then the "
+        "model trains on all of --data-path (a small file of new facts is not split)",
+    )
+    t = f.add_argument_group("training")
+    t.add_argument(
+        "--max-steps",
+        metavar="N",
+        type=int,
+        help="optimizer steps (with --resume: continue up to it; default 1000)",
+    )
+    t.add_argument("--batch-size", metavar="N", type=int, help="sequences per step (default 8)")
+    t.add_argument("--seq-len", metavar="N", type=int, help="tokens per sequence (default 512)")
+    t.add_argument(
+        "--lr",
+        metavar="LR",
+        type=float,
+        help="AdamW learning rate of everything but the values (default 1e-4)",
+    )
+    t.add_argument(
+        "--value-lr", metavar="LR", type=float, help="learning rate of the memory values (default 1e-3)"
+    )
+    t.add_argument("--weight-decay", metavar="WD", type=float, help="AdamW weight decay (default 0)")
+    t.add_argument(
+        "--warmup-steps", metavar="N", type=int, help="linear warm-up steps, then constant rates (default 0)"
+    )
+    t.add_argument(
+        "--grad-clip", metavar="NORM", type=float, help="gradient norm clip, the values apart (default 1.0)"
+    )
+    t.add_argument(
+        "--seed", metavar="N", type=int, help="seed of the new memories, the batches and dropout (default 0)"
+    )
+    t.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="auto (default): bf16 autocast on cuda, fp32 on cpu",
+    )
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (default: auto)")
+    t.add_argument("--threads", metavar="N", type=int, help=THREADS_HELP)
+    sp = f.add_argument_group(
+        "sparse memory finetuning",
+        "train only the value rows that the data reads much more than the background does (TF-IDF), "
+        "everything else frozen (Lin et al. 2025); the model must have memories",
+    )
+    sp.add_argument(
+        "--sparse-memory", type=int, metavar="TOP_T", help="value rows trained per table and step"
+    )
+    sp.add_argument(
+        "--background", metavar="FILE", help="slot counts of the model on background data (pkmem count-slots)"
+    )
+    sp.add_argument("--sparse-lr", type=float, metavar="LR", help="learning rate of the rows (required)")
+    sp.add_argument(
+        "--sparse-optimizer",
+        choices=["sgd", "adamw"],
+        help="sgd (default: the paper found it better) or adamw",
+    )
+    r = f.add_argument_group("run")
+    r.add_argument("--out", metavar="RUN", help="run directory: new or empty (with --resume: the run)")
+    r.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
+    r.add_argument("--log-every", metavar="N", type=int, help="steps between metrics records (default 10)")
+    r.add_argument(
+        "--ckpt-every", metavar="N", type=int, help="steps between checkpoints (default 0: at the end only)"
+    )
+    r.add_argument("--keep-checkpoints", metavar="N", type=int, help="checkpoints kept (default 1)")
+    r.add_argument(
+        "--eval-every",
+        metavar="N",
+        type=int,
+        help="steps between validation evaluations (default 0: at the end)",
+    )
+    r.add_argument(
+        "--eval-tokens",
+        type=_eval_tokens,
+        metavar="N|all",
+        help="validation tokens per evaluation, in windows spread over the split (default 262,144)",
+    )
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
+
+    c = sub.add_parser(
+        "count-slots",
+        help="count how often background text reads each memory slot (for finetune --background)",
+        description="Run a local model with pkmem memories on windows of background text and count, for "
+        "every slot of every value table, how many batches read it and how often: the file pkmem finetune "
+        "--sparse-memory TOP_T --background FILE ranks slots against (TF-IDF). Count on the model you "
+        "will finetune.",
+    )
+    c.add_argument("--model", required=True, metavar="DIR", help="local model directory with pkmem memories")
+    c.add_argument("--data", choices=["text"], default="text", help="data source (default: text)")
+    c.add_argument("--data-path", required=True, metavar="PATH", help="text file, directory or glob")
+    c.add_argument("--out", required=True, metavar="FILE", help="the counts to write (safetensors)")
+    c.add_argument(
+        "--split",
+        choices=["train", "valid", "all"],
+        default="train",
+        help="split of the text (default: train)",
+    )
+    c.add_argument(
+        "--max-tokens",
+        type=_max_tokens,
+        default=EVAL_TOKENS,
+        metavar="N|all",
+        help=f"about N tokens in windows spread over the split (default {EVAL_TOKENS:,}); 'all': all",
+    )
+    c.add_argument(
+        "--batch-size", type=int, default=8, help="windows per batch, a 'document' of TF-IDF (default 8)"
+    )
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    c.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--threads", type=int, help=THREADS_HELP)
+    c.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pkmem",
-        description="Language models with product-key memories: train, evaluate, benchmark, plot, generate.",
+        description="Language models with product-key memories: train, evaluate, benchmark, plot, generate; "
+        "finetune Hugging Face models with memories.",
         epilog="`pkmem train` alone trains the tiny preset on Python's standard library on the CPU.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -162,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-cache", action="store_true", help="run the whole context for every token (slow; for comparison)"
     )
+    _add_hf_parsers(sub)
     return p
 
 
@@ -389,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides = []
     for item in extra:
-        if args.command in ("train", "bench") and "=" in item and not item.startswith("-"):
+        if args.command in ("train", "bench", "finetune") and "=" in item and not item.startswith("-"):
             overrides.append(item)
         else:
             parser.error(f"unrecognized argument {item!r}")
@@ -410,6 +579,14 @@ def _run(args, overrides: list[str]) -> int:
             return _cmd_bench(args, overrides)
         if args.command == "plot":
             return _cmd_plot(args)
+        if args.command == "finetune":
+            from pkmem.hf.cli import finetune_command
+
+            return finetune_command(args, overrides)
+        if args.command == "count-slots":
+            from pkmem.hf.cli import count_slots_command
+
+            return count_slots_command(args)
         return _cmd_generate(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"pkmem {args.command}: error: {e}", file=sys.stderr)

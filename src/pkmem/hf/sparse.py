@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pkmem._util import atomic_write_bytes
 from pkmem.hf.train import causal_lm_loss, move_batch
 from pkmem.layer import ProductKeyMemory
 from pkmem.metrics import UsageStats, UsageTracker
@@ -84,17 +85,13 @@ class SlotCounts:
         return torch.log(self.num_batches / (1.0 + self.batches_read[name].double()))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file (atomically)."""
-        from safetensors.torch import save_file
+        """Write a safetensors file atomically (a temporary file, flushed to disk, renamed into place)."""
+        from safetensors.torch import save
 
         tensors = {f"batches_read/{n}": t.contiguous().cpu() for n, t in self.batches_read.items()}
         tensors.update({f"reads/{n}": t.contiguous().cpu() for n, t in self.reads.items()})
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            tensors, str(tmp), metadata={"format": "pkmem.SlotCounts", "num_batches": str(self.num_batches)}
-        )
-        os.replace(tmp, path)
+        meta = {"format": "pkmem.SlotCounts", "num_batches": str(self.num_batches)}
+        atomic_write_bytes(Path(path), save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SlotCounts:

@@ -131,6 +131,7 @@ def finetune(
     optimizer: torch.optim.Optimizer | None = None,
     start_step: int = 0,
     sparse: SparseMemoryFinetuner | None = None,
+    on_step: Callable[[int, torch.Tensor], bool | None] | None = None,
 ) -> list[dict]:
     """Train ``model`` (a causal LM with memories) up to step ``steps``; returns the log records.
 
@@ -155,6 +156,10 @@ def finetune(
     finetuner's, times the warmup factor), ``"grad_norm", "value_grad_norm"`` (sparse mode:
     ``"slots"``, the rows updated per table), ``"skipped", "memory": {name: {"usage", "kl"}}}``.
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under autocast on the model's device.
+
+    ``on_step(step, loss)`` is called after every step with its loss (a 0-dim tensor on the model's
+    device: reading it waits for the device). If it returns True, training ends after this step (with a
+    record of it): a caller checkpoints, evaluates or stops there, and goes on with ``start_step``.
     """
     from pkmem.hf.sparse import SparseMemoryFinetuner
 
@@ -227,7 +232,8 @@ def finetune(
                 optimizer.zero_grad(set_to_none=True)
             total += loss.detach().float()
             count += 1
-            if step % log_every == 0 or step == steps:
+            stop = bool(on_step(step, loss.detach())) if on_step is not None else False
+            if step % log_every == 0 or step == steps or stop:
                 record = {"step": step, "loss": float(total) / count, "skipped": skipped}
                 if sparse is None:
                     record.update(lr=lr * factor, grad_norm=float(norms[0]), value_grad_norm=float(norms[1]))
@@ -242,6 +248,8 @@ def finetune(
                     callback(record)
                 total.zero_()
                 count = 0
+            if stop:
+                break
     finally:
         if sparse is None:
             tracker.stop()

@@ -25,6 +25,12 @@ What pkmem promises about a checkpoint:
 
 Checkpoints written before the manifest (``state.json`` format 1, which listed the other files'
 checksums itself) still load, with those checks and the same field validation.
+
+Two other layouts share the manifest, the state file and the verification: a distributed run's
+(DCP shards, ``.metadata``, instead of ``model.safetensors``: :mod:`pkmem.distributed.checkpoint`)
+and a Hugging Face model's (``pkmem finetune``: a ``save_pretrained`` directory, ``config.json`` and
+its weights and tokenizer files, plus the optimizer and state files; :mod:`pkmem.hf.cli` loads its
+model).
 """
 
 from __future__ import annotations
@@ -58,12 +64,15 @@ __all__ = [
     "saved_config",
     "flatten_state",
     "unflatten_state",
+    "sync_files",
+    "publish_checkpoint",
 ]
 
 STATE = "state.json"
 MANIFEST = "manifest.json"
 FORMAT = 2  # state.json of a checkpoint with a manifest; 1: the other files' checksums in state.json
 REQUIRED = (STATE, "model.safetensors", "tokenizer.json")
+HF_REQUIRED = (STATE, "config.json")  # a save_pretrained directory: its weights may be sharded
 OPTIMIZER_FILES = ("optimizer.safetensors", "optimizer.json")
 MAX_JSON_BYTES = 1 << 30  # a state, manifest or optimizer structure larger than this is not one of ours
 
@@ -338,9 +347,13 @@ def read_manifest(ckpt: str | os.PathLike, verify: bool = True) -> dict:
     files = _check_entries(manifest.get("files"), source)
     if manifest["sha256"] != _manifest_digest(files):
         raise CheckpointError(f"checkpoint file {source!r} is corrupt: its own sha256 does not match")
-    # a distributed run's checkpoint holds DCP shards (".metadata", "*.distcp") instead of the model file
+    # a distributed run's checkpoint holds DCP shards (".metadata", "*.distcp") instead of the model file;
+    # a Hugging Face model's (config.json) its save_pretrained files (pkmem.hf.from_pretrained reads them)
     sharded = ".metadata" in files
-    required = [n for n in REQUIRED if not (sharded and n == "model.safetensors")]
+    if "config.json" in files:
+        required = list(HF_REQUIRED)
+    else:
+        required = [n for n in REQUIRED if not (sharded and n == "model.safetensors")]
     for name in required:
         if name not in files:
             raise CheckpointError(
@@ -518,15 +531,21 @@ def save_checkpoint(
         full = {**state, "format": FORMAT, "step": step}
         full.pop("files", None)
         (tmp / STATE).write_text(json.dumps(full, indent=1))
-        for name in (*OPTIMIZER_FILES, "model.safetensors", "tokenizer.json", STATE):
-            p = tmp / name
-            os.chmod(p, file_mode())  # safetensors writes 0600
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+        sync_files(tmp)
         return publish_checkpoint(tmp, final, run_dir, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sync_files(directory: Path) -> None:
+    """Give every file of ``directory`` the mode of a new file under the user's umask (safetensors
+    writes 0600) and flush it to disk: the step before :func:`publish_checkpoint`."""
+    for p in sorted(Path(directory).iterdir()):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, file_mode())
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def publish_checkpoint(tmp: Path, final: Path, run_dir: str | os.PathLike, keep: int) -> Path:
@@ -597,7 +616,8 @@ def _load_safetensors(ckpt: Path, name: str) -> dict:
 
 def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
     """``{"dir", "state", "model" (tensors), "optimizer" (a state dict or None)}`` of a checkpoint
-    (``model`` and ``optimizer`` None for a distributed run's: :mod:`pkmem.distributed.checkpoint`).
+    (``model`` and ``optimizer`` None for a distributed run's: :mod:`pkmem.distributed.checkpoint`;
+    ``model`` None for a Hugging Face model's, ``state["layout"] == "hf"``: :mod:`pkmem.hf.cli`).
 
     With ``verify`` (the default) the whole checkpoint is checked first (see the module's docstring)
     and a tensor holding NaN or infinity is a CheckpointError.
@@ -606,8 +626,11 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
     state = read_state(ckpt, verify)
     if state.get("layout") == "dcp":  # written by the ranks of a distributed run: pkmem.distributed reads it
         return {"dir": ckpt, "state": state, "model": None, "optimizer": None}
-    model = _load_safetensors(ckpt, "model.safetensors")
-    if verify and _non_finite(model):
+    if state.get("layout") == "hf":  # a save_pretrained directory: pkmem.hf.from_pretrained reads the model
+        model = None
+    else:
+        model = _load_safetensors(ckpt, "model.safetensors")
+    if verify and model is not None and _non_finite(model):
         bad = _non_finite(model)
         raise CheckpointError(
             f"checkpoint file {str(ckpt / 'model.safetensors')!r} holds non-finite weights (NaN or "
