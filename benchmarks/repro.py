@@ -688,8 +688,17 @@ def markdown(res: dict) -> str:
          for r in v["runs"] if r.get("earlier")}
     )  # fmt: skip
     for src, git, device in earlier:
-        seeds = sorted({r["seed"] for v in res["variants"] for r in v["runs"] if (r.get("earlier") or {}).get("from") == src})
-        lines.append(f"Seeds {seeds} were trained earlier (from {src}: pkmem {git}, {device}), the same configuration.")
+        seeds = sorted(
+            {
+                r["seed"]
+                for v in res["variants"]
+                for r in v["runs"]
+                if (r.get("earlier") or {}).get("from") == src
+            }
+        )
+        lines.append(
+            f"Seeds {seeds} were trained earlier (from {src}: pkmem {git}, {device}), the same configuration."
+        )
     lines.append("")
     return "\n".join(lines)
 

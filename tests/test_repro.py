@@ -106,7 +106,11 @@ def test_runs_from_an_earlier_json_count_beside_new_seeds(repro, tmp_path):
 
     args, runs = made((0, 1), tmp_path / "a")
     first = tmp_path / "noise-first.json"
-    first.write_text(json.dumps(repro.summarize(job, runs, args, {}, None) | {"device": "gpu0", "versions": {"git": "abc"}}))
+    first.write_text(
+        json.dumps(
+            repro.summarize(job, runs, args, {}, None) | {"device": "gpu0", "versions": {"git": "abc"}}
+        )
+    )
     args, runs = made((2,), tmp_path / "b")
     earlier = repro.earlier_rows(str(first), job, 100, [2])
     assert [r["seed"] for r in earlier[job.variants[1].name]] == [0, 1]
@@ -114,11 +118,15 @@ def test_runs_from_an_earlier_json_count_beside_new_seeds(repro, tmp_path):
     res = repro.summarize(job, runs, args, {}, None, earlier) | {"device": "gpu1", "versions": {"git": "def"}}
     mem = res["variants"][1]
     assert res["seeds"] == [0, 1, 2] and mem["diff_valid"]["n"] == 3
-    assert mem["diff_valid"]["mean"] == pytest.approx(-0.05) and mem["diff_valid"]["sd"] == pytest.approx(0.01)
+    assert mem["diff_valid"]["mean"] == pytest.approx(-0.05) and mem["diff_valid"]["sd"] == pytest.approx(
+        0.01
+    )
     assert mem["diff_test"]["n"] == 3 and sorted(mem["diff_curves"]) == [0, 1, 2]
     assert [bool(r.get("earlier")) for r in mem["runs"]] == [True, True, False]
     assert "Seeds [0, 1] were trained earlier" in repro.markdown(res) and "abc" in repro.markdown(res)
-    assert repro.earlier_rows(str(first), job, 100, [0, 2])[job.variants[1].name][0]["seed"] == 1  # seed 0 here
+    assert (
+        repro.earlier_rows(str(first), job, 100, [0, 2])[job.variants[1].name][0]["seed"] == 1
+    )  # seed 0 here
     for bad_job, steps in ((repro.JOBS["table2"], 100), (job, 99)):
         with pytest.raises(SystemExit, match="--with-runs-from"):
             repro.earlier_rows(str(first), bad_job, steps, [2])

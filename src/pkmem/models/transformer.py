@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkmem._util import not_allowed
-from pkmem.layer import _dropout
 from pkmem.config import MEM_MODES, MemoryTransformerConfig, build_memory, default_memory_layers
+from pkmem.layer import _dropout
 from pkmem.optim import value_parameters
 
 __all__ = [
@@ -127,7 +127,8 @@ class CausalSelfAttention(nn.Module):
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
-        return _dropout(self.resid_dropout, self.proj(y.transpose(1, 2).reshape(B, T, C)))  # y: (B, heads, T, d)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, heads, T, d) -> (B, T, C)
+        return _dropout(self.resid_dropout, self.proj(y))
 
 
 class FeedForward(nn.Module):
