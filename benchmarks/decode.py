@@ -18,7 +18,7 @@ import traceback
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
 from common import cuda_time, environment, gpu_slug, table, write_json  # noqa: E402
 
 from pkmem import ProductKeyMemory  # noqa: E402

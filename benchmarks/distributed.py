@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
 from common import table, write_json  # noqa: E402
 
 MODES = ("replicated", "columns", "rows")

@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
 from common import copy_bandwidth, cuda_time, environment, gpu_slug, graph_time, table, write_json  # noqa: E402
 
 from pkmem.ops import reference  # noqa: E402

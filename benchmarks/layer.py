@@ -29,7 +29,7 @@ import traceback
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
 from common import (  # noqa: E402
     copy_bandwidth,
     cuda_time,

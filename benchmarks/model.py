@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
 from common import cuda_time, environment, gpu_slug, table, write_json  # noqa: E402
 from layer import eval_graph_time, kernel_configs  # noqa: E402
 

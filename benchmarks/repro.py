@@ -52,7 +52,7 @@ from pathlib import Path
 
 from pkmem._util import atomic_write_bytes
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
 from common import versions  # noqa: E402
 
 BASE = "enwik8-small"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # last: shadows no installed package
 from common import environment, gpu_slug, write_json  # noqa: E402
 from layer import DIM, make  # noqa: E402
 

@@ -54,7 +54,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
 from common import table, write_json  # noqa: E402
 
 HBM_BYTES_PER_S = 4.2e12  # H200 copy bandwidth (docs/kernels.md: 4.17-4.25 TB/s measured)
