@@ -438,6 +438,10 @@ def test_resume_and_out_errors(trained, corpus, tmp_path, capsys):
         str(tmp_path / "c"),
     ]
     assert main(args) == 2 and "has no config.json" in capsys.readouterr().err
+    # pkmem eval reads pkmem train's runs: a finetune run is named for what it is
+    assert main(["eval", str(trained), "--max-tokens", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "is a Hugging Face model's (pkmem finetune)" in err and "pkmem.hf.from_pretrained" in err
 
 
 def test_help_names_every_option():

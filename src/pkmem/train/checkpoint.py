@@ -451,6 +451,12 @@ def read_state(ckpt: str | os.PathLike, verify: bool = True) -> dict:
 def saved_config(ck: dict) -> dict:
     """The run config stored in a loaded checkpoint's state (CheckpointError if it has none)."""
     config = ck["state"].get("config")
+    if ck["state"].get("layout") == "hf":
+        raise CheckpointError(
+            f"checkpoint {str(ck['dir'])!r} is a Hugging Face model's (pkmem finetune): load it with "
+            "pkmem.hf.from_pretrained(<run>/model) and transformers; pkmem eval, generate and plot read "
+            "pkmem train's runs"
+        )
     if not isinstance(config, dict):
         raise CheckpointError(f"checkpoint file {str(Path(ck['dir']) / STATE)!r} has no 'config' field")
     return config
