@@ -40,8 +40,10 @@ facts of :mod:`pkmem.tasks` (``"<name> lives in <city>."``, four phrasings, byte
 
 Resumable: each finished part (a pretrained checkpoint, its slot counts, a grid point, a final run)
 is a file under ``--out`` with a fingerprint of its settings, and is not redone while they are
-unchanged. Writes ``results.json`` (settings, versions, device, command, every part),
-``results.md`` (the table) and ``continual.png`` (forgetting against new-fact recall).
+unchanged (the model checkpoints are listed in ``--out``'s ``.gitignore``). Writes
+``results.json`` (settings, versions, device, command, every part), ``results.md`` (the table) and
+``continual.png`` (forgetting against new-fact recall). ``--stop-after S`` starts no new part after
+S seconds and exits with status 3: run the command again to continue.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ sys.path[:] = [e for e in sys.path if Path(e or ".").resolve() != HERE]
 
 METHODS = ("full", "lora", "sparse")
 LN2 = math.log(2)
+GITIGNORE = "*.safetensors\npretrain-s*/*\n!pretrain-s*/pretrain.json\n"
 
 # ---- settings -----------------------------------------------------------------------------------
 # The default: one H200 (an estimate: ~12-18 min for 3 seeds; resumable, --stop-after splits it)
@@ -134,7 +137,7 @@ CPU_SMALL = {
         "batch_size": 16,
         "top_t": 512,
         "lora_rank": 8,
-        "grid": {"full": [3e-4, 1e-3, 3e-3], "lora": [1e-3, 3e-3, 1e-2], "sparse": [1024, 4096, 16384]},
+        "grid": {"full": [3e-4, 1e-3, 3e-3], "lora": [1e-3, 3e-3, 1e-2], "sparse": [4096, 16384, 65536]},
     },
     "eval": {"queries": 128, "batch_size": 2048},
 }
@@ -990,6 +993,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / ".gitignore").exists():  # the checkpoints stay out of a commit of the results
+        _atomic_write(out / ".gitignore", GITIGNORE)
     t_start = time.perf_counter()
 
     def out_of_time() -> bool:

@@ -62,6 +62,7 @@ def test_results_hold_every_method_the_grid_and_the_metrics(tiny_run):
     md = (out / "results.md").read_text()
     assert "sparse memory (SGD)" in md and "Learning-rate grid" in md
     assert (out / "continual.png").is_file()
+    assert "*.safetensors" in (out / ".gitignore").read_text()
 
 
 def test_each_method_changes_what_it_trains(tiny_run):
