@@ -764,6 +764,15 @@ def summarize(res: dict) -> dict:
             row[k] = _mean_sd([r[k] for r in rows])
         row["changed_elements"] = _mean_sd([r["changed"]["elements"] for r in rows])
         out[method] = row
+    # paired by seed: each other method minus sparse memory finetuning
+    sparse = res["runs"].get("sparse", {})
+    for method, runs in res["runs"].items():
+        pairs = [(runs[k], sparse[k]) for k in runs if k in sparse and method != "sparse"]
+        if pairs:
+            out[method]["minus_sparse"] = {
+                k: _mean_sd([a["metrics"][k] - b["metrics"][k] for a, b in pairs])
+                for k in pairs[0][0]["metrics"]
+            }
     b = list(before.values())
     out["pretrained"] = {k: _mean_sd([m[k] for m in b]) for k in b[0]} if b else {}
     return out
@@ -776,6 +785,10 @@ def _pm(ms: tuple[float, float], fmt: str = "{:.3f}", pct: bool = False) -> str:
     if pct:
         return f"{100 * m:.1f} ± {100 * sd:.1f} %"
     return f"{fmt.format(m)} ± {fmt.replace('+', '').format(sd)}"
+
+
+def _x100(ms: tuple[float, float]) -> tuple[float, float]:
+    return 100 * ms[0], 100 * ms[1]
 
 
 def _count(x: float) -> str:
@@ -796,7 +809,7 @@ def markdown(res: dict) -> str:
         f"{fin['batch_size']} × {m['seq_len'] + 1} bytes of new-fact sentences only; mean ± sd over "
         f"seeds {seeds}; chance recall {100 / f['n_values']:.1f} %)",
         "",
-        "| method | lr | new facts, recall | new facts, unseen phrasing | old facts, recall (change) "
+        "| method | lr | new facts, recall | new facts, unseen phrasing | old facts, recall (change, points) "
         "| held-out text, bits/byte (change) | params trained | params changed | train time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -814,13 +827,26 @@ def markdown(res: dict) -> str:
         lines.append(
             f"| {NAMES[method]} | {r['lr']:g} | {_pm(r['new_recall'], pct=True)} | "
             f"{_pm(r['new_recall_heldout_phrasing'], pct=True)} | {_pm(r['old_recall'], pct=True)} "
-            f"({_pm(r['old_recall_change'], pct=True)}) | {_pm(r['heldout_text_bpb'])} "
+            f"({_pm(_x100(r['old_recall_change']), '{:+.1f}')}) | {_pm(r['heldout_text_bpb'])} "
             f"({_pm(r['heldout_text_bpb_change'], '{:+.3f}')}) | {_count(r['trained_params'][0])} | "
             f"{_count(r['changed_elements'][0])} | {r['train_s'][0]:.1f} s |"
         )
+    diffs = [(mt, sm[mt]["minus_sparse"]) for mt in s["methods"] if "minus_sparse" in sm.get(mt, {})]
+    if diffs:
+        lines += ["", "**Paired by seed, minus sparse memory finetuning** (mean ± sd of the difference):", ""]
+        lines.append(
+            "| method | new facts, recall (points) | old facts, recall (points) | held-out text, bits/byte |"
+        )
+        lines.append("|---|---|---|---|")
+        for mt, d in diffs:
+            lines.append(
+                f"| {NAMES[mt]} | {_pm(_x100(d['new_recall']), '{:+.1f}')} | "
+                f"{_pm(_x100(d['old_recall']), '{:+.1f}')} | {_pm(d['heldout_text_bpb'], '{:+.3f}')} |"
+            )
     lines += [
         "",
-        "**Learning-rate grid** (first seed, validation new facts; chosen by new-fact recall alone):",
+        f"**Learning-rate grid** (first seed, validation new facts; the smallest rate within "
+        f"{100 * fin['select_within']:.0f} points of the best new-fact recall, nothing else looked at):",
         "",
     ]
     lines.append("| method | lr | new (valid) recall | old recall | held-out text bits/byte | chosen |")
@@ -841,10 +867,16 @@ def markdown(res: dict) -> str:
         f"({s['memory']['num_keys'] ** 2:,} slots, {s['memory']['heads']} heads, top-{s['memory']['topk']}); "
         f"{_count(p0.get('params', 0))} parameters ({_count(p0.get('value_params', 0))} in the values). "
         f"Pretraining: {s['pretrain']['steps']} steps of {s['pretrain']['batch_size']} windows "
-        f"(half old-fact sentences, half text). Sparse: top-{fin['top_t']} rows per step by TF-IDF against "
+        f"({100 * s['pretrain']['fact_fraction']:.0f} % old-fact sentences, the rest text). "
+        f"Sparse: top-{fin['top_t']} rows per step by TF-IDF against "
         f"{s['pretrain']['background_docs']} pretraining windows. LoRA: rank {fin['lora_rank']} on "
         f"{', '.join(LORA_TARGETS)}. Recall on {s['eval']['queries']} facts at most per set; "
-        f"device: {res['device']}; {res['wall_s']:.0f} s in all.",
+        f"device: {res['device']}, {res['threads']} threads; {res['compute_s']:.0f} s of training, "
+        f"counting and evaluation in all parts.",
+        "",
+        "The paper's setting (Lin et al. 2025: a 1.3B-parameter model with a 1M-slot memory, TriviaQA "
+        "facts taught, NaturalQuestions F1 as what is forgotten): F1 fell by 89 % after full finetuning, "
+        "71 % after LoRA and 11 % after sparse memory finetuning, at the same level of new knowledge.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -887,7 +919,7 @@ def plot(res: dict, out: Path) -> Path | None:
         ax.set_xlabel("new-fact recall, training phrasing (fraction)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left")
     fig.suptitle("Teaching new facts: what is forgotten")
     fig.tight_layout()
     path = out / "continual.png"
@@ -1044,7 +1076,12 @@ def main(argv: list[str] | None = None) -> int:
             path = out / "runs" / f"{method}-s{seed}.json"
             r = run_part(s, method, lr, "new_test", seed, out, path, data, device, log)
             res["runs"].setdefault(method, {})[str(seed)] = r
-    res["wall_s"] = time.perf_counter() - t_start
+    res["wall_s"] = time.perf_counter() - t_start  # this call's (parts done already cost nothing)
+    parts = [*res["pretrained"].values(), *res["background"].values()]
+    parts += [r for g in res["grid"].values() for r in g] + [
+        r for v in res["runs"].values() for r in v.values()
+    ]
+    res["compute_s"] = sum(r.get(k, 0.0) for r in parts for k in ("train_s", "eval_s", "counts_s"))
     res["finished"] = not unfinished
     res["summary"] = summarize(res)
     _common().write_json(str(out / "results.json"), res)

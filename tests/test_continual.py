@@ -59,6 +59,13 @@ def test_results_hold_every_method_the_grid_and_the_metrics(tiny_run):
     before = res["pretrained"]["0"]["metrics"]
     assert {"old_recall", "new_recall", "new_valid_recall", "heldout_text_bpb"} <= set(before)
     assert set(res["summary"]) == {*C.METHODS, "pretrained"}
+    diff = res["summary"]["full"]["minus_sparse"]["old_recall"][0]
+    assert diff == pytest.approx(
+        res["runs"]["full"]["0"]["metrics"]["old_recall"]
+        - res["runs"]["sparse"]["0"]["metrics"]["old_recall"]
+    )
+    assert "minus_sparse" not in res["summary"]["sparse"]
+    assert res["compute_s"] > 0
     md = (out / "results.md").read_text()
     assert "sparse memory (SGD)" in md and "Learning-rate grid" in md
     assert (out / "continual.png").is_file()
@@ -104,6 +111,7 @@ def test_a_second_run_redoes_nothing(tiny_run, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads((out / "results.json").read_text())
     assert again["runs"] == res["runs"] and again["grid"] == res["grid"]
+    assert again["compute_s"] == pytest.approx(res["compute_s"])  # the parts' time, not this call's
 
 
 def test_changed_settings_redo_only_what_they_change(tiny_run, tmp_path, capsys):
