@@ -874,9 +874,9 @@ def markdown(res: dict) -> str:
         f"device: {res['device']}, {res['threads']} threads; {res['compute_s']:.0f} s of training, "
         f"counting and evaluation in all parts.",
         "",
-        "The paper's setting (Lin et al. 2025: a 1.3B-parameter model with a 1M-slot memory, TriviaQA "
-        "facts taught, NaturalQuestions F1 as what is forgotten): F1 fell by 89 % after full finetuning, "
-        "71 % after LoRA and 11 % after sparse memory finetuning, at the same level of new knowledge.",
+        "The paper (Lin et al. 2025, a pretrained memory-layer language model taught TriviaQA facts, "
+        "NaturalQuestions F1 as what is forgotten): F1 fell by 89 % after full finetuning, 71 % after LoRA "
+        "and 11 % after sparse memory finetuning, at the same level of new knowledge.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -1095,7 +1095,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _versions() -> dict:
-    return _common().versions()
+    """benchmarks/common.versions(), with transformers' and peft's."""
+    import importlib.metadata as md
+
+    out = _common().versions()
+    for name in ("transformers", "peft"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 if __name__ == "__main__":

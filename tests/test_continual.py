@@ -37,7 +37,7 @@ def test_results_hold_every_method_the_grid_and_the_metrics(tiny_run):
     out, _, res = tiny_run
     s = res["settings"]
     assert res["finished"] and res["command"].startswith("python benchmarks/continual.py --tiny")
-    assert {"python", "torch", "numpy", "git"} <= set(res["versions"])
+    assert {"python", "torch", "numpy", "git", "transformers", "peft"} <= set(res["versions"])
     assert set(res["runs"]) == set(C.METHODS) == set(res["chosen_lr"])
     for method in C.METHODS:
         grid = res["grid"][method]
