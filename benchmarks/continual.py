@@ -93,7 +93,7 @@ DEFAULT = {
         "min_lr_ratio": 0.1,
         "grad_clip": 1.0,
         # documents of the background counts: windows of the pretraining data (see background_docs)
-        "background_docs": 4096,
+        "background_docs": 2048,
         "background_rows": 1,
     },
     "finetune": {
