@@ -201,7 +201,11 @@ def _add_hf_parsers(sub) -> None:
         help=f"about N tokens in windows spread over the split (default {EVAL_TOKENS:,}); 'all': all",
     )
     c.add_argument(
-        "--batch-size", type=int, default=8, help="windows per batch, a 'document' of TF-IDF (default 8)"
+        "--batch-size",
+        type=int,
+        default=1,
+        help="windows per batch, a 'document' of TF-IDF (default 1: when every document reads most slots, "
+        "their idf is 0 and the ranking picks rows the new data barely reads)",
     )
     c.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
