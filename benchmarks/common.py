@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -141,3 +142,19 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def warmup_cosine(step: int, t: dict) -> float:
+    """Learning-rate factor at 0-based ``step``: linear warm-up over ``t["warmup_steps"]``, then cosine
+    decay to ``t["min_lr_ratio"]`` at ``t["steps"]`` (the small benchmarks' own training loops)."""
+    if step < t["warmup_steps"]:
+        return (step + 1) / t["warmup_steps"]
+    p = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
+    return t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's (processor, else machine)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"

@@ -181,35 +181,10 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _lr_factor(step: int, t: dict) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
-    if step < t["warmup_steps"]:
-        return (step + 1) / t["warmup_steps"]
-    p = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
-    return t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from pkmem._util import atomic_write_bytes
 
-
-def _device_name(device) -> str:
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    atomic_write_bytes(path, text.encode())
 
 
 def settings_of(args) -> dict:
@@ -488,7 +463,7 @@ def pretrain(s: dict, seed: int, out: Path, data, device, log) -> dict:
     losses = []
     for step in range(p["steps"]):
         for g, lr in zip(opt.param_groups, base):
-            g["lr"] = lr * _lr_factor(step, p)
+            g["lr"] = lr * _common().warmup_cosine(step, p)
         loss = _loss(model, pretrain_batch(s, old, text, seed, step), device)
         loss.backward()
         pkmem.clip_grad_norm(model, p["grad_clip"])
@@ -636,7 +611,7 @@ def finetune(s: dict, method: str, lr: float, facts, seed: int, out: Path, devic
     t0 = time.perf_counter()
     losses = []
     for step in range(f["steps"]):
-        factor = _lr_factor(step, f)
+        factor = _common().warmup_cosine(step, f)
         if sparse is not None:
             sparse.lr = lr * factor
         else:
@@ -1038,7 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "benchmark": "benchmarks/continual.py",
         "command": " ".join(["python", "benchmarks/continual.py", *(sys.argv[1:] if argv is None else argv)]),
-        "device": _device_name(device),
+        "device": _common().device_name(device),
         "threads": torch.get_num_threads(),
         "versions": _versions(),
         "settings": s,

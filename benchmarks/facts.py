@@ -41,9 +41,7 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -196,16 +194,9 @@ def _matched_ffn_mult(s: dict, variant: str) -> float:
 
 # ---- one run ------------------------------------------------------------------------------------
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from pkmem._util import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 def run_key(s: dict, variant: str, n_facts: int, device_kind: str) -> str:
@@ -233,22 +224,6 @@ def finished(out: Path, s: dict, variant: str, n_facts: int, device_kind: str) -
     except (OSError, ValueError):
         return None
     return r if r.get("key") == run_key(s, variant, n_facts, device_kind) else None
-
-
-def _lr_factor(step: int, t: dict) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
-    if step < t["warmup_steps"]:
-        return (step + 1) / t["warmup_steps"]
-    p = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
-    return t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def run_job(s: dict, variant: str, n_facts: int, device: str, out: Path, log=print) -> dict:
@@ -283,7 +258,7 @@ def run_job(s: dict, variant: str, n_facts: int, device: str, out: Path, log=pri
     t0 = time.perf_counter()
     for step in range(t["steps"]):
         for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * _lr_factor(step, t)
+            g["lr"] = lr * _common().warmup_cosine(step, t)
         xy = torch.from_numpy(facts.batch(step, t["batch_size"], cfg.seq_len, seed=t["seed"])).to(dev)
         with amp:
             logits = model(xy[:, :-1])
@@ -326,7 +301,7 @@ def run_job(s: dict, variant: str, n_facts: int, device: str, out: Path, log=pri
         "train_s": train_s,
         "train_tokens_per_s": t["steps"] * t["batch_size"] * cfg.seq_len / train_s,
         "eval_s": eval_s,
-        "device": _device_name(dev),
+        "device": _common().device_name(dev),
         "versions": _versions(),
         "curve": curve,
         "final": final,
@@ -420,10 +395,15 @@ def estimate(s: dict, variants: list[str], jobs: int) -> dict:
 
 
 # ---- the table ----------------------------------------------------------------------------------
-def _versions() -> dict:
-    from common import versions  # imports torch: only when the table is written
+def _common():
+    """benchmarks/common.py (imports torch: only when a run or the table needs it)."""
+    import common
 
-    return versions()
+    return common
+
+
+def _versions() -> dict:
+    return _common().versions()
 
 
 def _matched(s: dict, variant: str) -> str:
@@ -731,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         else "main(" + repr(argv) + ")",
         "device": ", ".join(sorted({r["device"] for rs in runs.values() for r in rs.values()}))
         if args.report_only
-        else _device_name(torch.device(device if device == "cpu" else f"cuda:{gpus[0]}")),
+        else _common().device_name(torch.device(device if device == "cpu" else f"cuda:{gpus[0]}")),
         # with --report-only: the versions the table was made with; each run records its own
         "versions": _versions(),
         "settings": s,
