@@ -53,10 +53,8 @@ def tok():
     return _tokenizer()
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, tok):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+def _llama_config(tok):
+    return transformers.LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -64,7 +62,12 @@ def llama_dir(tmp_path_factory, tok):
         num_key_value_heads=1,
         vocab_size=len(tok),
     )
-    return _save(transformers.LlamaForCausalLM(cfg), tok, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tok):
+    torch.manual_seed(0)
+    return _save(transformers.LlamaForCausalLM(_llama_config(tok)), tok, tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -325,14 +328,7 @@ def test_sparse_adamw_resumes_exactly_and_new_facts_train_on_all_their_text(
 def other_shape_dir(tmp_path_factory, tok):
     """A Llama whose memory has 16 x 16 slots (the background above counts 8 x 8)."""
     torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tok),
-    )
+    cfg = _llama_config(tok)
     model = H.add_memory(
         transformers.LlamaForCausalLM(cfg), [1], "parallel", heads=2, num_keys=16, topk=4, k_dim=16
     )
