@@ -78,12 +78,7 @@ def matmul_rate(n: int = 8192, dtype=torch.bfloat16) -> float:
 def environment() -> dict:
     import triton
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except Exception:
-        commit = ""
+    commit = git_commit() or ""
     props = torch.cuda.get_device_properties(0)
     return {
         "device": torch.cuda.get_device_name(0),
@@ -109,15 +104,22 @@ def versions() -> dict:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = None
-    out["git"] = os.environ.get("PKMEM_COMMIT")
-    if not out["git"]:
-        try:
-            git = ["git", "rev-parse", "--short", "HEAD"]
-            here = os.path.dirname(os.path.abspath(__file__))
-            out["git"] = subprocess.run(git, capture_output=True, text=True, cwd=here).stdout.strip() or None
-        except OSError:
-            out["git"] = None
+    out["git"] = git_commit()
     return out
+
+
+def git_commit(where: str | None = None) -> str | None:
+    """The short commit of the code: ``PKMEM_COMMIT`` where the tree is a copy without its git
+    history (as on a lent GPU machine), else ``git rev-parse`` in ``where`` (default: benchmarks/)."""
+    commit = os.environ.get("PKMEM_COMMIT")
+    if commit:
+        return commit
+    where = where or os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = ["git", "-C", where, "rev-parse", "--short", "HEAD"]
+        return subprocess.run(git, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def gpu_slug() -> str:

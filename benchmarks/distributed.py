@@ -42,7 +42,6 @@ import platform
 import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +53,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
-from common import table, write_json  # noqa: E402
+from common import git_commit, table, write_json  # noqa: E402
 
 MODES = ("replicated", "columns", "rows")
 CPU_OVERRIDES = "batch_size=8,seq_len=64"  # the tiny preset, smaller: 2 processes share 2 cores
@@ -390,14 +389,8 @@ def _launch(world: int, jobs: list[tuple], args, timeout_s: float) -> tuple[list
 
 # ---- the parent ------------------------------------------------------------------------------------
 def _environment(device: str, nproc: int) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except Exception:
-        commit = ""
     env = {
-        "git_commit": commit,
+        "git_commit": git_commit() or "",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "nproc": nproc,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import time
 
 import torch
@@ -39,7 +38,7 @@ import pkmem  # noqa: E402
 from pkmem import ProductKeyMemory  # noqa: E402
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
-from common import cuda_time, graph_time, write_json  # noqa: E402
+from common import cuda_time, git_commit, graph_time, write_json  # noqa: E402
 
 
 def _sync() -> None:
@@ -103,15 +102,10 @@ def main() -> None:
     else:
         dim, heads, keys, topk, kd, settings = 64, 2, 16, 4, 16, [("tiny", 8)]
     n = 20 if args.quick or not CUDA else 50
-    try:
-        git = ["git", "-C", os.path.dirname(pkmem.__file__), "rev-parse", "--short", "HEAD"]
-        commit = subprocess.run(git, capture_output=True, text=True).stdout
-    except OSError:
-        commit = ""
     data = {
         "label": args.label,
         "pkmem": os.path.dirname(pkmem.__file__),
-        "git_commit": commit.strip() or None,
+        "git_commit": git_commit(os.path.dirname(pkmem.__file__)),
         "device": torch.cuda.get_device_name() if CUDA else "cpu",
         "torch": torch.__version__,
         "results": {},
