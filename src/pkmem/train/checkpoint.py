@@ -636,8 +636,8 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         model = None
     else:
         model = _load_safetensors(ckpt, "model.safetensors")
-    if verify and model is not None and _non_finite(model):
-        bad = _non_finite(model)
+    bad = _non_finite(model) if verify and model is not None else []
+    if bad:
         raise CheckpointError(
             f"checkpoint file {str(ckpt / 'model.safetensors')!r} holds non-finite weights (NaN or "
             f"infinity) in {bad[0]!r} ({len(bad)} tensor(s)): pkmem never writes such a checkpoint"
