@@ -43,18 +43,27 @@ import numpy as np
 import torch
 
 from pkmem._util import atomic_write_bytes, file_mode, not_allowed
-from pkmem.hf.model import CONFIG_KEY, _find_blocks, add_memory, memory_modules
+from pkmem.hf.model import CONFIG_KEY, _find_blocks, add_memory, from_pretrained, memory_modules
 from pkmem.hf.sparse import OPTIMIZERS, SlotCounts, SparseMemoryFinetuner, slot_counts
 from pkmem.hf.train import finetune, tokenize
 from pkmem.layer import ProductKeyMemory
 from pkmem.metrics import UsageTracker
 from pkmem.optim import make_optimizer
 from pkmem.train import checkpoint as ckpt_lib
-from pkmem.train.data import SPLITS
+from pkmem.train.data import CHUNK, DOC_SEP, SPLITS, eval_windows, open_source
+from pkmem.train.evaluate import evaluate, resolve_device, set_threads
+from pkmem.train.loop import (
+    METRICS,
+    _append_jsonl,
+    _GracefulInterrupt,
+    _new_run_dir,
+    _progress_bar,
+    _say,
+    _truncate_metrics,
+)
 
 __all__ = ["finetune_command", "count_slots_command", "DEFAULTS", "FIXED_ON_RESUME"]
 
-METRICS = "metrics.jsonl"
 SETTINGS = "finetune.json"
 BACKGROUND = "background.safetensors"
 MODEL_DIR = "model"
@@ -300,7 +309,6 @@ def _load_tokenizer(path: Path, flag: str = "--model"):
 
 def _load_model(path: Path, device: torch.device, flag: str = "--model"):
     """The model of a local directory in float32 on ``device``: with its pkmem memories if it has any."""
-    from pkmem.hf.model import from_pretrained
 
     transformers = _transformers()
     try:
@@ -350,7 +358,6 @@ def _split_tokens(source, split: str | None, tokenizer) -> np.ndarray:
     """Token ids of one split of a :func:`pkmem.train.data.open_source` source (None: all its pieces in
     order): each document followed by the EOS token (where pkmem train puts a blank line), long ones
     tokenised in pieces cut after a newline (memory use does not grow with the documents)."""
-    from pkmem.train.data import CHUNK, DOC_SEP
 
     out: list[np.ndarray] = []
     buf: list[str] = []
@@ -413,7 +420,6 @@ def _no_transformers_bars():
 def _open_text(path: str, flag: str):
     """The :func:`pkmem.train.data.open_source` of the text files ``path`` names (as pkmem train's
     ``--data text``: the same documents and train / valid / test split)."""
-    from pkmem.train.data import open_source
 
     try:
         return open_source("text", path)
@@ -566,7 +572,6 @@ def _describe(job: _Job, log) -> None:
 
 def _evaluate(job: _Job, max_tokens: int | str, progress: bool = False) -> dict:
     """Next-token loss of the model on the validation split, with every memory's usage and KL."""
-    from pkmem.train.evaluate import evaluate
 
     valid = job.tokens["valid"]
     seq_len = min(job.s["seq_len"], len(valid) - 1)
@@ -589,12 +594,6 @@ def _evaluate(job: _Job, max_tokens: int | str, progress: bool = False) -> dict:
     for key in ("bpb", "words_per_s"):
         res.pop(key, None)
     return res
-
-
-def _append(path: Path, record: dict) -> None:
-    from pkmem.train.loop import _append_jsonl
-
-    _append_jsonl(path, record)
 
 
 def save(job: _Job, step: int) -> Path:
@@ -679,7 +678,6 @@ def fit(job: _Job, start: int, log) -> int:
     """Train from step ``start`` to ``--max-steps`` with :func:`pkmem.hf.finetune`, logging, evaluating
     and checkpointing when due; returns the last step. A Ctrl-C (or SIGTERM) stops it after the step
     with a checkpoint and raises KeyboardInterrupt."""
-    from pkmem.train.loop import _GracefulInterrupt, _say
 
     s, out = job.s, job.out
     losses: list[torch.Tensor] = []
@@ -723,7 +721,7 @@ def fit(job: _Job, start: int, log) -> int:
         rec["memories"] = _memories(report)
         rec["tokens_per_s"] = len(window) * job.tokens_per_step / max(dt, 1e-9)
         rec["elapsed_s"] = time.perf_counter() - job.t_start
-        _append(out / METRICS, rec)
+        _append_jsonl(out / METRICS, rec)
         job.last_record = rec
         if rec["skipped"]:
             _say(
@@ -765,7 +763,7 @@ def fit(job: _Job, start: int, log) -> int:
             step = state["step"]
             if due(s["eval_every"], step):
                 res = _evaluate(job, s["eval_tokens"])
-                _append(out / METRICS, {"type": "eval", "split": "valid", "step": step, **res})
+                _append_jsonl(out / METRICS, {"type": "eval", "split": "valid", "step": step, **res})
             if due(s["ckpt_every"], step) or step == s["max_steps"] or interrupt.requested:
                 save(job, step)
             if interrupt.requested:
@@ -789,7 +787,7 @@ def _finish(job: _Job, step: int, log) -> dict:
     path = job.out / METRICS
     records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     if not any(r.get("type") == "eval" and r.get("final") and r.get("step") == step for r in records):
-        _append(path, {"type": "eval", **res})
+        _append_jsonl(path, {"type": "eval", **res})
     atomic_write_bytes(job.out / "eval_valid.json", json.dumps(res, indent=1).encode())
     if job.sparse is not None:
         job.sparse.restore()
@@ -806,19 +804,12 @@ def _finish(job: _Job, step: int, log) -> dict:
 
 
 # ---- the commands -------------------------------------------------------------------------------------
-def _device(name: str):
-    from pkmem.train.evaluate import resolve_device
-
-    return resolve_device(name)
-
-
 def _start_new(args, overrides: list[str], log) -> tuple[_Job, int, bool]:
-    from pkmem.train.loop import _new_run_dir
 
     s = _new_settings(args, overrides)
     out = Path(args.out)
     _new_run_dir(None, out)  # new or empty: never a run or other files
-    device = _device(s["device"])
+    device = resolve_device(s["device"])
     model_dir = _model_dir(s["model"])
     config = _config(model_dir)  # a transformers model's: checked before anything else is read
     blocks = getattr(config, "num_hidden_layers", None)
@@ -842,7 +833,6 @@ def _start_new(args, overrides: list[str], log) -> tuple[_Job, int, bool]:
 
 
 def _start_resumed(args, overrides: list[str], log) -> tuple[_Job, int, bool]:
-    from pkmem.train.loop import _truncate_metrics
 
     if args.out is None:
         raise ValueError("--resume needs --out RUN: the run to continue")
@@ -853,7 +843,7 @@ def _start_resumed(args, overrides: list[str], log) -> tuple[_Job, int, bool]:
         raise ValueError(f"--out {str(out)!r} is a run of pkmem train: continue it with pkmem train --resume")
     s = _resumed_settings(state.get("settings"), args, overrides, str(ckpt / ckpt_lib.STATE))
     step = int(state["step"])
-    device = _device(s["device"])
+    device = resolve_device(s["device"])
     tokenizer = _load_tokenizer(ckpt, "checkpoint")
     tokens, info = _load_data(s["data_path"], tokenizer, s["valid_path"])
     _check_tokens(tokens, s)
@@ -888,8 +878,6 @@ def finetune_command(args, overrides: list[str], log=print) -> int:
 
 
 def _finetune_command(args, overrides: list[str], log) -> int:
-    from pkmem.train.evaluate import set_threads
-    from pkmem.train.loop import _progress_bar
 
     threads = getattr(args, "threads", None)
     set_threads(threads, log)
@@ -915,8 +903,6 @@ def count_slots_command(args, log=print) -> int:
 
 
 def _count_slots_command(args, log) -> int:
-    from pkmem.train.data import eval_windows
-    from pkmem.train.evaluate import set_threads
 
     for key in ("batch_size", "seq_len"):
         if getattr(args, key) < 1:
@@ -925,7 +911,7 @@ def _count_slots_command(args, log) -> int:
     if out.is_dir():
         raise ValueError(f"--out {args.out!r} is a directory: it must be the path of a file to write")
     set_threads(args.threads, log)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model_dir = _model_dir(args.model)
     if not _saved_memories(model_dir):
         raise ValueError(
