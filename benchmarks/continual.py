@@ -66,10 +66,10 @@ from pathlib import Path
 
 import numpy as np
 
-# This folder must not be on sys.path: its kernels.py would shadow the `kernels` package that
-# transformers imports. Python puts a script's folder first; take it out.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [e for e in sys.path if Path(e or ".").resolve() != HERE]
+# this folder last on sys.path (Python puts a script's first): its kernels.py, layer.py, ... must not
+# shadow an installed package (transformers imports `kernels`)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
 METHODS = ("full", "lora", "sparse")
 LN2 = math.log(2)
@@ -162,16 +162,10 @@ TINY = {
 
 
 def _common():
-    """benchmarks/common.py, loaded from its file."""
-    import importlib.util
+    """benchmarks/common.py (imports torch: only when a part runs or the table is written)."""
+    import common
 
-    mod = sys.modules.get("_pkmem_benchmarks_common")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("_pkmem_benchmarks_common", HERE / "common.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        sys.modules[spec.name] = mod
-    return mod
+    return common
 
 
 def _merge(base: dict, over: dict) -> dict:

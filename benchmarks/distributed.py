@@ -52,7 +52,10 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
+# this folder last on sys.path (Python puts a script's first): its kernels.py, layer.py, ... must not
+# shadow an installed package (transformers imports `kernels`)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 from common import git_commit, table, write_json  # noqa: E402
 
 MODES = ("replicated", "columns", "rows")

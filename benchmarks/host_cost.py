@@ -37,7 +37,10 @@ import sys  # noqa: E402
 import pkmem  # noqa: E402
 from pkmem import ProductKeyMemory  # noqa: E402
 
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
+# this folder last on sys.path (Python puts a script's first): its kernels.py, layer.py, ... must not
+# shadow an installed package (transformers imports `kernels`)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 from common import cuda_time, git_commit, graph_time, write_json  # noqa: E402
 
 

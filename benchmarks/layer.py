@@ -29,7 +29,10 @@ import traceback
 import torch
 from torch import nn
 
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
+# this folder last on sys.path (Python puts a script's first): its kernels.py, layer.py, ... must not
+# shadow an installed package (transformers imports `kernels`)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 from common import (  # noqa: E402
     copy_bandwidth,
     cuda_time,

@@ -52,7 +52,10 @@ from pathlib import Path
 
 from pkmem._util import atomic_write_bytes
 
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
+# this folder last on sys.path (Python puts a script's first): its kernels.py, layer.py, ... must not
+# shadow an installed package (transformers imports `kernels`)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 from common import versions  # noqa: E402
 
 BASE = "enwik8-small"

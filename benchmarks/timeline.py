@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -24,7 +25,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.append(str(Path(__file__).resolve().parent))  # last: shadows no installed package
+# this folder last on sys.path (Python puts a script's first): its kernels.py, layer.py, ... must not
+# shadow an installed package (transformers imports `kernels`)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 from common import environment, gpu_slug, write_json  # noqa: E402
 from layer import DIM, make  # noqa: E402
 

@@ -54,7 +54,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: shadows no installed package
+# this folder last on sys.path (Python puts a script's first): its kernels.py, layer.py, ... must not
+# shadow an installed package (transformers imports `kernels`)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 from common import table, write_json  # noqa: E402
 
 HBM_BYTES_PER_S = 4.2e12  # H200 copy bandwidth (docs/kernels.md: 4.17-4.25 TB/s measured)
