@@ -29,10 +29,13 @@ steps, with no host synchronisation between them (as in training: the host may r
 device). ``wall`` is the host's time per step over those steps (what tokens/s sees); ``device``
 the device's time per step (event to event: kernels and idle gaps); ``busy`` the sum of the
 kernels' durations (the profiler, a few more steps); ``idle = device - busy``: the device waiting
-for the host. ``host`` is the host's time to issue one step's work. The value update is also
-timed alone (``value_update``, on the gradient of a real step, medians of repeats) against its
-floor: the bytes it must move (read the gradient, the parameters and two moments of each updated
-row, write parameters and moments) at 4.2 TB/s.
+for the host. ``host`` is the host's time to issue one step's work; ``--host-profile N`` lists
+the operators that take it (the profiler's self host time per step) and counts them per step.
+The value update is also timed alone (``value_update``, on the gradient of a real step, medians
+of repeats) against its floor: the bytes it must move (read the gradient, the parameters and two
+moments of each updated row, write parameters and moments) at 4.2 TB/s. ``--compile on|both``
+runs the model under ``torch.compile`` (as ``pkmem train compile=true``): the host's share then
+shrinks to the compiled graphs' launches.
 
 ``--quality N``: trains enwik8-small N steps from the same initial weights on the same batches
 (a function of seed and step, as ``pkmem train``) with float32 values (AdamW, today) and bfloat16
@@ -176,8 +179,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(model, opt, cfg, batches, device, marks_ref: list):
-    """A closure running one training step (as pkmem's training loop) with marks between parts."""
+def make_step(model, opt, cfg, batches, device, marks_ref: list, forward=None):
+    """A closure running one training step (as pkmem's training loop) with marks between parts;
+    ``forward`` (default ``model``): what computes the logits, e.g. ``torch.compile(model)``."""
     from pkmem.optim import clip_grad_norm
     from pkmem.train.evaluate import autocast
     from pkmem.train.loop import lr_factor
@@ -185,6 +189,7 @@ def make_step(model, opt, cfg, batches, device, marks_ref: list):
     t = cfg.train
     A = t.grad_accum
     counter = [0]
+    forward = model if forward is None else forward
 
     def step(marks: Marks | None) -> torch.Tensor:
         marks_ref[0] = marks
@@ -197,7 +202,7 @@ def make_step(model, opt, cfg, batches, device, marks_ref: list):
         for micro in range(A):
             xy = batches[(counter[0] * A + micro) % len(batches)]
             with autocast(device, t.precision):
-                logits = model(xy[:, :-1])
+                logits = forward(xy[:, :-1])
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
             mark("forward")
             (loss / A).backward()
@@ -263,11 +268,36 @@ def busy_ms(step, device: torch.device, steps: int = 3) -> float | None:
     return total / 1e3 / steps
 
 
+def host_profile(step, device: torch.device, steps: int, top: int = 25) -> dict:
+    """Where the host's time per step goes: the profiler's operators (and Python-level records such
+    as ``Optimizer.step``) by their own host time, and how many operators one step dispatches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(None)
+        sync(device)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    ops = sum(e.count for e in rows if e.key.startswith("aten::"))
+    return {
+        "steps": steps,
+        "aten_ops_per_step": ops / steps,
+        "top_self_host_ms_per_step": [
+            {"name": e.key, "ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps}
+            for e in rows[:top]
+        ],
+    }
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def measure_variant(preset: str, variant: str, device, args) -> dict:
+def measure_variant(preset: str, variant: str, device, args, compiled: bool = False) -> dict:
+    """One variant's step, eager or (``compiled``) with the model under ``torch.compile`` as
+    ``pkmem train compile=true`` runs it (the usage tracking is then inside the compiled forward:
+    ``metrics`` is not timed apart)."""
     from pkmem.metrics import UsageTracker
 
     model, opt, cfg = build(preset, variant, device, args.tiny)
@@ -280,10 +310,14 @@ def measure_variant(preset: str, variant: str, device, args) -> dict:
     tracker = None
     if model.memories() and t.track_usage:
         tracker = UsageTracker(model).start()
-        for _, _, m in model.memories():
-            m.usage_stats = TimedStats(m.usage_stats, marks_ref)
+        if not compiled:  # marks are host calls: they would break the compiled graph
+            for _, _, m in model.memories():
+                m.usage_stats = TimedStats(m.usage_stats, marks_ref)
     model.train()
-    step = make_step(model, opt, cfg, batches, device, marks_ref)
+    if compiled:
+        torch._dynamo.reset()
+    forward = torch.compile(model, backend=args.compile_backend) if compiled else model
+    step = make_step(model, opt, cfg, batches, device, marks_ref, forward)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
@@ -299,6 +333,7 @@ def measure_variant(preset: str, variant: str, device, args) -> dict:
     row = {
         "preset": preset,
         "variant": variant,
+        "compiled": compiled,
         "tokens_per_step": B * T * A,
         "wall_ms": wall,
         "tokens_per_s": B * T * A / (wall * 1e-3),
@@ -317,6 +352,11 @@ def measure_variant(preset: str, variant: str, device, args) -> dict:
         row["busy_ms"] = None
     if row["busy_ms"] is not None:
         row["idle_ms"] = row["device_step_ms"] - row["busy_ms"]
+    if args.host_profile:
+        try:
+            row["host_profile"] = host_profile(step, device, args.host_profile)
+        except Exception as e:  # the profiler is optional
+            row["host_profile"] = {"error": f"{type(e).__name__}: {e}"}
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if model.memories():
@@ -328,7 +368,7 @@ def measure_variant(preset: str, variant: str, device, args) -> dict:
     if tracker is not None:
         for _, _, m in model.memories():
             m.usage_stats = None
-    del model, opt, step
+    del model, opt, step, forward
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -488,18 +528,20 @@ def environment(device: torch.device) -> dict:
 def print_table(rows: list[dict]) -> None:
     out = []
     for r in rows:
+        name = r["variant"] + (" (compiled)" if r.get("compiled") else "")
         if "error" in r:
-            out.append([r["preset"], r["variant"], "error", r["error"][:60]] + [""] * 12)
+            out.append([r["preset"], name, "error", r["error"][:60]] + [""] * 12)
             continue
         d, h = r["device_ms"], r["host_ms"]
         plain = "no memory (foreach AdamW)" if "foreach" in r["variant"] else "no memory"
-        base = next((b for b in rows if b["preset"] == r["preset"] and b["variant"] == plain), None)
+        same = (r["preset"], plain, r.get("compiled"))
+        base = next((b for b in rows if (b["preset"], b["variant"], b.get("compiled")) == same), None)
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base and "tokens_per_s" in base else float("nan")
         vu = r.get("value_update") or {}
         out.append(
             [
                 r["preset"],
-                r["variant"],
+                name,
                 f"{r['wall_ms']:.2f}",
                 f"{r['tokens_per_s'] / 1e3:.0f}k ({ratio:.2f}x)",
                 f"{r['device_step_ms']:.2f}",
@@ -521,6 +563,22 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (see above)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke test)")
+    ap.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default="off",
+        help="the model eager (off), under torch.compile (on), or each variant both ways (default off)",
+    )
+    ap.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile N more steps on the host: the operators that take its time (default 0: off)",
+    )
+    ap.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile's backend (default inductor)"
+    )
     ap.add_argument("--warmup", type=int, default=None, help="steps before timing (default 5, tiny 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 12, tiny 3)")
     ap.add_argument("--update-repeats", type=int, default=None, help="value-update repeats (default 10)")
@@ -571,19 +629,21 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--variants {unknown} are not known: choose from {list(VARIANTS)}")
     data["results"] = []
-    for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-        for variant in variants:
-            print(f"{preset} / {variant} ...", flush=True)
-            try:
-                row = measure_variant(preset, variant, device, args)
-            except Exception as e:
-                traceback.print_exc(limit=4)
-                row = {"preset": preset, "variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            data["results"].append(row)
-            write_json(out, data)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    for preset, variant, compiled in [(p, v, c) for p in presets for v in variants for c in modes]:
+        print(f"{preset} / {variant}{' (compiled)' if compiled else ''} ...", flush=True)
+        try:
+            row = measure_variant(preset, variant, device, args, compiled)
+        except Exception as e:
+            traceback.print_exc(limit=4)
+            row = {"preset": preset, "variant": variant, "compiled": compiled}
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        data["results"].append(row)
+        write_json(out, data)
     print_table(data["results"])
     print(
         "ms per step (medians); device/busy/idle: the device's time per step, its kernels, its waiting; "

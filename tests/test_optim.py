@@ -351,6 +351,45 @@ def test_clip_plain_params_and_no_host_sync():
     assert r.device.type == "meta"
 
 
+def test_clip_mixed_dtypes_float32_norm_and_launches_do_not_grow_with_parameters():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def params(n):
+        g = torch.Generator().manual_seed(n)
+        out = []
+        for i in range(n):
+            dtype = torch.bfloat16 if i % 3 == 0 else torch.float32
+            p = nn.Parameter(torch.zeros(5 + i, dtype=dtype))
+            p.grad = (torch.randn(5 + i, generator=g) * 300).to(dtype)  # squares overflow no float32
+            out.append(p)
+        return out
+
+    launches = []
+    for n in (4, 40):
+        ps = params(n)
+        want = math.sqrt(sum(float(p.grad.double().square().sum()) for p in ps))
+        old = [p.grad.double() for p in ps]
+        with Count() as c:
+            r, _ = clip_grad_norm(ps, max_norm=1.0)
+        launches.append(c.n)
+        assert r.dtype == torch.float32 and r.item() == pytest.approx(want, rel=1e-5)
+        for p, g in zip(ps, old):  # every gradient scaled by the same factor, in its own dtype
+            assert p.grad.dtype == p.dtype
+            tol = 1e-2 if p.dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(p.grad.double(), g / want, rtol=tol, atol=1e-6)
+    # one foreach norm and one foreach multiply per dtype: ten times the parameters, the same ops
+    assert launches[0] == launches[1], launches
+
+
 def test_clip_errors():
     model = Model()
     for kw, name in [

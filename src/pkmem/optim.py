@@ -584,34 +584,49 @@ def make_optimizer(
 
 
 # ---- gradient clipping --------------------------------------------------------------------------
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
 def _grad_norm(grads: list[torch.Tensor], device: torch.device, rows: list[RowGrad] = ()) -> torch.Tensor:
     """L2 norm of all ``grads`` and pending ``rows`` together (float32 or wider), on ``device``;
-    sparse grads coalesced."""
+    sparse grads coalesced. Dense grads are measured with one ``torch._foreach_norm`` per device and
+    dtype (as ``torch.nn.utils.clip_grad_norm_``): a few launches, not one per parameter."""
     norms = []
+    dense = []
     for g in grads:
         if g.is_sparse:
-            g = g.coalesce()._values()  # duplicate rows must be summed before the norm
-        dt = torch.promote_types(g.dtype, torch.float32)
-        norms.append(torch.linalg.vector_norm(g, 2, dtype=dt).to(device))
-    norms += [rg.sq_norm().sqrt().to(device) for rg in rows]
+            v = g.coalesce()._values()  # duplicate rows must be summed before the norm
+            norms.append(torch.linalg.vector_norm(v, 2, dtype=torch.promote_types(v.dtype, torch.float32)))
+        else:
+            dense.append(g)
+    for (_, dtype), group in _by_device_and_dtype(dense).items():
+        wide = torch.promote_types(dtype, torch.float32)
+        norms += torch._foreach_norm(group, 2, dtype=None if wide == dtype else wide)
+    norms += [rg.sq_norm().sqrt() for rg in rows]
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
-    dt = norms[0].dtype
-    for n in norms[1:]:
-        dt = torch.promote_types(dt, n.dtype)
-    return torch.linalg.vector_norm(torch.stack([n.to(dt) for n in norms]), 2)
+    dt = torch.float32
+    for d in {n.dtype for n in norms}:
+        dt = torch.promote_types(dt, d)
+    return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dt) for n in norms]), 2)
 
 
 def _scale(grads: list[torch.Tensor], total: torch.Tensor, max_norm: float, rows: list[RowGrad] = ()) -> None:
     if math.isinf(max_norm):
         return
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # no host sync: always multiply
+    dense = []
     for g in grads:
-        c = coef.to(device=g.device, dtype=g.dtype)
         if g.is_sparse:
-            g._values().mul_(c)  # in place, also when uncoalesced (scaling is linear)
+            g._values().mul_(coef.to(device=g.device, dtype=g.dtype))  # in place, also uncoalesced
         else:
-            g.mul_(c)
+            dense.append(g)
+    for (dev, dtype), group in _by_device_and_dtype(dense).items():
+        torch._foreach_mul_(group, coef.to(device=dev, dtype=dtype))
     for rg in rows:
         rg.mul_(coef)  # applied by the row optimizer's update
 
