@@ -76,7 +76,7 @@ LN2 = math.log(2)
 GITIGNORE = "*.safetensors\npretrain-s*/*\n!pretrain-s*/pretrain.json\n"
 
 # ---- settings -----------------------------------------------------------------------------------
-# The default: one H200 (measured: 802 s of parts for 3 seeds, some on a shared GPU; resumable, --stop-after splits it)
+# The default: one H200 (802 s of parts for 3 seeds, measured; resumable, --stop-after splits it)
 DEFAULT = {
     "model": {"dim": 256, "n_layers": 4, "n_heads": 4, "ffn_mult": 4.0, "seq_len": 128, "memory_layer": 2},
     # ProductKeyMemory's own argument names
