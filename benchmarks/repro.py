@@ -22,11 +22,13 @@ What a job does, in order:
 2. evaluates each run on the whole test split (reported once, in the job's table);
 3. times one training step of each variant alone on the GPU (``--time-steps``), for the comparison
    at equal training time: the step a variant reaches in the baseline's training time, and its
-   validation loss there (interpolated between the periodic evaluations);
+   validation loss there (interpolated between the periodic evaluations); for Table 1 also the
+   evaluation forward alone (eager, no compilation: the speed axis of the paper's Fig. 4);
 4. writes ``<out>/<job>.json`` (every run: curves, final validation and test numbers, usage, KL,
    step time, parameters; the device, versions and the command), ``<out>/<job>.md`` (the table,
    the paper's numbers beside ours) and ``<out>/<job>-diff.png`` (each variant's paired difference
-   from the baseline over training).
+   from the baseline over training); with evaluation speeds, ``<out>/<job>-speed.png`` (validation
+   bits per byte against evaluation tokens/s).
 
 Differences are paired: variant minus baseline on the same seed (the same batches). A variant is
 called better or worse only when the mean paired difference exceeds two standard deviations of the
@@ -191,6 +193,7 @@ class Job:
     seeds: tuple[int, ...] = (0,)
     extra: tuple[str, ...] = ()  # overrides for every variant of the job
     test: bool = True  # evaluate the test split (the recipe search chooses on validation only)
+    eval_speed: bool = False  # time each variant's evaluation forward alone (Table 1 / Fig. 4)
     paper_setting: str = "paper §4.5: 6 layers, 8 heads, dim 1024 (not given), memory at layer 5, CC-News BPE"
 
 
@@ -214,6 +217,7 @@ JOBS: dict[str, Job] = {
             "Table 1 / Fig. 4: depth vs memories at equal tokens",
             tuple(_table1()),
             steps=2000,
+            eval_speed=True,
             paper_setting="paper Table 1: dimension 1024, 16 heads, CC-News BPE, test perplexity",
         ),
         Job(
@@ -397,6 +401,60 @@ def time_steps(job: Job, args, log) -> dict[str, float]:
     return out
 
 
+def eval_speeds(job: Job, args, log) -> dict[str, float]:
+    """Evaluation tokens/s of each variant alone on the device: the eager forward of one evaluation
+    batch (``eval_batch_size`` or ``batch_size`` windows of validation tokens) in eval mode under
+    the run's autocast, as ``pkmem eval`` runs it, without compilation; median of ``--time-steps``
+    forwards after warm-up, timed with CUDA events on a GPU. The weights are a fresh model's: the
+    time of a forward does not depend on their values."""
+    import tempfile
+
+    import torch
+
+    from pkmem.config import load_config
+    from pkmem.train.evaluate import autocast
+    from pkmem.train.loop import set_up
+
+    out = {}
+    for v in job.variants:
+        cfg = load_config(BASE, plan_runs(replace(job, variants=(v,)), args)[0].overrides)
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                run = set_up(cfg, Path(d), None, progress=False, log=lambda *a: None)
+                t = cfg.train
+                B, T = t.eval_batch_size or t.batch_size, cfg.model.seq_len
+                tokens = torch.as_tensor(run.data.tokens("valid")[: B * T].astype("int64"))
+                x = tokens.reshape(B, T).to(run.device)
+                cuda = run.device.type == "cuda"
+                run.model.eval()
+                times = []
+                with torch.no_grad():
+                    for _ in range(max(3, args.time_steps // 3) + args.time_steps):
+                        if cuda:
+                            start, end = (
+                                torch.cuda.Event(enable_timing=True),
+                                torch.cuda.Event(enable_timing=True),
+                            )
+                            start.record()
+                        t0 = time.perf_counter()
+                        with autocast(run.device, t.precision):
+                            run.model(x)
+                        if cuda:
+                            end.record()
+                            end.synchronize()
+                            times.append(start.elapsed_time(end) / 1e3)
+                        else:
+                            times.append(time.perf_counter() - t0)
+                out[v.name] = B * T / statistics.median(times[-args.time_steps :])
+                del run, x
+        except (RuntimeError, ValueError) as e:  # out of memory, say
+            log(f"  eval speed {v.name}: {type(e).__name__}: {e}")
+        log(f"  {v.name}: {out.get(v.name, float('nan')):,.0f} evaluation tokens/s")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
 # ---- results ----------------------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> list[dict]:
     recs = []
@@ -517,6 +575,7 @@ def summarize(
     step_s: dict[str, float],
     noise_sd: float | None,
     earlier: dict[str, list[dict]] | None = None,
+    eval_tps: dict[str, float] | None = None,
 ) -> dict:
     """The job's JSON: per run and per variant, with paired differences (same seed) from the first
     variant. ``earlier``: rows of runs made before (``--with-runs-from``), counted like this job's."""
@@ -577,6 +636,7 @@ def summarize(
             else "baseline",
             "diff_curves": curves,
             "step_s": step_s.get(v.name),
+            "eval_tokens_per_s": (eval_tps or {}).get(v.name),
             "params": params,
             "value_params": value_params,
         }
@@ -652,7 +712,9 @@ def markdown(res: dict) -> str:
     has_test = any(v["test_bpb"][0] is not None for v in res["variants"])
     head = ["variant", "valid bits/byte", "Δ vs baseline (paired)", "verdict", "usage", "KL"]
     head += ["test bits/byte", "Δ test"] if has_test else []
-    head += ["ms/step (alone)", "Δ at equal time", "params (values)", "paper ppl", "paper usage", "paper KL"]
+    has_speed = any(v.get("eval_tokens_per_s") for v in res["variants"])
+    head += ["ms/step (alone)", "Δ at equal time"] + (["eval tok/s (alone)"] if has_speed else [])
+    head += ["params (values)", "paper ppl", "paper usage", "paper KL"]
     lines = [f"### {res['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in res["variants"]:
         d, dt, p, eq = v["diff_valid"], v["diff_test"], v["paper"] or {}, v["equal_time"] or {}
@@ -669,6 +731,8 @@ def markdown(res: dict) -> str:
             ]
         base = v["verdict_valid"] == "baseline"
         cells += [_f(v["step_s"] and 1000 * v["step_s"], ".1f"), "–" if base else _f(eq.get("diff"), "+.4f")]
+        if has_speed:
+            cells.append(_f(v.get("eval_tokens_per_s"), ",.0f"))
         cells += [f"{v['params'] / 1e6:.1f}M ({v['value_params'] / 1e6:.1f}M)", _f(p.get("ppl"), ".1f")]
         cells += [_f(p.get("usage"), pct=True), _f(p.get("kl"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -682,7 +746,13 @@ def markdown(res: dict) -> str:
         "noise' needs |mean Δ| > 2 sd of the paired difference"
         + (f" (sd from the noise job: {res['noise_sd']:.4f})" if res["noise_sd"] and n < 2 else "")
         + ". 'Δ at equal time': the variant's validation-subset bits per byte at the step it reaches in the "
-        "baseline's training time (step times measured alone on the device), minus the baseline's final one.",
+        "baseline's training time (step times measured alone on the device), minus the baseline's final one."
+        + (
+            " 'eval tok/s': one evaluation batch's eager forward alone on the device (no compilation), "
+            "median of timed repeats."
+            if has_speed
+            else ""
+        ),
         f"Paper columns: {res['paper_setting']} (perplexity of BPE words, not comparable in value; compare "
         "the trends). Device: " + res["device"] + f"; pkmem {res['versions'].get('git')}.",
     ]
@@ -754,6 +824,38 @@ def plot(res: dict, path: Path) -> Path | None:
     return path
 
 
+def plot_speed(res: dict, path: Path) -> Path | None:
+    """Validation bits per byte against evaluation tokens/s, one point per variant (Fig. 4)."""
+    pts = [
+        (v["eval_tokens_per_s"], v["valid_bpb"][0], v["name"])
+        for v in res["variants"]
+        if v.get("eval_tokens_per_s") and v["valid_bpb"][0] is not None
+    ]
+    if not pts:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for x, y, name in pts:
+        ax.scatter([x / 1e3], [y], s=25)
+        ax.annotate(name, (x / 1e3, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("evaluation tokens/s (thousands; eager, alone on the device)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title(f"{res['title']}\n{res['device']}; lower right is better", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 # ---- main -------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -780,7 +882,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="an earlier results JSON of this job (same steps): its finished runs of other seeds are "
         "counted beside this run's (e.g. more seeds for the noise floor)",
     )
-    p.add_argument("--time-steps", type=int, default=20, help="timed steps per variant alone (0: no timing)")
+    p.add_argument(
+        "--time-steps",
+        type=int,
+        default=20,
+        help="timed steps per variant alone (0: no timing); Table 1 also times as many evaluation forwards",
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke test on the CPU")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     p.add_argument(
@@ -868,11 +975,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = [(r, _test_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in tests]
         execute(tasks, gpus, args.jobs, log)
     step_s = time_steps(job, args, log) if args.time_steps > 0 else {}
+    eval_tps = eval_speeds(job, args, log) if args.time_steps > 0 and job.eval_speed else {}
     noise = _load(out / "noise.json")
     noise_sd = None
     if noise and len(noise["variants"]) > 1:
         noise_sd = noise["variants"][1]["diff_valid"]["sd"]
-    res = summarize(job, runs, args, step_s, noise_sd, earlier)
+    res = summarize(job, runs, args, step_s, noise_sd, earlier, eval_tps)
     res["wall_s"] = time.perf_counter() - t0
     atomic_write_bytes(out / f"{job.name}.json", json.dumps(res, indent=1).encode())
     status = _report(res, out, log)
@@ -887,11 +995,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(res: dict, out: Path, log) -> int:
-    """Write ``<job>.md`` and ``<job>-diff.png`` from the job's results and print the table."""
+    """Write ``<job>.md``, ``<job>-diff.png`` (and ``<job>-speed.png``) from the job's results and
+    print the table."""
     atomic_write_bytes(out / f"{res['job']}.md", markdown(res).encode())
     png = plot(res, out / f"{res['job']}-diff.png")
+    speed_png = plot_speed(res, out / f"{res['job']}-speed.png")
     log("\n" + markdown(res))
-    log(f"wrote {out / (res['job'] + '.json')}, {out / (res['job'] + '.md')}" + (f", {png}" if png else ""))
+    pngs = "".join(f", {p}" for p in (png, speed_png) if p)
+    log(f"wrote {out / (res['job'] + '.json')}, {out / (res['job'] + '.md')}" + pngs)
     return 0
 
 

@@ -195,3 +195,21 @@ def test_a_job_end_to_end_on_the_cpu_and_resumed(repro, tmp_path, capsys):
     assert repro.main([*argv, "--time-steps", "0"]) == 0
     assert "2 done, 0 to train" in capsys.readouterr().out
     assert (Path(mem["runs"][0]["dir"]) / "eval_valid.json").stat().st_mtime_ns == stamp
+
+
+def test_table1_times_evaluation_forwards_and_plots_speed(repro, tmp_path):
+    """Table 1 / Fig. 4: with --time-steps, each variant's evaluation forward is timed alone and
+    the table gets a speed column and a bits-per-byte vs speed plot; other jobs do not."""
+    data = tmp_path / "enwik8"
+    data.write_bytes(bytes((i * 31 + i // 7) % 90 + 32 for i in range(80_000)))
+    out = tmp_path / "out"
+    argv = ["table1", "--data-path", str(data), "--out", str(out), "--device", "cpu", "--tiny"]
+    argv += ["--seeds", "0", "--steps", "2", "--jobs", "2", "--time-steps", "2", "--variants", "1"]
+    assert repro.main(argv) == 0
+    res = json.loads((out / "table1.json").read_text())
+    assert [v["name"] for v in res["variants"]] == ["12 layers", "12 layers + 1 memory"]
+    for v in res["variants"]:
+        assert v["eval_tokens_per_s"] > 0 and v["step_s"] > 0
+    assert "eval tok/s (alone)" in (out / "table1.md").read_text()
+    assert (out / "table1-speed.png").is_file()
+    assert repro.JOBS["table1"].eval_speed and not repro.JOBS["table2"].eval_speed
