@@ -392,9 +392,10 @@ def time_steps(job: Job, args, log) -> dict[str, float]:
                     sync()
                     times.append(time.perf_counter() - t0)
                 out[v.name] = statistics.median(times[-args.time_steps :])
-                del run, state
         except (RuntimeError, ValueError) as e:  # out of memory, say: the run itself may still have trained
             log(f"  timing {v.name}: {type(e).__name__}: {e}")
+        finally:
+            run = state = None  # freed before the next variant is built, also after an error
         log(f"  {v.name}: {1000 * out.get(v.name, float('nan')):.1f} ms/step")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -404,9 +405,10 @@ def time_steps(job: Job, args, log) -> dict[str, float]:
 def eval_speeds(job: Job, args, log) -> dict[str, float]:
     """Evaluation tokens/s of each variant alone on the device: the eager forward of one evaluation
     batch (``eval_batch_size`` or ``batch_size`` windows of validation tokens) in eval mode under
-    the run's autocast, as ``pkmem eval`` runs it, without compilation; median of ``--time-steps``
-    forwards after warm-up, timed with CUDA events on a GPU. The weights are a fresh model's: the
-    time of a forward does not depend on their values."""
+    the run's autocast, without compilation: the model's forward to logits only (``pkmem eval``
+    adds the cross-entropy and, with ``--usage``, the memory's usage tracking); median of
+    ``--time-steps`` forwards after warm-up, timed with CUDA events on a GPU. The weights are a
+    fresh model's: the time of a forward does not depend on their values."""
     import tempfile
 
     import torch
@@ -446,9 +448,10 @@ def eval_speeds(job: Job, args, log) -> dict[str, float]:
                         else:
                             times.append(time.perf_counter() - t0)
                 out[v.name] = B * T / statistics.median(times[-args.time_steps :])
-                del run, x
         except (RuntimeError, ValueError) as e:  # out of memory, say
             log(f"  eval speed {v.name}: {type(e).__name__}: {e}")
+        finally:
+            run = x = None  # freed before the next variant is built, also after an error
         log(f"  {v.name}: {out.get(v.name, float('nan')):,.0f} evaluation tokens/s")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -748,8 +751,8 @@ def markdown(res: dict) -> str:
         + ". 'Δ at equal time': the variant's validation-subset bits per byte at the step it reaches in the "
         "baseline's training time (step times measured alone on the device), minus the baseline's final one."
         + (
-            " 'eval tok/s': one evaluation batch's eager forward alone on the device (no compilation), "
-            "median of timed repeats."
+            " 'eval tok/s': the eager forward to logits of one evaluation batch alone on the device (no "
+            "compilation, no loss or usage tracking), median of timed repeats."
             if has_speed
             else ""
         ),

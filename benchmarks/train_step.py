@@ -591,6 +591,11 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None, help="token cache for --quality")
     ap.add_argument("--seed", type=int, default=0, help="--quality: seed of the weights and batches")
     args = ap.parse_args()
+    if args.quality and (args.compile != "off" or args.host_profile):
+        ap.error(
+            f"--quality={args.quality} trains eagerly: it takes no --compile={args.compile} and no "
+            f"--host-profile={args.host_profile} (run the step breakdown without --quality for those)"
+        )
     device = torch.device(args.device)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 12)

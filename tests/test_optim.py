@@ -390,6 +390,16 @@ def test_clip_mixed_dtypes_float32_norm_and_launches_do_not_grow_with_parameters
     assert launches[0] == launches[1], launches
 
 
+def test_clip_skips_empty_gradients():
+    ps = [nn.Parameter(torch.zeros(0)), nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(0, 4))]
+    for p in ps:
+        p.grad = torch.full_like(p, 2.0)
+    r, _ = clip_grad_norm(ps, max_norm=1.0)
+    assert r.item() == pytest.approx(math.sqrt(12.0))
+    assert ps[0].grad.shape == (0,) and ps[2].grad.shape == (0, 4)
+    torch.testing.assert_close(ps[1].grad, torch.full((3,), 2.0 / math.sqrt(12.0)))
+
+
 def test_clip_errors():
     model = Model()
     for kw, name in [

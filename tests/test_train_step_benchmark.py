@@ -56,3 +56,9 @@ def test_train_step_benchmark_compiled_rows(tmp_path):
         hp = r["host_profile"]  # the operators that take the host's time
         assert hp["aten_ops_per_step"] > 0 and hp["top_self_host_ms_per_step"][0]["ms"] > 0, hp
     assert "adamw fp32 (compiled)" in res.stdout
+
+
+def test_train_step_benchmark_rejects_compile_with_quality():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quality", "5", "--compile", "on"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--quality=5" in res.stderr and "--compile=on" in res.stderr

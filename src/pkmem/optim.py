@@ -601,7 +601,7 @@ def _grad_norm(grads: list[torch.Tensor], device: torch.device, rows: list[RowGr
         if g.is_sparse:
             v = g.coalesce()._values()  # duplicate rows must be summed before the norm
             norms.append(torch.linalg.vector_norm(v, 2, dtype=torch.promote_types(v.dtype, torch.float32)))
-        else:
+        elif g.numel():  # an empty grad adds 0 (and trips _foreach_norm on some CUDA builds)
             dense.append(g)
     for (_, dtype), group in _by_device_and_dtype(dense).items():
         wide = torch.promote_types(dtype, torch.float32)
@@ -623,7 +623,7 @@ def _scale(grads: list[torch.Tensor], total: torch.Tensor, max_norm: float, rows
     for g in grads:
         if g.is_sparse:
             g._values().mul_(coef.to(device=g.device, dtype=g.dtype))  # in place, also uncoalesced
-        else:
+        elif g.numel():
             dense.append(g)
     for (dev, dtype), group in _by_device_and_dtype(dense).items():
         torch._foreach_mul_(group, coef.to(device=dev, dtype=dtype))

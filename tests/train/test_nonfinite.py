@@ -12,7 +12,7 @@ from pkmem.config import load_config
 from pkmem.models import MemoryTransformer, MemoryTransformerConfig
 from pkmem.optim import clip_grad_norm, make_optimizer
 from pkmem.train.checkpoint import list_checkpoints, load_checkpoint
-from pkmem.train.guard import StepGuard
+from pkmem.train.guard import StepGuard, finite_flag
 from pkmem.train.loop import LoopState, fit, set_up
 
 
@@ -136,3 +136,12 @@ def test_a_run_of_non_finite_steps_stops_the_run(tmp_path, corpus, cache_dir):
 def test_max_nonfinite_steps_is_checked():
     with pytest.raises(ValueError, match="max_nonfinite_steps=0 is not allowed"):
         load_config("tiny", ["max_nonfinite_steps=0"])
+
+
+def test_finite_flag_mixed_values_are_checked_in_their_own_dtype():
+    half = torch.tensor(1.0, dtype=torch.float16)
+    assert finite_flag(torch.tensor(1.0), torch.tensor(2.0)).item()
+    assert not finite_flag(torch.tensor(1.0), torch.tensor(math.inf)).item()
+    assert finite_flag(half, torch.tensor(100_000)).item()  # a stack would cast 1e5 to an inf float16
+    assert not finite_flag(half, torch.tensor([1.0, math.nan])).item()
+    assert finite_flag(torch.tensor(70_000)).item()

@@ -35,8 +35,10 @@ __all__ = ["StepGuard", "finite_flag"]
 
 def finite_flag(*values: torch.Tensor) -> torch.Tensor:
     """A 0-dim bool tensor on the first value's device: every element of every value is finite."""
-    dev = values[0].device
-    if all(v.dim() == 0 and v.device == dev for v in values):  # the loop's loss and norms: 3 launches
+    dev, dtype = values[0].device, values[0].dtype
+    # the loop's loss and norms (0-dim floats of one dtype and device): 3 launches; a mixed stack
+    # could cast a large int to an infinite float16, so other values are checked one by one
+    if all(v.dim() == 0 and v.device == dev and v.dtype == dtype and v.is_floating_point() for v in values):
         return torch.isfinite(torch.stack([v.detach() for v in values])).all()
     ok = torch.ones((), dtype=torch.bool, device=dev)
     for v in values:
