@@ -538,7 +538,10 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int, precision: str, dev: De
         "FUSED": False,
         # final top-k on exact int64 (sum, slot) keys; False: int32 keys truncated by log2(CP) bits
         "EXACT": True,
-        "num_warps": 4,
+        # at most one warp per 32 elements of a (BT, KP) tile: Triton 3.6 (torch 2.11) fails to
+        # compile the candidates' tl.gather when its tile spans more warps than it fills (k <= 16;
+        # "Assertion `GatherLoweringHelper(op).isWarpLocal()' failed"); Triton 3.9 compiles both
+        "num_warps": max(1, min(4, (8 if many else 4) * KP // 32)),
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
         "PRECISION": precision,
