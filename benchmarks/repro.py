@@ -894,6 +894,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke test on the CPU")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="train nothing: evaluate, time (--time-steps) and report what is there; the runs not "
+        "finished are reported as such (e.g. to time a variant too slow to train within a budget)",
+    )
+    p.add_argument(
         "--trained-on",
         help="the device the runs were trained on, when this summary is made on another machine",
     )
@@ -968,7 +974,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     gpus: list[str | None] = [None] if args.device == "cpu" else args.gpus
-    if todo:
+    if todo and args.no_train:
+        log(f"--no-train: {len(todo)} unfinished run(s) not trained")
+    elif todo:
         _prepare_cache(args)
         tasks = [(r, _train_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in todo]
         execute(tasks, gpus, args.jobs, log)

@@ -213,3 +213,21 @@ def test_table1_times_evaluation_forwards_and_plots_speed(repro, tmp_path):
     assert "eval tok/s (alone)" in (out / "table1.md").read_text()
     assert (out / "table1-speed.png").is_file()
     assert repro.JOBS["table1"].eval_speed and not repro.JOBS["table2"].eval_speed
+
+
+def test_no_train_times_and_reports_without_training(repro, tmp_path, capsys):
+    """--no-train: nothing is trained; the variants are timed and the unfinished runs reported as
+    such (a variant too slow to train within a GPU budget still gets its speed)."""
+    data = tmp_path / "enwik8"
+    data.write_bytes(bytes((i * 31 + i // 7) % 90 + 32 for i in range(80_000)))
+    out = tmp_path / "out"
+    argv = ["table4", "--data-path", str(data), "--out", str(out), "--device", "cpu", "--tiny", "--no-train"]
+    argv += ["--seeds", "0", "--steps", "2", "--time-steps", "2", "--variants", "1"]
+    argv += ["n_layers=2", "mem_layers=[2]"]
+    assert repro.main(argv) == 0
+    assert "--no-train: 2 unfinished run(s) not trained" in capsys.readouterr().out
+    res = json.loads((out / "table4.json").read_text())
+    assert [v["name"] for v in res["variants"]] == ["baseline (FFN)", "16k flat keys"]
+    for v in res["variants"]:
+        assert v["step_s"] > 0 and v["runs"][0]["status"] == "todo" and v["valid_bpb"] == [None, None]
+    assert not any((out / "runs").glob("*/metrics.jsonl"))
