@@ -981,6 +981,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = [(r, _train_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in todo]
         execute(tasks, gpus, args.jobs, log)
     tests = [r for r in runs if r.done and not (r.dir / "eval_test.json").is_file()]
+    lost = [r for r in tests if not (r.dir / "checkpoints").is_dir()]
+    if lost and job.test and not args.no_test:  # copied without its checkpoint (e.g. from a GPU machine)
+        names = ", ".join(r.dir.name for r in lost)
+        log(f"test split: no checkpoint left in {len(lost)} run(s), not evaluated: {names}")
+        tests = [r for r in tests if r not in lost]
     if tests and job.test and not args.no_test:
         log(f"test split: {len(tests)} runs")
         tasks = [(r, _test_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in tests]
