@@ -15,10 +15,11 @@ step), so every variant of a seed sees the same batches; seeds pair runs across 
 What a job does, in order:
 
 1. trains every (variant, seed) that has not finished yet (a finished run is never run again; an
-   interrupted one resumes from its checkpoint), ``--jobs`` runs at a time per GPU (small models
-   leave an H200 mostly idle: several side by side train more tokens per second in all), each run
-   evaluating a fixed subset of the validation split every ``steps / 10`` steps and the whole
-   validation split at the end;
+   interrupted one resumes from its checkpoint: Ctrl-C or SIGTERM stops every run after its
+   current step with a checkpoint, and the job waits for them before it exits), ``--jobs`` runs
+   at a time per GPU (small models leave an H200 mostly idle: several side by side train more
+   tokens per second in all), each run evaluating a fixed subset of the validation split every
+   ``steps / 10`` steps and the whole validation split at the end;
 2. evaluates each run on the whole test split (reported once, in the job's table);
 3. times one training step of each variant alone on the GPU (``--time-steps``), for the comparison
    at equal training time: the step a variant reaches in the baseline's training time, and its
@@ -44,9 +45,11 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -242,7 +245,7 @@ class Run:
     overrides: list[str]
     dir: Path
     gpu: str | None = None
-    status: str = "todo"  # todo | done | failed
+    status: str = "todo"  # todo | done | failed | interrupted
     error: str | None = None
     records: dict = field(default_factory=dict)
 
@@ -320,35 +323,69 @@ def _env(gpu: str | None) -> dict:
 
 
 def execute(tasks: list[tuple[Run, list[str], Path]], gpus: list[str | None], per_gpu: int, log) -> None:
-    """Run ``(run, command, log_file)`` tasks, ``per_gpu`` at a time on each GPU; marks failures."""
+    """Run ``(run, command, log_file)`` tasks, ``per_gpu`` at a time on each GPU; marks failures.
+
+    The runs are started in sessions of their own: a Ctrl-C or SIGTERM (``timeout``, a scheduler)
+    reaches this process only, which passes each such signal on to every run once (``pkmem train``
+    stops after its step with a checkpoint; a second signal aborts it), starts nothing new, waits
+    for the runs to exit, then exits itself (130 for SIGINT, 143 for SIGTERM): the next call of the
+    same command resumes them."""
     slots = [g for g in gpus for _ in range(per_gpu)]
     pending, active = list(tasks), []
-    while pending or active:
-        while pending and slots:
-            run, cmd, log_file = pending.pop(0)
-            gpu = slots.pop(0)
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(log_file, "a")
-            fh.write(f"$ {' '.join(cmd)}\n")
-            fh.flush()
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(gpu))
-            active.append((run, proc, fh, gpu, time.perf_counter(), log_file))
-            log(f"  started {run.variant.name} seed {run.seed} ({log_file.name}, gpu {gpu})")
-        time.sleep(0.5)
-        for item in list(active):
-            run, proc, fh, gpu, t0, log_file = item
-            if proc.poll() is None:
-                continue
-            fh.close()
-            active.remove(item)
-            slots.append(gpu)
-            dt = time.perf_counter() - t0
-            if proc.returncode != 0:
-                run.status, run.error = "failed", f"exit {proc.returncode}: see {log_file}"
-                tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
-                log(f"  FAILED {run.variant.name} seed {run.seed} after {dt:.0f} s: {' | '.join(tail)}")
-            else:
-                log(f"  finished {run.variant.name} seed {run.seed} in {dt:.0f} s")
+    signals: list[int] = []  # received, in order
+    forwarded = 0
+
+    def on_signal(sig, frame) -> None:
+        if not signals:
+            log(f"  {signal.Signals(sig).name}: stopping the runs after their current step, then exiting")
+        signals.append(sig)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while (pending and not signals) or active:
+            while pending and slots and not signals:
+                run, cmd, log_file = pending.pop(0)
+                gpu = slots.pop(0)
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                fh = open(log_file, "a")
+                fh.write(f"$ {' '.join(cmd)}\n")
+                fh.flush()
+                proc = subprocess.Popen(
+                    cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(gpu), start_new_session=True
+                )
+                active.append((run, proc, fh, gpu, time.perf_counter(), log_file))
+                log(f"  started {run.variant.name} seed {run.seed} ({log_file.name}, gpu {gpu})")
+            time.sleep(0.5)
+            while forwarded < len(signals):
+                for _, proc, *_ in active:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+                forwarded += 1
+            for item in list(active):
+                run, proc, fh, gpu, t0, log_file = item
+                if proc.poll() is None:
+                    continue
+                fh.close()
+                active.remove(item)
+                slots.append(gpu)
+                dt = time.perf_counter() - t0
+                if proc.returncode != 0 and signals:
+                    run.status = "interrupted"
+                    log(f"  interrupted {run.variant.name} seed {run.seed} after {dt:.0f} s")
+                elif proc.returncode != 0:
+                    run.status, run.error = "failed", f"exit {proc.returncode}: see {log_file}"
+                    tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
+                    log(f"  FAILED {run.variant.name} seed {run.seed} after {dt:.0f} s: {' | '.join(tail)}")
+                else:
+                    log(f"  finished {run.variant.name} seed {run.seed} in {dt:.0f} s")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if signals:
+        log("interrupted: the same command resumes the runs from their checkpoints")
+        raise SystemExit(128 + signals[0])
 
 
 def _prepare_cache(args) -> None:

@@ -231,3 +231,58 @@ def test_no_train_times_and_reports_without_training(repro, tmp_path, capsys):
     for v in res["variants"]:
         assert v["step_s"] > 0 and v["runs"][0]["status"] == "todo" and v["valid_bpb"] == [None, None]
     assert not any((out / "runs").glob("*/metrics.jsonl"))
+
+
+_CHILD = """
+import signal, sys, time
+from pathlib import Path
+me = Path(sys.argv[1])
+def stop(sig, frame):
+    time.sleep(1.0)  # a checkpoint being written
+    with open(me, "a") as f:
+        f.write("saved\\n")
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+me.write_text("")
+time.sleep(120)
+"""
+
+_DRIVER = """
+import importlib.util, sys
+from pathlib import Path
+from types import SimpleNamespace
+spec = importlib.util.spec_from_file_location("repro", sys.argv[1])
+repro = importlib.util.module_from_spec(spec); sys.modules["repro"] = repro; spec.loader.exec_module(repro)
+out = Path(sys.argv[2])
+tasks = []
+for i in range(3):
+    run = repro.Run(SimpleNamespace(name=f"v{i}"), 0, [], out / f"r{i}")
+    tasks.append((run, [sys.executable, str(out / "child.py"), str(out / f"r{i}.txt")], out / f"r{i}.log"))
+repro.execute(tasks, [None], 2, lambda *a: print(*a, flush=True))
+"""
+
+
+def test_a_signal_stops_the_runs_once_and_waits_for_their_checkpoints(tmp_path):
+    """SIGTERM to the job's process group (as ``timeout`` sends it) reaches the runs once, through
+    the job (they run in sessions of their own): each stops with its checkpoint, nothing new starts,
+    and the job exits (143) only after they have."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "child.py").write_text(_CHILD)
+    (tmp_path / "driver.py").write_text(_DRIVER)
+    cmd = [sys.executable, str(tmp_path / "driver.py"), str(SCRIPT), str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not all((tmp_path / f"r{i}.txt").exists() for i in range(2)):
+        assert time.time() < deadline and proc.poll() is None, "the runs did not start"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    for i in range(2):  # written before the job exited: it waited; once: one signal passed on
+        assert (tmp_path / f"r{i}.txt").read_text() == "saved\n", out
+    assert not (tmp_path / "r2.txt").exists()  # nothing new started after the signal
+    assert "SIGTERM: stopping the runs" in out and out.count("interrupted v") == 2, out
