@@ -205,7 +205,7 @@ JOBS: dict[str, Job] = {
     for j in (
         Job(
             "noise",
-            "Noise floor: the baseline and the default memory, three seeds each",
+            "Noise floor: the baseline and the default memory over several seeds",
             (BASELINE, Variant("memory (preset)", (), _paper(_T2[(512, True)]))),
             steps=2500,
             seeds=(0, 1, 2),
