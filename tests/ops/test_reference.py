@@ -92,6 +92,50 @@ def test_flat_topk_matches_exhaustive_search_across_chunks():
     torch.testing.assert_close(scores, full.gather(-1, idx))
 
 
+def _dense_flat_topk(q, keys, topk):
+    """The exhaustive scores with autograd through all of them (the keys rounded to a 16-bit
+    query's dtype in value only: the gradient of the rounding is the identity, as the kernels')."""
+    dt = torch.float64 if torch.float64 in (q.dtype, keys.dtype) else torch.float32
+    if q.dtype in (torch.bfloat16, torch.float16):
+        keys = keys + (keys.to(q.dtype).to(keys.dtype) - keys).detach()
+    return torch.einsum("thd,hnd->thn", q.to(dt), keys.to(dt)).topk(topk, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_flat_topk_gradients_reach_only_the_selected_keys_and_equal_the_dense_ones(dtype):
+    """The backward reads the topk selected keys per token and head; the gradients equal those of
+    autograd through every exhaustive score (odd sizes, several chunks each way), in each input's
+    dtype."""
+    g = torch.Generator().manual_seed(4)
+    kdt = torch.float64 if dtype == torch.float64 else torch.float32
+    q = torch.randn(13, 3, 7, generator=g).to(dtype).requires_grad_(True)
+    keys = torch.randn(3, 37, 7, generator=g, dtype=kdt).requires_grad_(True)
+    scores, idx = ref.flat_topk(q, keys, 5, chunk_elements=3 * 37 * 4)  # 4 tokens per chunk
+    want, want_idx = _dense_flat_topk(q, keys, 5)
+    assert torch.equal(idx, want_idx) and scores.dtype == want.dtype
+    torch.testing.assert_close(scores, want)
+    w = torch.randn(scores.shape, generator=g, dtype=scores.dtype)
+    got = torch.autograd.grad((scores * w).sum(), (q, keys))
+    ref_grads = torch.autograd.grad((want * w).sum(), (q, keys))
+    for a, b in zip(got, ref_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+    unread = torch.ones(3, 37, dtype=torch.bool)
+    unread[torch.arange(3)[None, :, None].expand_as(idx), idx] = False
+    assert unread.any() and (got[1][unread] == 0).all()  # keys never selected get no gradient
+    # one input only: the other's gradient is not computed
+    (gq,) = torch.autograd.grad((ref.flat_topk(q, keys.detach(), 5)[0] * w).sum(), (q,))
+    torch.testing.assert_close(gq, got[0])
+
+
+def test_flat_topk_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(6, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(2, 11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, b: ref.flat_topk(a, b, 3, chunk_elements=2 * 11 * 2)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, keys))
+
+
 def test_product_topk_gradcheck():
     q, keys = _inputs(4, 2, 9, 3, seed=3, dtype=torch.float64)
     q.requires_grad_(True)

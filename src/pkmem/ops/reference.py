@@ -166,22 +166,76 @@ def product_lookup(
 def flat_topk(
     query: torch.Tensor, keys: torch.Tensor, topk: int, chunk_elements: int = 1 << 26
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exhaustive search over flat keys ``(H, N, k_dim)`` (the paper's ablation, Table 4).
+    """Exhaustive search over flat keys ``(H, N, k_dim)`` (the paper's ablation, Table 4):
+    ``(T, H, k_dim) -> scores (T, H, topk), indices (T, H, topk)``.
 
-    Queries are processed in chunks so that at most ``chunk_elements`` scores exist at once.
-    """
-    T, H, _ = query.shape
-    N = keys.shape[1]
+    Products as :func:`subkey_scores` takes them: accumulated and returned in float32 (float64 if
+    an input is), a 16-bit query (the query network's output under autocast) with the keys rounded
+    to its dtype. Queries are processed in chunks so that at most ``chunk_elements`` scores exist at
+    once. The gradient reaches only the selected keys: the backward reads ``topk`` keys per token
+    and head, not all ``N`` (a dense gradient of every score would cost two more exhaustive
+    products)."""
+    return _FlatTopk.apply(query, keys, topk, chunk_elements)
+
+
+def _flat_operands(query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and the keys as the products take them (see :func:`flat_topk`)."""
     dt = acc_dtype(query, keys)
-    step = max(1, chunk_elements // max(1, H * N))
-    scores, indices = [], []
-    with _no_autocast(query.device):
-        for start in range(0, max(T, 1), step):
-            q = query[start : start + step].to(dt)
-            s, i = torch.einsum("thd,hnd->thn", q, keys.to(dt)).topk(topk, dim=-1)
-            scores.append(s)
-            indices.append(i)
-    return torch.cat(scores), torch.cat(indices)
+    if query.dtype in LOW_PRECISION:
+        return query, keys.to(query.dtype)
+    return query.to(dt), keys.to(dt)
+
+
+class _FlatTopk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, keys, topk: int, chunk_elements: int):
+        T, H, _ = query.shape
+        N = keys.shape[1]
+        dt = acc_dtype(query, keys)
+        q_op, k_op = _flat_operands(query, keys)
+        step = max(1, chunk_elements // max(1, H * N))
+        scores, indices = [], []
+        with _no_autocast(query.device):
+            for start in range(0, max(T, 1), step):
+                q = q_op[start : start + step]
+                if q.dtype in LOW_PRECISION and q.is_cuda:  # 16-bit tensor cores, float32 sums
+                    s = torch.bmm(q.transpose(0, 1), k_op.transpose(1, 2), out_dtype=dt).transpose(0, 1)
+                else:  # the same numbers: 16-bit values' products are exact in float32
+                    s = torch.einsum("thd,hnd->thn", q.to(dt), k_op.to(dt))
+                v, i = s.topk(topk, dim=-1)
+                scores.append(v)
+                indices.append(i)
+        ctx.chunk_elements = chunk_elements
+        ctx.save_for_backward(query, keys, torch.cat(indices))
+        return torch.cat(scores), torch.cat(indices)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_scores, grad_indices):
+        query, keys, indices = ctx.saved_tensors
+        T, H, D = query.shape
+        N, k = keys.shape[1], indices.shape[-1]
+        dt = acc_dtype(query, keys)
+        q_op, k_op = _flat_operands(query, keys)
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gq = torch.empty(T, H, D, device=query.device, dtype=dt) if need_q else None
+        gk = torch.zeros(H * N, D, device=keys.device, dtype=dt) if need_k else None
+        rows = indices + (torch.arange(H, device=indices.device) * N)[None, :, None]  # (T, H, k)
+        k_flat = k_op.reshape(H * N, D)
+        step = max(1, ctx.chunk_elements // max(1, H * k * D))
+        g_all = grad_scores.to(dt)
+        with _no_autocast(query.device):
+            for start in range(0, T, step):
+                r = rows[start : start + step]
+                g = g_all[start : start + step]
+                if need_q:  # d score / d query = the selected key (as the product took it)
+                    gq[start : start + step] = torch.einsum("thk,thkd->thd", g, k_flat[r].to(dt))
+                if need_k:  # d score / d key = the query, summed over every read of the key
+                    q = q_op[start : start + step].to(dt)
+                    gk.index_add_(0, r.reshape(-1), (g[..., None] * q[:, :, None, :]).reshape(-1, D))
+        gq = None if gq is None else gq.to(query.dtype)
+        gk = None if gk is None else gk.view(H, N, D).to(keys.dtype)
+        return gq, gk, None, None
 
 
 def brute_force_product_topk(
