@@ -205,9 +205,11 @@ class _FlatTopk(torch.autograd.Function):
                 v, i = s.topk(topk, dim=-1)
                 scores.append(v)
                 indices.append(i)
+        idx = torch.cat(indices)
         ctx.chunk_elements = chunk_elements
-        ctx.save_for_backward(query, keys, torch.cat(indices))
-        return torch.cat(scores), torch.cat(indices)
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(query, keys, idx)
+        return torch.cat(scores), idx
 
     @staticmethod
     @torch.autograd.function.once_differentiable
