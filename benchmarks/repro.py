@@ -26,7 +26,7 @@ What a job does, in order:
    validation loss there (interpolated between the periodic evaluations); for Table 1 also the
    evaluation forward alone (eager, no compilation: the speed axis of the paper's Fig. 4);
 4. writes ``<out>/<job>.json`` (every run: curves, final validation and test numbers, usage, KL,
-   step time, parameters; the device, versions and the command), ``<out>/<job>.md`` (the table,
+   step time, parameters, the commits that trained it; the device, versions and the command), ``<out>/<job>.md`` (the table,
    the paper's numbers beside ours) and ``<out>/<job>-diff.png`` (each variant's paired difference
    from the baseline over training); with evaluation speeds, ``<out>/<job>-speed.png`` (validation
    bits per byte against evaluation tokens/s).
@@ -61,7 +61,7 @@ from pkmem._util import atomic_write_bytes
 # shadow an installed package (transformers imports `kernels`)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
-from common import versions  # noqa: E402
+from common import git_commit, versions  # noqa: E402
 
 BASE = "enwik8-small"
 TINY = [  # the smoke-test model: every job's variants keep their meaning at this size
@@ -555,6 +555,22 @@ def _params(overrides: list[str]) -> tuple[int, int]:
     return model.num_parameters(), model.num_parameters() - model.num_parameters(values=False)
 
 
+def _trained_with(r: Run) -> Path:
+    """Beside the run's directory and log (``pkmem train`` wants its directory new or its own): the
+    commits of the calls that trained the run."""
+    return r.dir.parent / f"{r.dir.name}.trained_with.json"
+
+
+def _record_training(r: Run) -> None:
+    """Add the code's commit to the run's record before a call trains it (a resumed run has one
+    entry per call): the job's JSON then says which code made each run, whatever code summarises."""
+    r.dir.parent.mkdir(parents=True, exist_ok=True)
+    calls = _load(_trained_with(r))
+    calls = calls if isinstance(calls, list) else []
+    calls.append(git_commit())
+    atomic_write_bytes(_trained_with(r), json.dumps(calls).encode())
+
+
 def _row(r: Run, tokens_per_step: int | None) -> dict:
     """One run's record in the job's JSON (read from its directory)."""
     valid = _load(r.dir / "eval_valid.json")
@@ -569,6 +585,7 @@ def _row(r: Run, tokens_per_step: int | None) -> dict:
         "usage": mem[0].get("usage"),
         "kl": mem[0].get("kl"),
         "curve": _curve(r),
+        "trained_with": _load(_trained_with(r)),  # the commits of the calls that trained it, or None
         # training tokens/s side by side with the job's other runs (shared GPU: not a speed claim)
         "tokens_per_s_shared": (valid or {}).get("train_seconds")
         and tokens_per_step
@@ -812,6 +829,10 @@ def markdown(res: dict) -> str:
         lines.append(
             f"Seeds {seeds} were trained earlier (from {src}: pkmem {git}, {device}), the same configuration."
         )
+    mine = [r for v in res["variants"] for r in v["runs"] if not r.get("earlier")]
+    trained = sorted({c for r in mine for c in r.get("trained_with") or () if c})
+    if trained:
+        lines.append(f"This job's runs were trained with pkmem {', '.join(trained)}.")
     lines.append("")
     return "\n".join(lines)
 
@@ -1014,6 +1035,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if todo and args.no_train:
         log(f"--no-train: {len(todo)} unfinished run(s) not trained")
     elif todo:
+        for r in todo:
+            _record_training(r)
         _prepare_cache(args)
         tasks = [(r, _train_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in todo]
         execute(tasks, gpus, args.jobs, log)

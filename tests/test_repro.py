@@ -165,7 +165,8 @@ def test_runs_shared_between_jobs_and_variant_selection(repro, tmp_path):
             repro.parse_args(["noise", "--data-path", str(data), *bad])
 
 
-def test_a_job_end_to_end_on_the_cpu_and_resumed(repro, tmp_path, capsys):
+def test_a_job_end_to_end_on_the_cpu_and_resumed(repro, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PKMEM_COMMIT", "abc1234")  # the code that trains the runs, recorded per run
     data = tmp_path / "enwik8"
     data.write_bytes(bytes((i * 31 + i // 7) % 90 + 32 for i in range(80_000)))
     out = tmp_path / "out"
@@ -190,10 +191,14 @@ def test_a_job_end_to_end_on_the_cpu_and_resumed(repro, tmp_path, capsys):
     assert mem["step_s"] > 0 and mem["params"] > base["params"] and mem["value_params"] == 16**2 * 32
     assert [s for s, _ in mem["runs"][0]["curve"]] == [1, 2]  # eval_every = steps // 10 -> every step
     assert (out / "noise.md").is_file() and (out / "noise-diff.png").is_file()
+    assert base["runs"][0]["trained_with"] == mem["runs"][0]["trained_with"] == ["abc1234"]
+    assert "trained with pkmem abc1234" in (out / "noise.md").read_text()
     stamp = (Path(mem["runs"][0]["dir"]) / "eval_valid.json").stat().st_mtime_ns
     capsys.readouterr()
     assert repro.main([*argv, "--time-steps", "0"]) == 0
     assert "2 done, 0 to train" in capsys.readouterr().out
+    res = json.loads((out / "noise.json").read_text())
+    assert res["variants"][1]["runs"][0]["trained_with"] == ["abc1234"]  # not trained again: not recorded
     assert (Path(mem["runs"][0]["dir"]) / "eval_valid.json").stat().st_mtime_ns == stamp
 
 
