@@ -26,8 +26,8 @@ What a job does, in order:
    validation loss there (interpolated between the periodic evaluations); for Table 1 also the
    evaluation forward alone (eager, no compilation: the speed axis of the paper's Fig. 4);
 4. writes ``<out>/<job>.json`` (every run: curves, final validation and test numbers, usage, KL,
-   step time, parameters, the commits that trained it; the device, versions and the command), ``<out>/<job>.md`` (the table,
-   the paper's numbers beside ours) and ``<out>/<job>-diff.png`` (each variant's paired difference
+   step time, parameters, the commits that trained it; the device, versions and the command),
+   ``<out>/<job>.md`` (the table, the paper's numbers beside ours) and ``<out>/<job>-diff.png`` (each variant's paired difference
    from the baseline over training); with evaluation speeds, ``<out>/<job>-speed.png`` (validation
    bits per byte against evaluation tokens/s).
 
