@@ -27,9 +27,9 @@ What a job does, in order:
    evaluation forward alone (eager, no compilation: the speed axis of the paper's Fig. 4);
 4. writes ``<out>/<job>.json`` (every run: curves, final validation and test numbers, usage, KL,
    step time, parameters, the commits that trained it; the device, versions and the command),
-   ``<out>/<job>.md`` (the table, the paper's numbers beside ours) and ``<out>/<job>-diff.png`` (each variant's paired difference
-   from the baseline over training); with evaluation speeds, ``<out>/<job>-speed.png`` (validation
-   bits per byte against evaluation tokens/s).
+   ``<out>/<job>.md`` (the table, the paper's numbers beside ours) and ``<out>/<job>-diff.png``
+   (each variant's paired difference from the baseline over training); with evaluation speeds,
+   ``<out>/<job>-speed.png`` (validation bits per byte against evaluation tokens/s).
 
 Differences are paired: variant minus baseline on the same seed (the same batches). A variant is
 called better or worse only when the mean paired difference exceeds two standard deviations of the
