@@ -1040,16 +1040,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _prepare_cache(args)
         tasks = [(r, _train_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in todo]
         execute(tasks, gpus, args.jobs, log)
-    tests = [r for r in runs if r.done and not (r.dir / "eval_test.json").is_file()]
-    lost = [r for r in tests if not (r.dir / "checkpoints").is_dir()]
-    if lost and job.test and not args.no_test:  # copied without its checkpoint (e.g. from a GPU machine)
-        names = ", ".join(r.dir.name for r in lost)
-        log(f"test split: no checkpoint left in {len(lost)} run(s), not evaluated: {names}")
-        tests = [r for r in tests if r not in lost]
-    if tests and job.test and not args.no_test:
-        log(f"test split: {len(tests)} runs")
-        tasks = [(r, _test_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in tests]
-        execute(tasks, gpus, args.jobs, log)
+    if job.test and not args.no_test:
+        tests = [r for r in runs if r.done and not (r.dir / "eval_test.json").is_file()]
+        lost = [r for r in tests if not (r.dir / "checkpoints").is_dir()]
+        if lost:  # copied without its checkpoint (e.g. from a GPU machine)
+            names = ", ".join(r.dir.name for r in lost)
+            log(f"test split: no checkpoint left in {len(lost)} run(s), not evaluated: {names}")
+            tests = [r for r in tests if r not in lost]
+        if tests:
+            log(f"test split: {len(tests)} runs")
+            tasks = [(r, _test_cmd(r, args), r.dir.parent / f"{r.dir.name}.log") for r in tests]
+            execute(tasks, gpus, args.jobs, log)
     step_s = time_steps(job, args, log) if args.time_steps > 0 else {}
     eval_tps = eval_speeds(job, args, log) if args.time_steps > 0 and job.eval_speed else {}
     noise = _load(out / "noise.json")

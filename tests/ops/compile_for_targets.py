@@ -46,12 +46,13 @@ def _jobs(dev: _common.DeviceInfo, fused: bool = False) -> list[dict]:
     s_types.update(I_OUT="*i64", T=I32, H=I32, n=I32, D=I32, topk=I32, C=I32, inv_temp=F32, stride_qt=I32)
     s_types.update(stride_qh=I32, s_half=I32, s_stride=I32, s_block=I32)
     # k = 32, and the heads x k variants' k = 8 and 16 (fewer warps: see search._fwd_config)
-    for T, score, k in [(8192, "softmax", 32), (64, "relu", 32), (8192, "softmax", 8), (64, "softmax", 16)]:
-        c = dict(search._fwd_config(T, 4, 512, 256, k, "ieee", dev))
+    sizes = [(8192, "softmax", 32), (64, "relu", 32), (8192, "softmax", 8), (64, "softmax", 16)]
+    for T, score, topk in sizes:
+        c = dict(search._fwd_config(T, 4, 512, 256, topk, "ieee", dev))
         consts = {k: c[k] for k in ("BT", "BN", "BD", "NG", "CAP", "PRECISION", "TOPK", "FUSED", "EXACT")}
-        cp = search._candidate_table(k, torch.device("cpu"))[0].shape[1]
-        consts.update(KP=k, CP=cp, BNS=min(c["BN"], 2 * k), SCORE=search.SCORE_CODES[score])
-        what = f"search forward, {T} tokens, k {k}"
+        cp = search._candidate_table(topk, torch.device("cpu"))[0].shape[1]
+        consts.update(KP=topk, CP=cp, BNS=min(c["BN"], 2 * topk), SCORE=search.SCORE_CODES[score])
+        what = f"search forward, {T} tokens, k {topk}"
         add(what, search, "_search_fwd_kernel", s_types, consts, c["num_warps"])
     cp = search._candidate_table(32, torch.device("cpu"))[0].shape[1]
     if fused:  # half scores by tl.dot in the kernel (float32 queries, tf32 products)

@@ -31,6 +31,7 @@ __all__ = [
     "score_weights",
     "product_lookup",
     "flat_topk",
+    "bmm_fp32",
     "brute_force_product_topk",
     "weighted_gather",
     "gather_backward_rows",
@@ -178,6 +179,18 @@ def flat_topk(
     return _FlatTopk.apply(query, keys, topk, chunk_elements)
 
 
+def bmm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (16-bit operands) accumulated and returned in float32 (into ``out`` if given): on
+    CUDA one cuBLAS call with 16-bit inputs; elsewhere the same numbers from float32 operands
+    (products of 16-bit values are exact in float32)."""
+    if a.is_cuda:
+        if out is None:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        return torch.bmm(a, b, out_dtype=torch.float32, out=out)
+    r = torch.bmm(a.float(), b.float())
+    return r if out is None else out.copy_(r)
+
+
 def _flat_operands(query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The query and the keys as the products take them (see :func:`flat_topk`)."""
     dt = acc_dtype(query, keys)
@@ -191,17 +204,16 @@ class _FlatTopk(torch.autograd.Function):
     def forward(ctx, query, keys, topk: int, chunk_elements: int):
         T, H, _ = query.shape
         N = keys.shape[1]
-        dt = acc_dtype(query, keys)
         q_op, k_op = _flat_operands(query, keys)
         step = max(1, chunk_elements // max(1, H * N))
         scores, indices = [], []
         with _no_autocast(query.device):
             for start in range(0, max(T, 1), step):
                 q = q_op[start : start + step]
-                if q.dtype in LOW_PRECISION and q.is_cuda:  # 16-bit tensor cores, float32 sums
-                    s = torch.bmm(q.transpose(0, 1), k_op.transpose(1, 2), out_dtype=dt).transpose(0, 1)
-                else:  # the same numbers: 16-bit values' products are exact in float32
-                    s = torch.einsum("thd,hnd->thn", q.to(dt), k_op.to(dt))
+                if q.dtype in LOW_PRECISION:  # 16-bit operands, float32 sums
+                    s = bmm_fp32(q.transpose(0, 1), k_op.transpose(1, 2)).transpose(0, 1)
+                else:
+                    s = torch.einsum("thd,hnd->thn", q, k_op)
                 v, i = s.topk(topk, dim=-1)
                 scores.append(v)
                 indices.append(i)

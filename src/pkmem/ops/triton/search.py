@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.reference import LOW_PRECISION, check_score
+from pkmem.ops.reference import LOW_PRECISION, bmm_fp32, check_score
 from pkmem.ops.triton._common import (
     INTERPRET,
     DeviceInfo,
@@ -498,7 +498,7 @@ def half_scores(query: torch.Tensor, subkeys: torch.Tensor, precision: str = "ie
     try:
         if query.dtype in LOW_PRECISION:
             k = subkeys.to(query.dtype).reshape(H * 2, n, D).transpose(1, 2)
-            s = _bmm_fp32(_per_half(query, query.dtype), k)
+            s = bmm_fp32(_per_half(query, query.dtype), k)
         else:
             q = _tf32_operand(_per_half(query), precision)
             k = _tf32_operand(subkeys.float().reshape(H * 2, n, D), precision)
@@ -528,9 +528,10 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int, precision: str, dev: De
     constant; the default variant takes the half scores from cuBLAS in that precision). Cached:
     read-only."""
     many = cdiv(T * H, 8) >= 15.5 * dev.sms
+    bt = 8 if many else 4
     bn = max(min(next_pow2(n), 64 if many else 128), KP, 16)
     cfg = {
-        "BT": 8 if many else 4,
+        "BT": bt,
         "BN": bn,
         "BD": min(max(next_pow2(D), 16), 64),
         "NG": min(bn, max(KP, 64)),
@@ -541,7 +542,7 @@ def _fwd_config(T: int, H: int, n: int, D: int, KP: int, precision: str, dev: De
         # at most one warp per 32 elements of a (BT, KP) tile: Triton 3.6 (torch 2.11) fails to
         # compile the candidates' tl.gather when its tile spans more warps than it fills (k <= 16;
         # "Assertion `GatherLoweringHelper(op).isWarpLocal()' failed"); Triton 3.9 compiles both
-        "num_warps": max(1, min(4, (8 if many else 4) * KP // 32)),
+        "num_warps": max(1, min(4, bt * KP // 32)),
         # tl.topk's bitonic network is very slow under the interpreter: select by max-reductions there
         "TOPK": 1 if INTERPRET else 0,
         "PRECISION": precision,
@@ -680,16 +681,6 @@ def autocast_grad_dtype(device: torch.device) -> str:
     return "float32"
 
 
-def _bmm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b`` (16-bit operands) accumulated and returned in float32 (into ``out`` if given)."""
-    if a.is_cuda:
-        if out is None:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        return torch.bmm(a, b, out_dtype=torch.float32, out=out)
-    r = torch.bmm(a.float(), b.float())  # CPU (interpreter tests): exact products, float32 sums
-    return r if out is None else out.copy_(r)
-
-
 def search_backward(
     grad_scores: torch.Tensor,
     query: torch.Tensor,
@@ -764,10 +755,10 @@ def search_backward(
                 torch.bmm(G, k16, out=_per_half(gq, g_dtype))
             else:
                 gq = torch.empty(T, H, kd, device=query.device, dtype=torch.float32)
-                _bmm_fp32(G, k16, out=_per_half(gq))
+                bmm_fp32(G, k16, out=_per_half(gq))
                 gq = gq.to(query.dtype)
         if need_subkeys:  # the query in G's dtype
-            gk = _bmm_fp32(G.transpose(1, 2), _per_half(q16, g_dtype)).view(H, 2, n, D).to(subkeys.dtype)
+            gk = bmm_fp32(G.transpose(1, 2), _per_half(q16, g_dtype)).view(H, 2, n, D).to(subkeys.dtype)
         return gq, gk
     state = _float32_products(precision, query.device)
     try:
