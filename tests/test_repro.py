@@ -291,3 +291,21 @@ def test_a_signal_stops_the_runs_once_and_waits_for_their_checkpoints(tmp_path):
         assert (tmp_path / f"r{i}.txt").read_text() == "saved\n", out
     assert not (tmp_path / "r2.txt").exists()  # nothing new started after the signal
     assert "SIGTERM: stopping the runs" in out and out.count("interrupted v") == 2, out
+
+
+def test_finished_runs_without_a_checkpoint_are_reported_without_a_test_split(repro, tmp_path, capsys):
+    """Runs copied off a GPU machine without their checkpoints are finished: the job reports them
+    (no test number) instead of failing on an evaluation that has nothing to load."""
+    data = tmp_path / "enwik8"
+    data.write_bytes(b"x" * 100)
+    out = tmp_path / "out"
+    argv = ["noise", "--data-path", str(data), "--out", str(out), "--device", "cpu", "--seeds", "0"]
+    argv += ["--steps", "100", "--time-steps", "0"]
+    for run in repro.plan_runs(repro.JOBS["noise"], repro.parse_args(argv)):
+        _fake_run(run, 1.5, 1.4, [(50, 2.0), (100, 1.5)])
+        (run.dir / "eval_test.json").unlink()
+    assert repro.main(argv) == 0
+    assert "test split: no checkpoint left in 2 run(s), not evaluated" in capsys.readouterr().out
+    res = json.loads((out / "noise.json").read_text())
+    assert [v["runs"][0]["test_bpb"] for v in res["variants"]] == [None, None]
+    assert not list((out / "runs").glob("*.log"))  # no evaluation was started
