@@ -289,6 +289,70 @@ def plan_runs(job: Job, args) -> list[Run]:
     return runs
 
 
+# train keys that say where and how a run was done, not what it computes
+_LOGISTICS = frozenset(
+    {
+        "data_path",
+        "cache_dir",
+        "device",
+        "threads",
+        "follow_symlinks",
+        "tensorboard",
+        "log_every",
+        "ckpt_every",
+        "keep_checkpoints",
+        "max_time_s",
+        "eval_batch_size",
+    }
+)
+
+
+def _config_diffs(want: dict, had: dict, prefix: str = "") -> list[str]:
+    """``key=recorded (now planned)`` for every setting both configs hold that differs; keys that the
+    recorded config lacks (added to pkmem since) and the logistics above are not compared."""
+    diffs = []
+    for k, v in want.items():
+        if k in _LOGISTICS or k not in had:
+            continue
+        if isinstance(v, dict) and isinstance(had[k], dict):
+            diffs += _config_diffs(v, had[k], f"{prefix}{k}.")
+        elif v != had[k]:
+            diffs.append(f"{prefix}{k}={had[k]!r} (now {v!r})")
+    return diffs
+
+
+def check_runs_match(runs: Sequence[Run], steps: int) -> None:
+    """SystemExit if a run's directory holds a run of another configuration than the one planned.
+
+    A run's directory is named by its overrides of the preset, not by the preset's content: after
+    the preset changes, a finished run of the old one would be counted (and an unfinished one
+    resumed) as if it were the new one. Its ``config.json`` (written by ``pkmem train``) says."""
+    from pkmem.config import load_config
+
+    stale = []
+    for r in runs:
+        f = r.dir / "config.json"
+        if not f.is_file():
+            continue
+        try:
+            had = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            stale.append(f"{r.dir} ({r.variant.name}, seed {r.seed}): config.json unreadable ({e})")
+            continue
+        want = load_config(BASE, [*r.overrides, f"max_steps={steps}", f"seed={r.seed}"]).to_dict()
+        diffs = _config_diffs(want, had if isinstance(had, dict) else {})
+        if diffs:
+            more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            stale.append(f"{r.dir} ({r.variant.name}, seed {r.seed}): {', '.join(diffs[:3])}{more}")
+    if stale:
+        raise SystemExit(
+            f"{len(stale)} run director{'y holds' if len(stale) == 1 else 'ies hold'} a run of another "
+            "configuration than this job trains now (e.g. the preset changed since it was trained): "
+            + "; ".join(stale)
+            + ". Move them away (or use another --out) to train them again."
+        )
+
+
 def _python() -> list[str]:
     return [sys.executable, "-m", "pkmem"]
 
@@ -1018,6 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--report-only: {out / f'{job.name}.json'} does not exist or is not JSON")
         return _report(res, out, log)
     runs = plan_runs(job, args)
+    check_runs_match(runs, args.steps)
     earlier = earlier_rows(args.with_runs_from, job, args.steps, args.seeds)
     todo = [r for r in runs if not r.done]
     log(

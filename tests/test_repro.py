@@ -309,3 +309,30 @@ def test_finished_runs_without_a_checkpoint_are_reported_without_a_test_split(re
     res = json.loads((out / "noise.json").read_text())
     assert [v["runs"][0]["test_bpb"] for v in res["variants"]] == [None, None]
     assert not list((out / "runs").glob("*.log"))  # no evaluation was started
+
+
+def test_a_run_of_another_configuration_is_not_counted(repro, tmp_path):
+    """Run directories are named by their overrides of the preset: after the preset changes, a run
+    of the old one is refused (naming the setting), not counted or resumed as the new one."""
+    from pkmem.config import load_config
+
+    args = _args(tmp_path, steps=100, seeds=(0,))
+    runs = repro.plan_runs(repro.JOBS["noise"], args)
+    for r in runs:
+        cfg = load_config(repro.BASE, [*r.overrides, "max_steps=100", "seed=0"]).to_dict()
+        cfg["train"]["data_path"] = "/elsewhere/enwik8.gz"  # where the data was is not compared
+        cfg["train"]["a_key_of_a_later_pkmem"] = 1  # keys only one side knows are not compared
+        r.dir.mkdir(parents=True)
+        (r.dir / "config.json").write_text(json.dumps(cfg))
+    repro.check_runs_match(runs, 100)  # the same configuration: accepted
+    mem = runs[1]
+    cfg = json.loads((mem.dir / "config.json").read_text())
+    cfg["model"]["memory"]["topk"] = 8
+    (mem.dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match=r"memory \(preset\), seed 0\): model\.memory\.topk=8 \(now 32\)"):
+        repro.check_runs_match(runs, 100)
+    with pytest.raises(SystemExit, match=r"train\.max_steps=100 \(now 200\)"):
+        repro.check_runs_match(runs, 200)
+    (mem.dir / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="config.json unreadable"):
+        repro.check_runs_match(runs, 100)
