@@ -895,8 +895,15 @@ def markdown(res: dict) -> str:
         )
     mine = [r for v in res["variants"] for r in v["runs"] if not r.get("earlier")]
     trained = sorted({c for r in mine for c in r.get("trained_with") or () if c})
-    if trained:
+    done = [r for r in mine if r.get("status") == "done"]
+    recorded = [r for r in done if r.get("trained_with")]
+    if trained and len(recorded) == len(done):
         lines.append(f"This job's runs were trained with pkmem {', '.join(trained)}.")
+    elif trained:
+        lines.append(
+            f"{len(recorded)} of this job's {len(done)} runs were trained with pkmem {', '.join(trained)}; "
+            f"the other {len(done) - len(recorded)} before pkmem recorded the commit that trained a run."
+        )
     lines.append("")
     return "\n".join(lines)
 

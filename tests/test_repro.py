@@ -200,6 +200,12 @@ def test_a_job_end_to_end_on_the_cpu_and_resumed(repro, tmp_path, capsys, monkey
     res = json.loads((out / "noise.json").read_text())
     assert res["variants"][1]["runs"][0]["trained_with"] == ["abc1234"]  # not trained again: not recorded
     assert (Path(mem["runs"][0]["dir"]) / "eval_valid.json").stat().st_mtime_ns == stamp
+    # a run trained before the commits were recorded (no record) is not counted as this commit's
+    base_dir = Path(base["runs"][0]["dir"])
+    (base_dir.parent / f"{base_dir.name}.trained_with.json").unlink()
+    assert repro.main([*argv, "--time-steps", "0"]) == 0
+    md = (out / "noise.md").read_text()
+    assert "1 of this job's 2 runs were trained with pkmem abc1234; the other 1 before" in md
 
 
 def test_table1_times_evaluation_forwards_and_plots_speed(repro, tmp_path):
