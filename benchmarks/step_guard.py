@@ -9,7 +9,7 @@ Variants run in turn, in blocks of ``--steps`` steps with no host sync inside a 
 training), after ``--warmup`` steps; medians over ``--repeats`` blocks of the wall time per step.
 ``plain``: ``make_optimizer`` as it is (fused AdamW on CUDA, foreach on a CPU), ``step()``;
 ``guarded``: the same optimizer under a StepGuard, ``guard.step(loss, *norms)`` (on CUDA: the
-fused AdamW told ``found_inf``, RowAdam's step after reading the flag; on a CPU the flag is read,
+fused AdamW and RowAdam told ``found_inf``, no host sync; on a CPU the flag is read,
 which costs nothing there). For each value optimizer of ``--values``.
 """
 

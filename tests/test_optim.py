@@ -564,6 +564,41 @@ def test_row_adam_resume_is_exact_with_a_bf16_table(value_optimizer):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("value_optimizer", ["lazy_adam", "exact_adam"])
+def test_row_adam_loads_a_state_saved_with_an_int_step_count(value_optimizer):
+    """States saved before the step count moved to the device (a Python int) load and continue as
+    the saved run does; the count is a float32 tensor on the table's device from then on."""
+    data = batches(4, seed=5)
+
+    def make():
+        torch.manual_seed(4)
+        mem = memory(num_keys=6)
+        return mem, make_optimizer(mem, lr=1e-2, value_lr=3e-2, value_optimizer=value_optimizer)
+
+    def steps(mem, opt, part):
+        for x, mask in part:
+            mem(x, mask).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    mem, opt = make()
+    steps(mem, opt, data[:2])
+    saved = copy.deepcopy((mem.state_dict(), opt.state_dict()))
+    steps(mem, opt, data[2:])
+    old = saved[1]["optimizers"][1]  # (AdamW, RowAdam)
+    for st in old["state"].values():
+        assert torch.is_tensor(st["step"]) and st["step"].dtype == torch.float32
+        st["step"] = int(st["step"])  # as saved by pkmem before
+    mem2, opt2 = make()
+    mem2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    steps(mem2, opt2, data[2:])
+    for (name, a), b in zip(mem.state_dict().items(), mem2.state_dict().values()):
+        assert torch.equal(a, b), name
+    step = opt2.optimizers[1].state[mem2.values]["step"]
+    assert torch.is_tensor(step) and step.dtype == torch.float32 and step.item() == 4
+
+
 class Table(nn.Module):
     """A memory-shaped module that reads its value table with fixed slots."""
 

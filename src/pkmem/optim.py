@@ -267,6 +267,14 @@ class RowAdam(torch.optim.Optimizer):
     rows nobody read: :meth:`flush` brings every row up to date (``state_dict()`` of this optimizer
     and, after :meth:`watch`, of a module, flush first).
 
+    The step count of each table lives on the device (``state["step"]``, a float32 0-dim tensor, as
+    torch's fused AdamW keeps it), and :meth:`step` honours ``found_inf`` as torch's fused
+    optimizers do (``_step_supports_amp_scaling``: ``torch.amp.GradScaler`` and
+    :class:`pkmem.train.guard.StepGuard` set ``optimizer.found_inf``, a one-element tensor; where it
+    is nonzero the step drops the pending rows and changes nothing, step count included;
+    ``optimizer.grad_scale``, if set, divides the gradient rows): a step needs no host sync. States
+    saved with a Python int step count load and continue.
+
     Moments are float32 whatever the table's dtype. A bfloat16 table is updated in float32 and
     rounded stochastically (``stochastic_rounding=True``, unbiased: small updates are not lost;
     the random bits are a function of ``seed``, the step, the table and the element) or to nearest.
@@ -304,6 +312,9 @@ class RowAdam(torch.optim.Optimizer):
         self.backend = check_backend(backend)
         self._row_grads: dict[int, RowGrad] = {}
         self._index: dict[int, int] = {}
+        self._bounds: dict[int, int] = {}  # per table: the host's count of steps, >= the device's
+        self.found_inf: torch.Tensor | None = None  # set by a GradScaler / StepGuard around step()
+        self.grad_scale: torch.Tensor | None = None
         defaults = {
             "lr": lr,
             "betas": (float(betas[0]), float(betas[1])),
@@ -334,10 +345,13 @@ class RowAdam(torch.optim.Optimizer):
         """The :class:`~pkmem.ops.rows.RowGrad` of one of this optimizer's tables."""
         return self._row_grads[id(table)]
 
+    _step_supports_amp_scaling = True  # step() reads self.found_inf / self.grad_scale, as fused AdamW
+
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
-            state["step"] = 0
+            state["step"] = torch.zeros((), device=p.device, dtype=torch.float32)
+            self._bounds[id(p)] = 0
             state["exp_avg"] = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
             if self.mode == "exact":
@@ -345,11 +359,30 @@ class RowAdam(torch.optim.Optimizer):
                 state["hist"] = torch.zeros(64, 3, device=p.device, dtype=torch.float32)
         return state
 
+    def _step_count(self, p: torch.Tensor, state: dict) -> torch.Tensor:
+        """The table's step count as a float32 tensor on its device (a state saved with an int, or
+        loaded onto another device, is converted once)."""
+        step = state["step"]
+        if not isinstance(step, torch.Tensor) or step.device != p.device or step.dtype != torch.float32:
+            step = torch.as_tensor(step, dtype=torch.float32).to(p.device).reshape(())
+            state["step"] = step
+        return step
+
+    def _bound(self, p: torch.Tensor, state: dict) -> int:
+        """The host's count of the table's steps (>= the device's: skipped steps count here); read
+        from the device once after a state is loaded (one host sync)."""
+        if not state:
+            return 0
+        if id(p) not in self._bounds:
+            self._bounds[id(p)] = int(self._step_count(p, state).item())
+        return self._bounds[id(p)]
+
     def _args(self, group: dict, p: torch.Tensor, state: dict, salt: int = 0) -> dict:
         beta1, beta2 = group["betas"]
-        seed = rounding_seed(self.seed, state["step"], 2 * self._index[id(p)] + salt)
+        seed = rounding_seed(self.seed, 0, 2 * self._index[id(p)] + salt)  # the kernel mixes in the step
         return {
-            "step": state["step"],
+            "step": self._step_count(p, state),
+            "step_bound": self._bound(p, state),
             "lr": group["lr"],
             "beta1": beta1,
             "beta2": beta2,
@@ -371,6 +404,7 @@ class RowAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf, grad_scale = self.found_inf, self.grad_scale
         for group in self.param_groups:
             for p in group["params"]:
                 rg = self._row_grads[id(p)]
@@ -379,13 +413,24 @@ class RowAdam(torch.optim.Optimizer):
                     continue
                 was_sparse = rg.folded_sparse
                 state = self._state(p)
-                state["step"] += 1
-                if self.mode == "exact" and state["hist"].shape[0] <= state["step"]:
+                step = self._step_count(p, state)
+                self._bounds[id(p)] = bound = self._bound(p, state) + 1
+                skip = None
+                if found_inf is not None:  # counted only where taken, on the device
+                    skip = found_inf.reshape(()).to(device=p.device, dtype=torch.float32)
+                    step.add_(1 - skip)
+                else:
+                    step.add_(1)
+                if grad_scale is not None:  # GradScaler: the rows hold scaled gradients
+                    inv = 1 / grad_scale.reshape(()).to(device=p.device, dtype=torch.float32)
+                    rg.scale = inv if rg.scale is None else rg.scale * inv
+                if self.mode == "exact" and state["hist"].shape[0] <= bound:
                     hist = state["hist"]
                     state["hist"] = torch.cat([hist, torch.zeros_like(hist)])
                 row_adam_update(
-                    p, state["exp_avg"], state["exp_avg_sq"], rg, rows="grad", **self._args(group, p, state)
-                )
+                    p, state["exp_avg"], state["exp_avg_sq"], rg, rows="grad", found_inf=skip,
+                    **self._args(group, p, state),
+                )  # fmt: skip
                 if self.mode == "exact" and was_sparse:
                     # a sparse gradient comes from another reader of the table (an EmbeddingBag):
                     # it reads rows without this optimizer's catch-up, so every row stays current
@@ -394,7 +439,7 @@ class RowAdam(torch.optim.Optimizer):
 
     def _catch_up(self, group: dict, p: torch.Tensor, rows) -> None:
         state = self.state.get(p)
-        if self.mode != "exact" or not state or state["step"] == 0:
+        if self.mode != "exact" or not state or self._bound(p, state) == 0:
             return
         row_adam_update(
             p, state["exp_avg"], state["exp_avg_sq"], None, rows=rows, **self._args(group, p, state, 1)
@@ -407,7 +452,7 @@ class RowAdam(torch.optim.Optimizer):
     def _before_read(self, table: torch.Tensor, indices: torch.Tensor) -> None:
         """Exact mode: bring the rows ``indices`` will read up to the last step (before a gather)."""
         state = self.state.get(table)
-        if not state or state["step"] == 0 or indices.numel() == 0:
+        if not state or self._bound(table, state) == 0 or indices.numel() == 0:
             return
         flags = self._row_grads[id(table)].read_flags(table)
         flags.index_fill_(0, indices.reshape(-1).clamp(min=0).to(torch.long), 1)  # row 0 for skipped
@@ -442,6 +487,7 @@ class RowAdam(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self._bounds.clear()  # read again from the loaded step counts
         # the base class casts every floating state tensor to the table's dtype: restore the saved
         # dtypes (float32 moments of a bfloat16 table, int32 step counters)
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]

@@ -94,9 +94,9 @@ def _jobs(dev: _common.DeviceInfo, fused: bool = False) -> list[dict]:
         c = row_adam._config(v)
         types = dict(P=f"*{dt}", M1="*fp32", M2="*fp32", GD=f"*{dt}", TOUCHED="*i8", ROWS="*i32")
         types.update(COUNT="*i32", SCALE="*fp32", LAST="*i32", HIST="*fp32", FLAGS="*i8")
-        types.update(n_rows=I32, v_dim=I32, stride_p=I32, stride_g=I32, step=I32, step_size=F32)
-        types.update(bc2_sqrt=F32, decay=F32, one_minus_beta1=F32, beta2=F32, one_minus_beta2=F32, eps=F32)
-        types.update(seed="i64")
+        types.update(STEP="*fp32", COEF="*fp32", FOUND_INF="*fp32")
+        types.update(n_rows=I32, v_dim=I32, stride_p=I32, stride_g=I32)
+        types.update(one_minus_beta1=F32, beta2=F32, one_minus_beta2=F32, eps=F32, seed="i64")
         for source, has_grad, exact in [
             (0, True, False),
             (0, True, True),
@@ -104,7 +104,9 @@ def _jobs(dev: _common.DeviceInfo, fused: bool = False) -> list[dict]:
             (2, False, True),
         ]:
             consts = dict(BLOCK_V=c["BLOCK_V"], NVB=triton.cdiv(v, c["BLOCK_V"]), SOURCE=source)
-            consts.update(HAS_GRAD=has_grad, HAS_SCALE=has_grad, EXACT=exact, SR=dt == "bf16")
+            consts.update(
+                HAS_GRAD=has_grad, HAS_SCALE=has_grad, EXACT=exact, SR=dt == "bf16", HAS_FLAG=has_grad
+            )
             what = f"row adam, {dt}, rows from {source}, gradient {has_grad}, exact {exact}"
             add(what, row_adam, "_row_adam_kernel", types, consts, c["num_warps"])
 

@@ -48,6 +48,7 @@ class State:
         return c
 
     def update(self, rg, step, backend, rows="grad", **kw):
+        """One call of row_adam_update (``step`` an int or a device tensor; ``kw`` overrides)."""
         args = dict(lr=1e-2, beta1=BETAS[0], beta2=BETAS[1], eps=1e-8, weight_decay=0.1, seed=5)
         args.update(kw)
         row_adam_update(
@@ -243,6 +244,102 @@ def test_row_adam_with_kernels_matches_twins(kernels, device, mode, dtype):
     assert (s1["exp_avg"][:2] == 0).all() and torch.equal(t1[:2], t2[:2])
     if mode == "exact":
         assert torch.equal(s1["last"], s2["last"]) and (s1["last"] == 4).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_flagged_step_changes_nothing(kernels, device, backend, dtype, exact):
+    """A step count on the device and ``found_inf`` set: the rows' gradient is consumed and nothing
+    else changes, bit for bit (table, moments, last, hist); the next step equals the same step in a
+    run where the flagged one never happened."""
+    N, v = 12, 20
+    run = State(N, v, dtype, device, exact)
+    clean = run.clone()
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(N, v, generator=g).to(device) for _ in range(3)]
+    rows = [[2, 5, 7], [1, 5, 11], [0, 5, 9]]
+    one, zero = (torch.tensor(x, device=device) for x in (1.0, 0.0))
+
+    def step(side, i, count, bound, flag):
+        rg = row_grad(side.p, rows[i], grads[i][rows[i]])
+        step_t = torch.tensor(float(count), device=device)
+        side.update(rg, step_t, backend, found_inf=flag, step_bound=bound)
+        assert not rg.pending and (rg.touched == 0).all(), "the rows are consumed, taken or not"
+
+    for side in (run, clean):
+        step(side, 0, 1, 1, zero)  # a taken step with the flag read on the device
+    before = run.clone()
+    step(run, 1, 1, 2, one)  # flagged: the count stays 1 (the optimizer adds 1 - found_inf)
+    for name in ("p", "m", "s", "last", "hist"):
+        a, b = getattr(run, name), getattr(before, name)
+        assert a is None or torch.equal(a, b), f"{name} changed in a flagged step"
+    step(run, 2, 2, 3, zero)
+    step(clean, 2, 2, 2, None)
+    for name in ("p", "m", "s", "last", "hist"):
+        a, b = getattr(run, name), getattr(clean, name)
+        assert a is None or torch.equal(a, b), f"{name} differs from the run without the flagged step"
+
+
+def test_step_count_and_found_inf_errors(kernels, device):
+    st = State(5, 4, torch.float32, device, exact=False)
+    kw = dict(lr=1.0, beta1=0.9, beta2=0.9, eps=1e-8)
+    rg = row_grad(st.p, [1], torch.ones(1, 4, device=device))
+    with pytest.raises(ValueError, match="step_bound=None is not allowed"):
+        row_adam_update(st.p, st.m, st.s, rg, step=torch.tensor(1.0, device=device), **kw)
+    with pytest.raises(ValueError, match="0-dim"):
+        row_adam_update(st.p, st.m, st.s, rg, step=torch.ones(2, device=device), step_bound=1, **kw)
+    with pytest.raises(ValueError, match="step=-1 is not allowed"):
+        row_adam_update(st.p, st.m, st.s, rg, step=-1, **kw)
+    with pytest.raises(ValueError, match="found_inf=.* one-element tensor"):
+        row_adam_update(st.p, st.m, st.s, rg, step=1, found_inf=torch.zeros(3, device=device), **kw)
+    assert rg.pending, "a refused call consumes nothing"
+
+
+@pytest.mark.parametrize("mode", ["lazy", "exact"])
+def test_a_guarded_row_adam_step_reads_nothing_on_the_host(kernels, device, monkeypatch, mode):
+    """StepGuard (skipping on the device) with RowAdam on the kernels: neither a taken nor a skipped
+    step reads a device value on the host (it did: the guard read the finite flag for RowAdam)."""
+    from torch import nn
+
+    from pkmem.optim import RowAdam
+    from pkmem.train.guard import StepGuard
+
+    N, v = 16, 8
+    table = nn.Parameter(torch.randn(N, v, generator=torch.Generator().manual_seed(0)).to(device))
+    opt = RowAdam([table], lr=1e-2, mode=mode, backend="triton")
+    guard = StepGuard(opt, on_device=True)
+
+    def fill(rows):
+        rg = opt.row_grad(table)
+        rg.prepare(table)
+        rows = torch.tensor(rows, device=device)
+        rg.grad[rows] = 1.0
+        rg.sumsq[rows] = float(v)
+        rg.touched[rows] = 1
+        rg.added(rows.numel())
+
+    fill([1, 2])
+    guard.step(torch.tensor(1.0, device=device))  # the first step creates the state
+    snap = table.detach().clone()
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a device value was read on the host")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+            m.setattr(torch.Tensor, name, host_read)
+        fill([3, 4])
+        ok = guard.step(torch.tensor(float("nan"), device=device))
+        fill([5])
+        ok2 = guard.step(torch.tensor(2.0, device=device))
+    assert not bool(ok) and bool(ok2)
+    state = opt.state[table]
+    assert state["step"].item() == 2.0 and state["step"].device == table.device
+    opt.flush()
+    changed = (table.detach() != snap).any(1)
+    assert changed[5] and not changed[3] and not changed[4], "the skipped step's rows did not move"
+    assert guard.read() == (1, 1)
 
 
 # ---- real sizes, on the GPU ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ __all__ = [
     "row_adam_update",
     "row_adam_reference",
     "step_coefficients",
+    "device_step_coefficients",
     "rounding_seed",
 ]
 
@@ -189,6 +190,17 @@ def step_coefficients(lr: float, weight_decay: float, beta1: float, beta2: float
     return lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, 1 - lr * weight_decay
 
 
+def device_step_coefficients(
+    step: torch.Tensor, lr: float, weight_decay: float, beta1: float, beta2: float
+) -> torch.Tensor:
+    """:func:`step_coefficients` of a step count held on the device (a 0-dim tensor), as a float32
+    ``(3,)`` tensor on its device, computed there in float64: no host sync."""
+    k = step.detach().to(torch.float64)
+    bc1 = 1 - torch.pow(beta1, k)
+    bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, k))
+    return torch.stack([lr / bc1, bc2_sqrt, torch.full_like(k, 1 - lr * weight_decay)]).to(torch.float32)
+
+
 def rounding_seed(seed: int, step: int, index: int = 0) -> int:
     """A 63-bit seed for the stochastic rounding of one table's step (splitmix64 of the three)."""
     x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
@@ -196,6 +208,37 @@ def rounding_seed(seed: int, step: int, index: int = 0) -> int:
     x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     x ^= x >> 27
     return x & (2**63 - 1)
+
+
+def _check_step(step, step_bound, found_inf, param: torch.Tensor) -> int:
+    """The host's bound of the step number (``step`` itself when it is an int)."""
+    if isinstance(step, torch.Tensor):
+        if step.dim() != 0 or step.device != param.device or step.is_complex():
+            raise ValueError(
+                f"step is a tensor of shape {tuple(step.shape)} on {step.device}: a step count tensor must "
+                f"be 0-dim, on the table's device ({param.device})"
+            )
+        if not isinstance(step_bound, int) or isinstance(step_bound, bool) or step_bound < 0:
+            raise ValueError(
+                f"step_bound={step_bound!r} is not allowed: a step count tensor needs step_bound, an int >= "
+                "the step (the host's count of steps, for the exact mode's coefficient history)"
+            )
+        bound = step_bound
+    elif isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+        bound = step
+    else:
+        raise ValueError(f"step={step!r} is not allowed: step must be an int >= 0 or a 0-dim tensor")
+    if found_inf is not None and (
+        not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1 or found_inf.device != param.device
+    ):
+        what = found_inf
+        if isinstance(found_inf, torch.Tensor):
+            what = (tuple(found_inf.shape), str(found_inf.device))
+        raise ValueError(
+            f"found_inf={what!r} is not allowed: found_inf must be a one-element tensor on the table's "
+            f"device ({param.device}), nonzero to skip the step"
+        )
+    return bound
 
 
 def _check_update_args(param, exp_avg, exp_avg_sq, last, hist, step, exact) -> None:
@@ -221,7 +264,7 @@ def row_adam_update(
     exp_avg_sq: torch.Tensor,
     grad: RowGrad | None,
     *,
-    step: int,
+    step: int | torch.Tensor,
     lr: float,
     beta1: float,
     beta2: float,
@@ -234,6 +277,8 @@ def row_adam_update(
     stochastic_rounding: bool = True,
     seed: int = 0,
     backend: str = "auto",
+    found_inf: torch.Tensor | None = None,
+    step_bound: int | None = None,
 ) -> None:
     """One Adam(W) step over rows of ``param`` ``(N, v)``, in place (``exp_avg``, ``exp_avg_sq``
     float32 ``(N, v)``; ``param`` float32 or bfloat16).
@@ -249,11 +294,20 @@ def row_adam_update(
     result equals dense AdamW's. Without a gradient, ``rows`` may also be ``"all"`` or an ``(N,)``
     int8 tensor of flags (cleared here): those rows are brought up to ``step`` (already applied).
 
+    ``step`` may be an int or a 0-dim tensor on the table's device (the optimizer's step count: the
+    kernel reads it there and computes the coefficients on the device, so no host sync); a tensor
+    needs ``step_bound``, an int >= its value (the exact mode's ``hist`` must hold ``step_bound + 1``
+    rows). ``found_inf`` (a one-element tensor on the device, as ``torch.amp.GradScaler`` and the
+    fused optimizers use it): where nonzero, the rows of ``grad`` are consumed (their ``touched``
+    flags cleared) and nothing else changes: parameters, moments, ``last`` and ``hist`` stay. The
+    Triton kernel reads both on the device; the PyTorch twin reads them on the host.
+
     16-bit tables: the new rows are rounded stochastically (unbiased; random bits from ``seed``,
-    the row and the column: the same inputs give the same bits) or, with
+    the step, the row and the column: the same inputs give the same bits) or, with
     ``stochastic_rounding=False``, to nearest.
     """
-    _check_update_args(param, exp_avg, exp_avg_sq, last, hist, step, exact)
+    bound = _check_step(step, step_bound, found_inf, param)
+    _check_update_args(param, exp_avg, exp_avg_sq, last, hist, bound, exact)
     has_grad = isinstance(rows, str) and rows == "grad"
     if has_grad and (grad is None or not grad.pending):
         raise ValueError("rows='grad' needs a RowGrad with a pending gradient")
@@ -263,9 +317,10 @@ def row_adam_update(
 
     if resolve_backend(backend, param, exp_avg, exp_avg_sq) == "torch":
         row_adam_reference(
-            param, exp_avg, exp_avg_sq, grad, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            param, exp_avg, exp_avg_sq, grad, step=int(step), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, exact=exact, last=last, hist=hist, rows=rows,
             stochastic_rounding=stochastic_rounding, seed=seed,
+            skip=found_inf is not None and bool(found_inf.reshape(()) != 0),
         )  # fmt: skip
     else:
         from pkmem.ops.triton.row_adam import row_adam_update as kernel
@@ -273,7 +328,7 @@ def row_adam_update(
         kernel(
             param, exp_avg, exp_avg_sq, grad, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, exact=exact, last=last, hist=hist, rows=rows,
-            stochastic_rounding=stochastic_rounding, seed=seed,
+            stochastic_rounding=stochastic_rounding, seed=seed, found_inf=found_inf,
         )  # fmt: skip
     if has_grad:
         grad.consumed()
@@ -312,17 +367,21 @@ def row_adam_reference(
     rows: str | torch.Tensor = "grad",
     stochastic_rounding: bool = True,
     seed: int = 0,
+    skip: bool = False,
 ) -> None:
-    """PyTorch twin of :func:`row_adam_update` (same arguments; the caller marks ``grad`` consumed).
-    Its stochastic rounding draws its own random bits (not the kernel's)."""
+    """PyTorch twin of :func:`row_adam_update` (same arguments, ``step`` an int, ``skip`` for a
+    nonzero ``found_inf``; the caller marks ``grad`` consumed). Its stochastic rounding draws its
+    own random bits (not the kernel's)."""
     dev, f32 = param.device, torch.float32
     has_grad = isinstance(rows, str) and rows == "grad"
     if has_grad:
         r = grad.touched.nonzero().flatten()
+        grad.touched[r] = 0
+        if skip:  # a skipped step: its gradient rows are dropped, nothing else changes
+            return
         g = grad.grad[r].float()
         if grad.scale is not None:
             g = g * grad.scale.float()
-        grad.touched[r] = 0
     elif isinstance(rows, str) and rows == "all":
         r = torch.arange(param.shape[0], device=dev)
     else:
@@ -359,5 +418,5 @@ def row_adam_reference(
         p = p - step_size * (m / (torch.sqrt(s) / bc2_sqrt + e))
     # through .data: a catch-up before a gather must not bump the version of a table that an
     # earlier gather of this forward saved for its backward (it changes no row that gather read)
-    param.data[r] = _round_to(p, param.dtype, stochastic_rounding, seed)
+    param.data[r] = _round_to(p, param.dtype, stochastic_rounding, rounding_seed(seed, step))
     exp_avg[r], exp_avg_sq[r] = m, s

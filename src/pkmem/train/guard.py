@@ -10,10 +10,9 @@ when the flag is set:
   fused kernel, which takes the flag as ``found_inf`` (the mechanism ``GradScaler`` uses): a flagged
   step leaves parameters, moments and step counts untouched.
 - An optimizer that declares it takes ``found_inf`` (``_step_supports_amp_scaling``, as torch's
-  fused optimizers do) gets the flag the same way.
-- :class:`pkmem.optim.RowAdam` (``value_optimizer="lazy_adam"`` / ``"exact_adam"``) keeps its
-  gradient rows outside ``.grad`` and its step count on the host: its step is taken or dropped after
-  reading the flag (one host sync per step, with this optimizer only).
+  fused optimizers do) gets the flag the same way: :class:`pkmem.optim.RowAdam`
+  (``value_optimizer="lazy_adam"`` / ``"exact_adam"``) among them, whose kernel reads the flag and
+  its step count on the device.
 - Any other optimizer (``SparseAdam`` for ``sparse_values=True`` tables, an optimizer of your own):
   what its step may change is copied first and put back with ``torch.where`` when the flag is not
   set. For sparse gradients only the rows they touch are copied; for dense ones the parameters and
@@ -145,7 +144,7 @@ class StepGuard:
         self._synced = [] if on_device else [o for o in leaves if _on_cpu(o)]
         rest = [o for o in leaves if o not in self._synced]
         self._fused = [o for o in rest if _use_fused(o) or getattr(o, "_step_supports_amp_scaling", False)]
-        self._synced += [o for o in rest if o not in self._fused and _row_optimizer(o)]
+        self._synced += [o for o in rest if o not in self._fused and _row_optimizer(o)]  # (none today)
         self._restore = [_Restore(o) for o in leaves if o not in self._fused and o not in self._synced]
         self._counts = None  # skipped since the last read, the current run, the longest run
 

@@ -10,9 +10,14 @@ its row missed, ``last[row] + 1 ..``, in registers, with the coefficients ``hist
 steps (no memory traffic but the row's own), then writes ``last[row]``. One program per row: no
 two programs touch one row, and no float atomics: the same inputs give the same bits.
 
+The step count and the step's coefficients are read from device memory (``STEP``, ``COEF``: the
+optimizer's step count lives on the device, as fused AdamW's does), and so is the skip flag
+(``FOUND_INF``, as ``torch.amp.GradScaler`` sets it): a skipped step clears the rows' ``touched``
+flags and writes nothing else. No host sync.
+
 16-bit tables: the new value is computed in float32 and rounded stochastically (random 16 bits from
-``tl.randint(seed, row * v + column)`` added below the bfloat16 mantissa, then truncated: unbiased)
-or to nearest.
+``tl.randint(seed + step * c, row * v + column)`` added below the bfloat16 mantissa, then
+truncated: unbiased) or to nearest.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.rows import RowGrad, step_coefficients
+from pkmem.ops.rows import RowGrad, device_step_coefficients, step_coefficients
 from pkmem.ops.triton._common import next_pow2, to_output
 
 __all__ = ["row_adam_update"]
@@ -53,14 +58,13 @@ def _row_adam_kernel(
     LAST,
     HIST,
     FLAGS,
+    STEP,
+    COEF,
+    FOUND_INF,
     n_rows,
     v_dim,
     stride_p,
     stride_g,
-    step,
-    step_size,
-    bc2_sqrt,
-    decay,
     one_minus_beta1,
     beta2,
     one_minus_beta2,
@@ -73,8 +77,11 @@ def _row_adam_kernel(
     HAS_SCALE: tl.constexpr,
     EXACT: tl.constexpr,
     SR: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
 ):
     r = tl.program_id(0)
+    step = tl.load(STEP).to(tl.int32)  # the step count (float32, as fused AdamW keeps it)
+    seed = seed + step.to(tl.int64) * 0x5851F42D4C957F2D  # each step its own random bits
     if SOURCE == 0:
         active = r < tl.load(COUNT)
         row = tl.load(ROWS + r, mask=active, other=0).to(tl.int64)
@@ -85,6 +92,18 @@ def _row_adam_kernel(
         active = tl.load(FLAGS + r) != 0
         tl.store(FLAGS + r, 0, mask=active)
         row = r.to(tl.int64)
+    if HAS_GRAD:
+        step_size = tl.load(COEF)
+        bc2_sqrt = tl.load(COEF + 1)
+        decay = tl.load(COEF + 2)
+    if HAS_GRAD:
+        if SOURCE == 0:  # the rows' gradient is consumed, whether the step is taken or not
+            tl.store(TOUCHED + row, 0, mask=active)
+    write_hist = r == 0  # one program writes this step's coefficients (exact mode)
+    if HAS_FLAG:  # a step flagged by FOUND_INF changes nothing else
+        take = tl.load(FOUND_INF) == 0
+        active = active & take
+        write_hist = write_hist & take
     first = step  # the first missed step (exact mode); stop: one past the last step to apply with g = 0
     stop = step
     if EXACT:
@@ -97,13 +116,11 @@ def _row_adam_kernel(
         if not HAS_GRAD:
             active = active & (first < stop)
         if HAS_GRAD:
-            if r == 0:  # this step's coefficients, for the rows that miss it (read by later calls)
+            if write_hist:  # this step's coefficients, for the rows that miss it (read by later calls)
                 tl.store(HIST + 3 * step, step_size)
                 tl.store(HIST + 3 * step + 1, bc2_sqrt)
                 tl.store(HIST + 3 * step + 2, decay)
     if HAS_GRAD:
-        if SOURCE == 0:
-            tl.store(TOUCHED + row, 0, mask=active)
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(SCALE).to(tl.float32)
@@ -163,6 +180,7 @@ def row_adam_update(
     stochastic_rounding: bool = True,
     seed: int = 0,
     config: dict | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """See :func:`pkmem.ops.rows.row_adam_update` (arguments checked there)."""
     N, v = param.shape
@@ -180,9 +198,16 @@ def row_adam_update(
         source = 1 if isinstance(rows, str) else 2
         grid, gd, touched, rlist, count, scale = N, dummy, dummy, dummy, dummy, None
     flags = rows if source == 2 else dummy
-    step_size, bc2_sqrt, decay = (
-        step_coefficients(lr, weight_decay, beta1, beta2, step) if has_grad else (0, 1, 1)
-    )
+    dev = param.device
+    if isinstance(step, torch.Tensor):
+        step_t = step
+        coef = device_step_coefficients(step, lr, weight_decay, beta1, beta2) if has_grad else dummy
+    else:
+        step_t = torch.tensor(float(step), dtype=torch.float32, device=dev)
+        coef = dummy
+        if has_grad:
+            coef = torch.tensor(step_coefficients(lr, weight_decay, beta1, beta2, step), dtype=torch.float32)
+            coef = coef.to(dev)
     cfg = dict(_config(v), **(config or {}))
     sr = stochastic_rounding and param.dtype == torch.bfloat16
     _row_adam_kernel[(grid,)](
@@ -197,14 +222,13 @@ def row_adam_update(
         last if exact else dummy,
         hist if exact else dummy,
         flags,
+        step_t,
+        coef,
+        found_inf if found_inf is not None else dummy,
         N,
         v,
         param.stride(0),
         gd.stride(0) if has_grad else 0,
-        step,
-        float(step_size),
-        float(bc2_sqrt),
-        float(decay),
         float(1 - beta1),
         float(beta2),
         float(1 - beta2),
@@ -217,5 +241,6 @@ def row_adam_update(
         HAS_SCALE=scale is not None,
         EXACT=exact,
         SR=sr,
+        HAS_FLAG=found_inf is not None and has_grad,
         num_warps=cfg["num_warps"],
     )
