@@ -342,6 +342,33 @@ def test_a_guarded_row_adam_step_reads_nothing_on_the_host(kernels, device, monk
     assert guard.read() == (1, 1)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_grad_scale_divides_the_rows(kernels, device, backend):
+    """As torch.amp.GradScaler drives a fused optimizer: rows holding gradients scaled by 1024 and
+    ``grad_scale = 1024`` give the update of the unscaled rows (after clipping's own scale)."""
+    from torch import nn
+
+    from pkmem.optim import RowAdam
+
+    g = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)).to(device)
+    tables = []
+    for scale in (1.0, 1024.0):
+        table = nn.Parameter(torch.randn(10, 6, generator=torch.Generator().manual_seed(0)).to(device))
+        opt = RowAdam([table], lr=1e-2, eps=0.1, backend=backend)  # (Adam is scale-free but for eps)
+        rg = opt.row_grad(table)
+        rg.prepare(table)
+        rg.grad[2:6] = g * scale
+        rg.sumsq[2:6] = (g * scale).square().sum(1)
+        rg.touched[2:6] = 1
+        rg.added(4)
+        rg.scale = torch.tensor(0.5, device=device)  # a pending clipping coefficient
+        opt.grad_scale = None if scale == 1.0 else torch.tensor(scale, device=device)
+        opt.step()
+        tables.append((table.detach(), opt.state[table]["exp_avg"]))
+    torch.testing.assert_close(tables[0][0], tables[1][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tables[0][1], tables[1][1], atol=1e-7, rtol=1e-5)
+
+
 # ---- real sizes, on the GPU ------------------------------------------------------------------------
 
 
