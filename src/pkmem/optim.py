@@ -269,11 +269,12 @@ class RowAdam(torch.optim.Optimizer):
 
     The step count of each table lives on the device (``state["step"]``, a float32 0-dim tensor, as
     torch's fused AdamW keeps it), and :meth:`step` honours ``found_inf`` as torch's fused
-    optimizers do (``_step_supports_amp_scaling``: ``torch.amp.GradScaler`` and
-    :class:`pkmem.train.guard.StepGuard` set ``optimizer.found_inf``, a one-element tensor; where it
-    is nonzero the step drops the pending rows and changes nothing, step count included;
-    ``optimizer.grad_scale``, if set, divides the gradient rows): a step needs no host sync. States
-    saved with a Python int step count load and continue.
+    optimizers do (``_step_supports_amp_scaling``: :class:`pkmem.train.guard.StepGuard` sets
+    ``optimizer.found_inf``, a one-element tensor, around the step; where it is nonzero the step
+    drops the pending rows and changes nothing, step count included): a step needs no host sync.
+    States saved with a Python int step count load and continue. ``torch.amp.GradScaler`` is not
+    supported (its unscaling and its inf checks read ``.grad``, which these rows bypass; a step it
+    drives raises): train in bfloat16 autocast, which needs no scaler.
 
     Moments are float32 whatever the table's dtype. A bfloat16 table is updated in float32 and
     rounded stochastically (``stochastic_rounding=True``, unbiased: small updates are not lost;
@@ -313,8 +314,6 @@ class RowAdam(torch.optim.Optimizer):
         self._row_grads: dict[int, RowGrad] = {}
         self._index: dict[int, int] = {}
         self._bounds: dict[int, int] = {}  # per table: the host's count of steps, >= the device's
-        self.found_inf: torch.Tensor | None = None  # set by a GradScaler / StepGuard around step()
-        self.grad_scale: torch.Tensor | None = None
         defaults = {
             "lr": lr,
             "betas": (float(betas[0]), float(betas[1])),
@@ -345,7 +344,7 @@ class RowAdam(torch.optim.Optimizer):
         """The :class:`~pkmem.ops.rows.RowGrad` of one of this optimizer's tables."""
         return self._row_grads[id(table)]
 
-    _step_supports_amp_scaling = True  # step() reads self.found_inf / self.grad_scale, as fused AdamW
+    _step_supports_amp_scaling = True  # step() reads self.found_inf if set (StepGuard), as fused AdamW
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -404,7 +403,19 @@ class RowAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        found_inf, grad_scale = self.found_inf, self.grad_scale
+        found_inf = getattr(self, "found_inf", None)
+        if getattr(self, "grad_scale", None) is not None:
+            for name in ("grad_scale", "found_inf"):  # GradScaler removes them only after a step
+                self.__dict__.pop(name, None)
+            raise RuntimeError(
+                "RowAdam.step() was given a grad_scale (torch.amp.GradScaler): RowAdam does not support "
+                "GradScaler, whose unscaling and inf checks read .grad, which RowAdam's gradient rows "
+                "bypass; train in bfloat16 autocast (no scaler needed) or with value_optimizer='adamw'"
+            )
+        if found_inf is not None and not isinstance(found_inf, torch.Tensor):
+            raise RuntimeError(
+                f"RowAdam.step(): found_inf={found_inf!r} is not allowed: it must be a one-element tensor"
+            )
         for group in self.param_groups:
             for p in group["params"]:
                 rg = self._row_grads[id(p)]
@@ -417,13 +428,10 @@ class RowAdam(torch.optim.Optimizer):
                 self._bounds[id(p)] = bound = self._bound(p, state) + 1
                 skip = None
                 if found_inf is not None:  # counted only where taken, on the device
-                    skip = found_inf.reshape(()).to(device=p.device, dtype=torch.float32)
+                    skip = (found_inf.reshape(()).to(p.device) != 0).to(torch.float32)  # (a sum, or NaN)
                     step.add_(1 - skip)
                 else:
                     step.add_(1)
-                if grad_scale is not None:  # GradScaler: the rows hold scaled gradients
-                    inv = 1 / grad_scale.reshape(()).to(device=p.device, dtype=torch.float32)
-                    rg.scale = inv if rg.scale is None else rg.scale * inv
                 if self.mode == "exact" and state["hist"].shape[0] <= bound:
                     hist = state["hist"]
                     state["hist"] = torch.cat([hist, torch.zeros_like(hist)])
@@ -489,7 +497,7 @@ class RowAdam(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._bounds.clear()  # read again from the loaded step counts
         # the base class casts every floating state tensor to the table's dtype: restore the saved
-        # dtypes (float32 moments of a bfloat16 table, int32 step counters)
+        # dtypes (float32 moments of a bfloat16 table, the exact mode's int32 "last" counters)
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved, params):

@@ -220,7 +220,7 @@ def load_sharded(ck: dict, model: nn.Module, optimizer, par: Parallel) -> None:
             raise ckpt_lib.CheckpointError(
                 f"checkpoint {str(ck_dir)!r} holds optimizer state of {pname!r}, a parameter the model lacks"
             )
-        value = None  # a non-tensor value (a step count): DCP sets it
+        value = None  # a non-tensor value (e.g. a step count saved as a Python number): DCP sets it
         if isinstance(meta, TensorStorageMetadata):
             m = shards.get(id(by_name[pname]))
             size, dtype = tuple(meta.size), meta.properties.dtype

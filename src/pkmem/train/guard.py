@@ -153,18 +153,21 @@ class StepGuard:
         ok = finite_flag(loss, *norms)
         found_inf = (~ok).to(torch.float32)
         for o in self._fused:
-            o.found_inf, o.grad_scale = found_inf.to(o.param_groups[0]["params"][0].device), None
-        for r in self._restore:
-            r.before()
-        if not self._synced:
-            self.optimizer.step()
-        else:  # each optimizer on its own: those on a CPU and row optimizers only if the flag is set
-            take = bool(ok)
-            for o in _leaves(self.optimizer):
-                if take or o not in self._synced:
-                    o.step()
-        for o in self._fused:
-            o.found_inf = None
+            o.found_inf = found_inf.to(o.param_groups[0]["params"][0].device)
+        try:
+            for r in self._restore:
+                r.before()
+            if not self._synced:
+                self.optimizer.step()
+            else:  # each optimizer on its own: those on a CPU and row optimizers only if the flag is set
+                take = bool(ok)
+                for o in _leaves(self.optimizer):
+                    if take or o not in self._synced:
+                        o.step()
+        finally:  # as GradScaler does: the flag lives only around the step
+            for o in self._fused:
+                if hasattr(o, "found_inf"):
+                    del o.found_inf
         for r in self._restore:
             r.after(ok)
         bad = (~ok).to(torch.int64)

@@ -202,12 +202,13 @@ def row_adam_update(
     if isinstance(step, torch.Tensor):
         step_t = step
         coef = device_step_coefficients(step, lr, weight_decay, beta1, beta2) if has_grad else dummy
-    else:
-        step_t = torch.tensor(float(step), dtype=torch.float32, device=dev)
+    else:  # an int step: filled on the device from the host's numbers (fills: no copy, no sync)
+        step_t = torch.full((), float(step), dtype=torch.float32, device=dev)
         coef = dummy
         if has_grad:
-            coef = torch.tensor(step_coefficients(lr, weight_decay, beta1, beta2, step), dtype=torch.float32)
-            coef = coef.to(dev)
+            coef = torch.empty(3, dtype=torch.float32, device=dev)
+            for i, x in enumerate(step_coefficients(lr, weight_decay, beta1, beta2, step)):
+                coef[i].fill_(x)
     cfg = dict(_config(v), **(config or {}))
     sr = stochastic_rounding and param.dtype == torch.bfloat16
     _row_adam_kernel[(grid,)](
