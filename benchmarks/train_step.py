@@ -26,7 +26,9 @@ Each step is timed with CUDA events between its parts: ``forward`` (the usage tr
 is timed on its own as ``metrics`` and left out of ``forward``), ``backward``, ``clip``,
 ``optimizer``, ``zero_grad``; medians over ``--steps`` steps run back to back after ``--warmup``
 steps, with no host synchronisation between them (as in training: the host may run ahead of the
-device). ``wall`` is the host's time per step over those steps (what tokens/s sees); ``device``
+device). ``wall`` is the host's time per step over those steps (what tokens/s sees: the median of
+three consecutive blocks' means, with a sync after each block, so that a one-time stall such as a
+kernel compiled mid-run does not count; ``wall_ms_blocks`` lists the three); ``device``
 the device's time per step (event to event: kernels and idle gaps); ``busy`` the sum of the
 kernels' durations (the profiler, a few more steps); ``idle = device - busy``: the device waiting
 for the host. ``host`` is the host's time to issue one step's work; ``--host-profile N`` lists
@@ -221,6 +223,9 @@ def make_step(model, opt, cfg, batches, device, marks_ref: list, forward=None):
 
 
 PARTS = ("forward", "metrics", "backward", "clip", "optimizer", "zero_grad")
+# the timed steps run in this many consecutive blocks; ``wall`` is the median block's time per step,
+# so that one stall (e.g. a Triton kernel compiled for a new argument specialisation) moves it not
+WALL_BLOCKS = 3
 
 
 def split(marks: Marks) -> dict:
@@ -324,11 +329,16 @@ def measure_variant(preset: str, variant: str, device, args, compiled: bool = Fa
         step(None)
     sync(device)
     all_marks = [Marks(device) for _ in range(args.steps)]
-    t0 = time.perf_counter()
-    for marks in all_marks:
-        step(marks)
-    sync(device)
-    wall = (time.perf_counter() - t0) * 1e3 / args.steps
+    k = min(WALL_BLOCKS, args.steps)  # consecutive blocks, a host sync after each
+    cuts = [round(i * args.steps / k) for i in range(k + 1)]
+    block_ms = []
+    for block in (all_marks[a:b] for a, b in zip(cuts, cuts[1:])):
+        t0 = time.perf_counter()
+        for marks in block:
+            step(marks)
+        sync(device)
+        block_ms.append((time.perf_counter() - t0) * 1e3 / len(block))
+    wall = median(block_ms)
     parts = [split(m) for m in all_marks]
     row = {
         "preset": preset,
@@ -336,6 +346,7 @@ def measure_variant(preset: str, variant: str, device, args, compiled: bool = Fa
         "compiled": compiled,
         "tokens_per_step": B * T * A,
         "wall_ms": wall,
+        "wall_ms_blocks": block_ms,
         "tokens_per_s": B * T * A / (wall * 1e-3),
         "device_ms": {k: median([p["device"][k] for p in parts]) for k in (*PARTS, "step")},
         "host_ms": {k: median([p["host"][k] for p in parts]) for k in (*PARTS, "step")},
