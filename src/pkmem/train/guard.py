@@ -75,13 +75,6 @@ def _on_cpu(opt: torch.optim.Optimizer) -> bool:
     return all(p.device.type == "cpu" for g in opt.param_groups for p in g["params"])
 
 
-def _row_optimizer(opt: torch.optim.Optimizer) -> bool:
-    """Whether ``opt`` keeps row gradients outside ``.grad`` (:class:`pkmem.optim.RowAdam`)."""
-    from pkmem.ops.rows import ROW_GRAD_ATTR
-
-    return any(hasattr(p, ROW_GRAD_ATTR) for g in opt.param_groups for p in g["params"])
-
-
 class _Restore:
     """Copies of what a step of ``opt`` may change, put back where the step's flag is not set."""
 
@@ -144,7 +137,6 @@ class StepGuard:
         self._synced = [] if on_device else [o for o in leaves if _on_cpu(o)]
         rest = [o for o in leaves if o not in self._synced]
         self._fused = [o for o in rest if _use_fused(o) or getattr(o, "_step_supports_amp_scaling", False)]
-        self._synced += [o for o in rest if o not in self._fused and _row_optimizer(o)]  # (none today)
         self._restore = [_Restore(o) for o in leaves if o not in self._fused and o not in self._synced]
         self._counts = None  # skipped since the last read, the current run, the longest run
 
@@ -159,7 +151,7 @@ class StepGuard:
                 r.before()
             if not self._synced:
                 self.optimizer.step()
-            else:  # each optimizer on its own: those on a CPU and row optimizers only if the flag is set
+            else:  # each optimizer on its own: those on a CPU only if the flag is set
                 take = bool(ok)
                 for o in _leaves(self.optimizer):
                     if take or o not in self._synced:

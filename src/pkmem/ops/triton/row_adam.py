@@ -96,7 +96,6 @@ def _row_adam_kernel(
         step_size = tl.load(COEF)
         bc2_sqrt = tl.load(COEF + 1)
         decay = tl.load(COEF + 2)
-    if HAS_GRAD:
         if SOURCE == 0:  # the rows' gradient is consumed, whether the step is taken or not
             tl.store(TOUCHED + row, 0, mask=active)
     write_hist = r == 0  # one program writes this step's coefficients (exact mode)
