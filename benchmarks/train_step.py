@@ -224,7 +224,7 @@ def make_step(model, opt, cfg, batches, device, marks_ref: list, forward=None):
 
 PARTS = ("forward", "metrics", "backward", "clip", "optimizer", "zero_grad")
 # the timed steps run in this many consecutive blocks; ``wall`` is the median block's time per step,
-# so that one stall (e.g. a Triton kernel compiled for a new argument specialisation) moves it not
+# so that one stall (e.g. a Triton kernel compiled for a new argument specialisation) does not move it
 WALL_BLOCKS = 3
 
 

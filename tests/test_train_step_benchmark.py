@@ -28,7 +28,7 @@ def test_train_step_benchmark_smoke(tmp_path):
         assert "error" not in r, r
         assert r["wall_ms"] > 0 and r["tokens_per_s"] > 0
         # the steps timed in blocks (here 2 steps: 2 blocks); wall is their median, not one mean
-        # over all steps, which one compile in the timed window doubled once (session 10's lazy_adam)
+        # over all steps, which one compile in the timed window doubled once (an eager lazy_adam row, see docs/kernels.md)
         assert len(r["wall_ms_blocks"]) == 2 and r["wall_ms"] == statistics.median(r["wall_ms_blocks"])
         assert set(r["device_ms"]) >= {"forward", "metrics", "backward", "clip", "optimizer", "step"}
         assert r["device_ms"]["metrics"] > 0  # the usage tracking, timed apart from the forward
