@@ -140,7 +140,7 @@ def main() -> None:
     rows = []
     for r in data["results"]:
         if "error" in r:
-            rows.append([r["model"], "error", r["error"][:60], "", "", ""])
+            rows.append([r["model"], "error", r["error"][:60], "", "", "", ""])
             continue
         for k in keys:
             if k not in r or k not in base:

@@ -1,7 +1,7 @@
 """One training step of a preset, part by part, with and without the memory, for each way of
 training the value table; and (``--quality``) bf16 against float32 values on the same batches.
 
-    python benchmarks/train_step.py [--presets enwik8-small,paper-12l-1024] [--out PATH]
+    python benchmarks/train_step.py [--presets enwik8-small,paper-12l-1024] [--rounds 3] [--out PATH]
     python benchmarks/train_step.py --device cpu --tiny            # smoke test on a CPU
     python benchmarks/train_step.py --quality 1500 --data-path /path/to/enwik8 [--out PATH]
 
@@ -30,12 +30,19 @@ device). ``wall`` is the host's time per step over those steps (what tokens/s se
 three consecutive blocks' means, with a sync after each block, so that a one-time stall such as a
 kernel compiled mid-run does not count; ``wall_ms_blocks`` lists the three); ``device``
 the device's time per step (event to event: kernels and idle gaps); ``busy`` the sum of the
-kernels' durations (the profiler, a few more steps); ``idle = device - busy``: the device waiting
+kernels' durations (the profiler, a few more steps; ``kernels`` lists the 25 longest per
+step); ``idle = device - busy``: the device waiting
 for the host. ``host`` is the host's time to issue one step's work; ``--host-profile N`` lists
 the operators that take it (the profiler's self host time per step) and counts them per step.
 The value update is also timed alone (``value_update``, on the gradient of a real step, medians
 of repeats) against its floor: the bytes it must move (read the gradient, the parameters and two
-moments of each updated row, write parameters and moments) at 4.2 TB/s. ``--compile on|both``
+moments of each updated row, write parameters and moments) at 4.2 TB/s. ``table_floor``: the least
+device time the value table costs a step, its three passes over HBM (the forward's selected rows,
+the gradient's rows, the update) at 4.2 TB/s. ``--rounds N`` measures every variant N times, the
+order rotated each round, and adds a ``summary``: medians over the rounds, each ratio of tokens/s
+taken against the baseline of its own round (the host's speed drifts from minute to minute: on one
+H200, runs minutes apart gave one variant wall times up to 39 % apart while its kernels' busy time
+stayed within 1 %). ``--compile on|both``
 runs the model under ``torch.compile`` (as ``pkmem train compile=true``): the host's share then
 shrinks to the compiled graphs' launches.
 
@@ -253,8 +260,9 @@ def split(marks: Marks) -> dict:
     return {"device": dev, "host": host}
 
 
-def busy_ms(step, device: torch.device, steps: int = 3) -> float | None:
-    """Sum of the kernels' device time per step, from the profiler (None on a CPU)."""
+def busy_ms(step, device: torch.device, steps: int = 3, top: int = 25) -> tuple[float, list] | None:
+    """Sum of the kernels' device time per step, from the profiler, and the ``top`` kernels by
+    their time per step (``[{"name", "ms", "calls"}]``, calls per step); None on a CPU."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -267,10 +275,17 @@ def busy_ms(step, device: torch.device, steps: int = 3) -> float | None:
     from torch.autograd import DeviceType
 
     total = 0.0  # kernels and copies on the device (not the annotations spanning them)
+    per_name: dict[str, list] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
-            total += e.time_range.elapsed_us()
-    return total / 1e3 / steps
+            us = e.time_range.elapsed_us()
+            total += us
+            acc = per_name.setdefault(e.name, [0.0, 0])
+            acc[0] += us
+            acc[1] += 1
+    kernels = sorted(per_name.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
+    kernels = [{"name": k[:160], "ms": v[0] / 1e3 / steps, "calls": v[1] / steps} for k, v in kernels]
+    return total / 1e3 / steps, kernels
 
 
 def host_profile(step, device: torch.device, steps: int, top: int = 25) -> dict:
@@ -357,7 +372,10 @@ def measure_variant(preset: str, variant: str, device, args, compiled: bool = Fa
     else:
         row["device_step_ms"] = row["device_ms"]["step"]
     try:
-        row["busy_ms"] = busy_ms(step, device)
+        busy = busy_ms(step, device)
+        row["busy_ms"] = None if busy is None else busy[0]
+        if busy is not None:
+            row["kernels"] = busy[1]
     except Exception as e:  # the profiler is optional
         row["busy_error"] = f"{type(e).__name__}: {e}"
         row["busy_ms"] = None
@@ -376,6 +394,7 @@ def measure_variant(preset: str, variant: str, device, args, compiled: bool = Fa
         except Exception as e:
             traceback.print_exc(limit=4)
             row["value_update"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        row["table_floor"] = table_floor(model, B * T * A, row["value_update"])
     if tracker is not None:
         for _, _, m in model.memories():
             m.usage_stats = None
@@ -384,6 +403,30 @@ def measure_variant(preset: str, variant: str, device, args, compiled: bool = Fa
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def table_floor(model, tokens: int, update: dict) -> dict:
+    """The least device time the memory's value table costs a step (the presets have one memory):
+    the bytes of its three passes over HBM at 4.2 TB/s, which no kernel, host or compiler change
+    removes.
+
+    - ``read``: the forward reads every selected row (tokens x heads x topk rows of ``v_dim``): the
+      table is far larger than the L2 cache, so rows are not reused across tokens (the convention of
+      the layer's floors in docs/kernels.md);
+    - ``gradient``: the backward writes the gradient of the rows read (RowAdam: the rows read once
+      each; dense AdamW / SparseAdam: what ``value_update`` counted as the gradient's rows);
+    - ``update``: the value optimizer's bytes (``value_update``: read p, g, m, v; write p, m, v).
+    """
+    if "bytes" not in update:
+        return {"error": "no value_update bytes"}
+    m = model.memories()[0][2]
+    es = m.values.element_size()
+    read = tokens * m.heads * m.topk * m.v_dim * es
+    grad = update["rows"] * m.v_dim * es
+    parts = {"read": read, "gradient": grad, "update": update["bytes"]}
+    out = {f"{k}_bytes": v for k, v in parts.items()}
+    out["floor_ms_at_4.2TBps"] = sum(parts.values()) / HBM_BYTES_PER_S * 1e3
+    return out
 
 
 def value_update(model, cfg, variant: str, batches, device, args) -> dict:
@@ -536,19 +579,87 @@ def environment(device: torch.device) -> dict:
             "python": platform.python_version(), "threads": torch.get_num_threads()}  # fmt: skip
 
 
+def baseline(rows: list[dict], r: dict) -> dict | None:
+    """The row of ``r``'s baseline: no memory, the same preset, AdamW, mode and round."""
+    plain = "no memory (foreach AdamW)" if "foreach" in r["variant"] else "no memory"
+    same = (r["preset"], plain, r.get("compiled"), r.get("round"))
+    return next(
+        (b for b in rows if (b["preset"], b["variant"], b.get("compiled"), b.get("round")) == same), None
+    )
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per preset, variant and mode over the rounds: the median wall time and kernels' busy time,
+    and the median of each round's tokens/s ratio to that round's baseline (the host's speed
+    drifts between processes and minutes: a ratio is taken within one round)."""
+    out = []
+    keys = list(dict.fromkeys((r["preset"], r["variant"], r.get("compiled")) for r in rows))
+    for preset, variant, compiled in keys:
+        rs = [
+            r for r in rows if (r["preset"], r["variant"], r.get("compiled")) == (preset, variant, compiled)
+        ]
+        ok = [r for r in rs if "error" not in r]
+        ratios = []
+        for r in ok:
+            b = baseline(rows, r)
+            if b is not None and "tokens_per_s" in b:
+                ratios.append(r["tokens_per_s"] / b["tokens_per_s"])
+        busy = [r["busy_ms"] for r in ok if r.get("busy_ms") is not None]
+        out.append(
+            {
+                "preset": preset,
+                "variant": variant,
+                "compiled": compiled,
+                "rounds": len(ok),
+                "wall_ms_median": median([r["wall_ms"] for r in ok]),
+                "wall_ms_rounds": [r["wall_ms"] for r in ok],
+                "busy_ms_median": median(busy) if busy else None,
+                "ratio_vs_no_memory_rounds": ratios,
+                "ratio_vs_no_memory_median": median(ratios) if ratios else None,
+            }
+        )
+    return out
+
+
+def print_summary(summary: list[dict]) -> None:
+    rows = [
+        [
+            s["preset"],
+            s["variant"] + (" (compiled)" if s["compiled"] else ""),
+            f"{s['wall_ms_median']:.2f}",
+            " ".join(f"{w:.2f}" for w in s["wall_ms_rounds"]),
+            "-" if s["busy_ms_median"] is None else f"{s['busy_ms_median']:.2f}",
+            "-" if s["ratio_vs_no_memory_median"] is None else f"{s['ratio_vs_no_memory_median']:.2f}x",
+            " ".join(f"{x:.2f}" for x in s["ratio_vs_no_memory_rounds"]),
+        ]
+        for s in summary
+    ]
+    header = [
+        "preset",
+        "variant",
+        "wall ms (median)",
+        "per round",
+        "busy ms",
+        "vs none (median)",
+        "per round",
+    ]
+    print(table(rows, header))
+
+
 def print_table(rows: list[dict]) -> None:
     out = []
+    several = any(r.get("round") for r in rows)
     for r in rows:
         name = r["variant"] + (" (compiled)" if r.get("compiled") else "")
+        name += f" (round {r['round'] + 1})" if several else ""
         if "error" in r:
             out.append([r["preset"], name, "error", r["error"][:60]] + [""] * 12)
             continue
         d, h = r["device_ms"], r["host_ms"]
-        plain = "no memory (foreach AdamW)" if "foreach" in r["variant"] else "no memory"
-        same = (r["preset"], plain, r.get("compiled"))
-        base = next((b for b in rows if (b["preset"], b["variant"], b.get("compiled")) == same), None)
+        base = baseline(rows, r)
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base and "tokens_per_s" in base else float("nan")
         vu = r.get("value_update") or {}
+        tf = r.get("table_floor") or {}
         out.append(
             [
                 r["preset"],
@@ -561,10 +672,11 @@ def print_table(rows: list[dict]) -> None:
                 f"{h['step']:.2f}",
                 *(f"{d[k]:.2f}" for k in PARTS),
                 "-" if "ms" not in vu else f"{vu['ms']:.3f} ({vu['measured_over_floor']:.1f}x)",
+                f"{tf['floor_ms_at_4.2TBps']:.2f}" if "floor_ms_at_4.2TBps" in tf else "-",
             ]
         )
     header = ["preset", "variant", "wall ms", "tok/s (vs none)", "device", "busy", "idle", "host"]
-    header += [*PARTS, "value update ms (/floor)"]
+    header += [*PARTS, "value update ms (/floor)", "table floor ms"]
     print(table(out, header))
 
 
@@ -594,6 +706,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 12, tiny 3)")
     ap.add_argument("--update-repeats", type=int, default=None, help="value-update repeats (default 10)")
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every variant this many times, the variants' order rotated each round; the "
+        "summary gives medians over the rounds, ratios taken within a round (default 1)",
+    )
+    ap.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/train_step-<gpu>.json)"
     )
     ap.add_argument("--quality", type=int, default=0, help="train enwik8-small N steps per value dtype")
@@ -607,6 +726,8 @@ def main() -> None:
             f"--quality={args.quality} trains eagerly: it takes no --compile={args.compile} and no "
             f"--host-profile={args.host_profile} (run the step breakdown without --quality for those)"
         )
+    if args.rounds < 1:
+        ap.error(f"--rounds={args.rounds} is not allowed: --rounds must be an int >= 1")
     device = torch.device(args.device)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 12)
@@ -647,8 +768,15 @@ def main() -> None:
     data["results"] = []
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    for preset, variant, compiled in [(p, v, c) for p in presets for v in variants for c in modes]:
-        print(f"{preset} / {variant}{' (compiled)' if compiled else ''} ...", flush=True)
+    runs = [
+        (rnd, p, v, c)
+        for rnd in range(args.rounds)
+        for p in presets
+        for v in variants[rnd % len(variants) :] + variants[: rnd % len(variants)]  # rotated per round
+        for c in modes
+    ]
+    for rnd, preset, variant, compiled in runs:
+        print(f"{preset} / {variant}{' (compiled)' if compiled else ''} (round {rnd + 1}) ...", flush=True)
         try:
             row = measure_variant(preset, variant, device, args, compiled)
         except Exception as e:
@@ -658,9 +786,15 @@ def main() -> None:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        row["round"] = rnd
         data["results"].append(row)
         write_json(out, data)
+    if args.rounds > 1:
+        data["summary"] = summarize(data["results"])
+        write_json(out, data)
     print_table(data["results"])
+    if args.rounds > 1:
+        print_summary(data["summary"])
     print(
         "ms per step (medians); device/busy/idle: the device's time per step, its kernels, its waiting; "
         "host: the host's time to issue a step; value update: alone, measured / floor at 4.2 TB/s"
