@@ -410,21 +410,22 @@ def table_floor(model, tokens: int, update: dict) -> dict:
     the bytes of its three passes over HBM at 4.2 TB/s, which no kernel, host or compiler change
     removes.
 
-    - ``read``: the forward reads every selected row (tokens x heads x topk rows of ``v_dim``): the
-      table is far larger than the L2 cache, so rows are not reused across tokens (the convention of
-      the layer's floors in docs/kernels.md);
-    - ``gradient``: the backward writes the gradient of the rows read (RowAdam: the rows read once
-      each; dense AdamW / SparseAdam: what ``value_update`` counted as the gradient's rows);
+    - ``read``: the forward reads each row it selects at least once (``rows_read``, the distinct
+      rows; the "with reuse" floor of docs/kernels.md: ``read_all_selected_bytes``, every selection
+      read from HBM, is the floor without reuse across tokens, which the gather beats);
+    - ``gradient``: the backward writes the gradient's rows (RowAdam: the rows read; dense AdamW:
+      every row of the table; SparseAdam: the rows read);
     - ``update``: the value optimizer's bytes (``value_update``: read p, g, m, v; write p, m, v).
     """
     if "bytes" not in update:
         return {"error": "no value_update bytes"}
     m = model.memories()[0][2]
     es = m.values.element_size()
-    read = tokens * m.heads * m.topk * m.v_dim * es
+    read = update["rows_read"] * m.v_dim * es
     grad = update["rows"] * m.v_dim * es
     parts = {"read": read, "gradient": grad, "update": update["bytes"]}
     out = {f"{k}_bytes": v for k, v in parts.items()}
+    out["read_all_selected_bytes"] = tokens * m.heads * m.topk * m.v_dim * es
     out["floor_ms_at_4.2TBps"] = sum(parts.values()) / HBM_BYTES_PER_S * 1e3
     return out
 
@@ -458,7 +459,7 @@ def value_update(model, cfg, variant: str, batches, device, args) -> dict:
     if isinstance(opt, RowAdam):
         rg = opt.row_grad(table_)
         saved = (rg.touched.clone(), rg.count.clone(), rg.bound, rg.backwards)
-        rows = int(rg.touched.sum())
+        rows = rows_read = int(rg.touched.sum())
         es_g, es_m = table_.element_size(), 4
 
         def arm():
@@ -470,9 +471,10 @@ def value_update(model, cfg, variant: str, batches, device, args) -> dict:
         if grad.is_sparse:
             grad = grad.coalesce()
             table_.grad = grad
-            rows = grad.indices().shape[1]
+            rows = rows_read = grad.indices().shape[1]
         else:
             rows = N
+            rows_read = int((grad != 0).any(dim=1).sum())  # the rows the forward read (nonzero weights)
         es_g, es_m = table_.element_size(), (4 if value_optimizer == "sparse_adam" else es_p)
 
         def arm():
@@ -498,6 +500,7 @@ def value_update(model, cfg, variant: str, batches, device, args) -> dict:
     return {
         "ms": ms,
         "rows": rows,
+        "rows_read": rows_read,
         "num_slots": N,
         "v_dim": v,
         "bytes": bytes_moved,
