@@ -13,7 +13,9 @@ backward + optimizer step + ``zero_grad``, for:
   table in the fused AdamW: a dense gradient of every row, whatever the step read);
 - ``memory fp32 lazy_adam`` and ``memory bf16 lazy_adam``: the table in
   :class:`pkmem.optim.RowAdam` (the backward writes only the rows read; one kernel updates them),
-  the rest of the layer in the fused AdamW.
+  the rest of the layer in the fused AdamW;
+- ``memory fp32 sparse_adam``: ``sparse_values=True`` and ``torch.optim.SparseAdam`` for the table
+  (a sparse COO gradient of the rows read).
 
 ``device_ms``: the kernels' time per step (the sum of their durations in the profiler, mean over
 ``--steps`` steps after warm-up): what the step costs the GPU with no host in the way, as a CUDA
@@ -21,7 +23,7 @@ graph replay of it would (RowAdam's step keeps Python state between steps, so th
 not captured); ``vs_ffn``: that time over the FFN's. ``eager_ms``: one eager step between CUDA
 events (median; host-bound at small sizes: compare within one run). ``kernels``: the longest kernels
 of a step. ``params_updated`` / ``value_rows_updated`` / ``update_floor_ms_at_4.2TBps``: what one
-optimizer step updates (dense AdamW: every parameter; RowAdam: the value rows read) and the least
+optimizer step updates (dense AdamW: every parameter; RowAdam, SparseAdam: the value rows read) and the least
 time that update takes (read parameter, gradient and two moments, write parameter and moments, at
 4.2 TB/s).
 """
@@ -50,6 +52,7 @@ VARIANTS = {  # name: (memory, value dtype, value optimizer)
     "memory fp32 adamw": (True, torch.float32, "adamw"),
     "memory fp32 lazy_adam": (True, torch.float32, "lazy_adam"),
     "memory bf16 lazy_adam": (True, torch.bfloat16, "lazy_adam"),
+    "memory fp32 sparse_adam": (True, torch.float32, "sparse_adam"),
 }
 
 
@@ -69,7 +72,8 @@ def build(variant: str, device: torch.device, tiny: bool):
         if tiny
         else dict(heads=4, num_keys=512, topk=32, k_dim=512)
     )
-    module = ProductKeyMemory(dim, **sizes, value_dtype=dtype).to(device)
+    sparse = value_optimizer == "sparse_adam"  # a row-sparse gradient for torch.optim.SparseAdam
+    module = ProductKeyMemory(dim, **sizes, value_dtype=dtype, sparse_values=sparse).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = make_optimizer(module, lr=1e-3, value_lr=1e-3, value_optimizer=value_optimizer)
@@ -102,7 +106,7 @@ def make_step(module, opt, x, gy):
 def update_floor(module, opt, step_fwd_bwd) -> dict:
     """The parameters one optimizer step updates and the bytes it must move (each updated element:
     read p, g, m, v; write p, m, v), from one forward + backward: dense AdamW updates every
-    parameter with a gradient, RowAdam the value rows read."""
+    parameter with a gradient, RowAdam and SparseAdam the value rows read."""
     from pkmem.optim import RowAdam
 
     step_fwd_bwd()
@@ -111,16 +115,19 @@ def update_floor(module, opt, step_fwd_bwd) -> dict:
     rows = None
     for p in module.parameters():
         es = p.element_size()
-        if p.grad is not None:  # torch's AdamW: moments in the parameter's dtype
+        if p.grad is not None and p.grad.is_sparse:  # SparseAdam: the rows read, moments in p's dtype
+            rows = p.grad.coalesce().indices().shape[1]
+            params += rows * p.shape[1]
+            nbytes += rows * p.shape[1] * 7 * es
+        elif p.grad is not None:  # torch's AdamW: moments in the parameter's dtype
             params += p.numel()
             nbytes += p.numel() * (2 * es + p.grad.element_size() + 4 * es)
         for o in row_opts:
             if any(p is q for g in o.param_groups for q in g["params"]):
                 rows = int(o.row_grad(p).touched.sum())
                 params += rows * p.shape[1]
-                nbytes += (
-                    rows * p.shape[1] * (3 * es + 16)
-                )  # gradient rows in the table's dtype, fp32 moments
+                # gradient rows in the table's dtype, float32 moments
+                nbytes += rows * p.shape[1] * (3 * es + 16)
     opt.zero_grad(set_to_none=True)
     return {"params_updated": params, "value_rows_updated": rows, "update_bytes": nbytes}
 

@@ -25,7 +25,13 @@ def test_small_step_benchmark_smoke(tmp_path):
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    names = ["ffn", "memory fp32 adamw", "memory fp32 lazy_adam", "memory bf16 lazy_adam"]
+    names = [
+        "ffn",
+        "memory fp32 adamw",
+        "memory fp32 lazy_adam",
+        "memory bf16 lazy_adam",
+        "memory fp32 sparse_adam",
+    ]
     assert [(r["tokens"], r["variant"]) for r in rows] == [(t, v) for t in (8, 24) for v in names]
     for t in (8, 24):
         ffn = next(r for r in rows if r["tokens"] == t and r["variant"] == "ffn")
@@ -44,6 +50,10 @@ def test_small_step_benchmark_smoke(tmp_path):
         assert 0 < lazy["value_rows_updated"] <= min(16 * 16, t * 2 * 4)
         assert lazy["params_updated"] == dense - 16 * 16 * 64 + lazy["value_rows_updated"] * 64
         assert lazy["update_floor_ms_at_4.2TBps"] == pytest.approx(lazy["update_bytes"] / 4.2e12 * 1e3)
+        sparse = by[(t, "memory fp32 sparse_adam")]  # the same rows read (same weights and input)
+        assert sparse["value_rows_updated"] == lazy["value_rows_updated"]
+        assert sparse["params_updated"] == lazy["params_updated"]
+        assert sparse["update_bytes"] == lazy["update_bytes"]  # fp32: 28 bytes per element for both
     assert "vs FFN" in res.stdout
 
 
