@@ -23,7 +23,8 @@ graph replay of it would (RowAdam's step keeps Python state between steps, so th
 not captured); ``vs_ffn``: that time over the FFN's. ``eager_ms``: one eager step between CUDA
 events (median; host-bound at small sizes: compare within one run). ``kernels``: the longest kernels
 of a step. ``params_updated`` / ``value_rows_updated`` / ``update_floor_ms_at_4.2TBps``: what one
-optimizer step updates (dense AdamW: every parameter; RowAdam, SparseAdam: the value rows read) and the least
+optimizer step updates (dense AdamW: every parameter; RowAdam, SparseAdam: the value rows read,
+and the fused AdamW the layer's other parameters) and the least
 time that update takes (read parameter, gradient and two moments, write parameter and moments, at
 4.2 TB/s).
 """
