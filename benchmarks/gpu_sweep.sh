@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks and GPU tests in one command, on one GPU:
-#   bash benchmarks/gpu_sweep.sh [tests] [kernels] [layer] [model] [decode] [timeline]   (default: all)
+#   bash benchmarks/gpu_sweep.sh [tests] [kernels] [layer] [model] [decode] [timeline]   (default: these six)
+#   bash benchmarks/gpu_sweep.sh train small     (the training step of both presets, 3 rounds of enwik8-small;
+#                                                 one layer's step against the FFN's: ~8 min, not in the default)
 # Each benchmark writes <name>-<gpu>.json and a log to $OUT (default ./gpu-out); copy the JSON over
 # benchmarks/results/ to update the committed results. The layer and model benchmarks measure the
 # library's default kernel configs (kernels.py sweeps the alternatives). Wheels of product-key-memory 0.3.0 and its pure-python dependencies are
@@ -28,7 +30,14 @@ for s in $steps; do
     model) timeout 100 python3 benchmarks/model.py --out "$OUT/model-$gpu.json" 2>&1 | tee "$OUT/model.log" | tail -15 ;;
     decode) timeout 150 python3 benchmarks/decode.py --out "$OUT/decode-$gpu.json" 2>&1 | tee "$OUT/decode.log" | tail -10 ;;
     timeline) timeout 120 python3 benchmarks/timeline.py --out "$OUT/timeline-$gpu.json" 2>&1 | tee "$OUT/timeline.log" | grep "===" ;;
-    *) echo "unknown step $s (steps: tests kernels layer model decode timeline)" ;;
+    train)
+      v="no memory,adamw fp32,sparse_adam fp32,lazy_adam fp32,lazy_adam bf16"
+      timeout 240 python3 benchmarks/train_step.py --presets enwik8-small --variants "$v" --steps 30 --rounds 3 \
+        --out "$OUT/train_step-enwik8-small-rounds-$gpu.json" 2>&1 | tee "$OUT/train_small.log" | tail -8
+      timeout 250 python3 benchmarks/train_step.py --presets paper-12l-1024 --variants "$v" \
+        --out "$OUT/train_step-paper-12l-1024-$gpu.json" 2>&1 | tee "$OUT/train_paper.log" | tail -8 ;;
+    small) timeout 120 python3 benchmarks/small_step.py --out "$OUT/small_step-$gpu.json" 2>&1 | tee "$OUT/small_step.log" | tail -18 ;;
+    *) echo "unknown step $s (steps: tests kernels layer model decode timeline train small)" ;;
   esac
 done
 echo "=== done ($(date +%T))"
