@@ -788,3 +788,38 @@ def test_value_betas():
     assert opt.optimizers[-1].param_groups[0]["betas"] == (0.5, 0.6)
     with pytest.raises(ValueError, match="value_betas"):
         make_optimizer(Model(), lr=1e-3, value_betas=(0.5, 1.0))
+
+
+@pytest.mark.parametrize("unscale", [False, True])
+def test_grad_scaler_with_row_adam_in_make_optimizer_is_refused(unscale):
+    """make_optimizer(value_optimizer="lazy_adam") wraps a RowAdam in a MultiOptimizer: GradScaler
+    would unscale and inf-check only ``.grad`` and then step the loss-scaled rows unchecked; the
+    step is refused with a clear error instead, and a plain step works afterwards."""
+    model = Model()
+    opt = make_optimizer(model, lr=1e-3, value_optimizer="lazy_adam")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(1))
+    scaler.scale(model(x).square().mean()).backward()
+    if unscale:
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="MultiOptimizer holding a RowAdam does not support GradScaler"):
+        scaler.step(opt)
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+    before = model.mem3.values.detach().clone()
+    opt.step()
+    assert not torch.equal(model.mem3.values.detach(), before)
+
+
+def test_grad_scaler_with_multi_optimizer_without_row_adam_still_steps():
+    """AdamW + SparseAdam (no RowAdam): GradScaler unscales every ``.grad`` and steps as usual."""
+    model = Model(sparse=True)
+    opt = make_optimizer(model, lr=1e-3, value_optimizer="adamw")
+    assert isinstance(opt, MultiOptimizer) and not getattr(opt, "_step_supports_amp_scaling", False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(1))
+    scaler.scale(model(x).square().mean()).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -160,6 +160,26 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
+def _holds_row_adam(optimizer: torch.optim.Optimizer) -> bool:
+    inner = getattr(optimizer, "optimizers", None)
+    if isinstance(optimizer, MultiOptimizer) and inner is not None:
+        return any(_holds_row_adam(o) for o in inner)
+    return isinstance(optimizer, RowAdam)
+
+
+def _refuse_grad_scaler(optimizer: torch.optim.Optimizer, what: str) -> None:
+    """The error for a step driven by ``torch.amp.GradScaler``, after removing the attributes it set
+    (it removes them only after a step that returns)."""
+    for name in ("grad_scale", "found_inf"):
+        optimizer.__dict__.pop(name, None)
+    raise RuntimeError(
+        f"{type(optimizer).__name__}.step() was driven by torch.amp.GradScaler: {what} does not "
+        "support GradScaler: its unscaling and inf checks read .grad, which RowAdam's gradient rows "
+        "bypass, so they would be applied loss-scaled and unchecked; train in bfloat16 autocast (no "
+        "scaler needed) or with value_optimizer='adamw'"
+    )
+
+
 class MultiOptimizer(torch.optim.Optimizer):
     """Several optimizers stepped as one (e.g. AdamW for dense parameters, SparseAdam for sparse values).
 
@@ -179,6 +199,11 @@ class MultiOptimizer(torch.optim.Optimizer):
         self._building = True
         super().__init__([g for o in self.optimizers for g in o.param_groups], {})
         self._building = False
+        if _holds_row_adam(self):
+            # torch.amp.GradScaler then hands its scale to step() instead of unscaling .grad and
+            # stepping: step() refuses it (RowAdam's rows bypass .grad: they would stay loss-scaled
+            # and unchecked for inf); pkmem's StepGuard steps the wrapped optimizers, not this flag
+            self._step_supports_amp_scaling = True
 
     def _sync_groups(self) -> None:
         self.param_groups = [g for o in self.optimizers for g in o.param_groups]
@@ -198,6 +223,8 @@ class MultiOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Step every wrapped optimizer; ``closure`` (if any) is evaluated once, with grad enabled."""
+        if "grad_scale" in self.__dict__:  # torch.amp.GradScaler.step(self): see __init__
+            _refuse_grad_scaler(self, "a MultiOptimizer holding a RowAdam")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -404,14 +431,10 @@ class RowAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
-        if getattr(self, "grad_scale", None) is not None:
-            for name in ("grad_scale", "found_inf"):  # GradScaler removes them only after a step
-                self.__dict__.pop(name, None)
-            raise RuntimeError(
-                "RowAdam.step() was given a grad_scale (torch.amp.GradScaler): RowAdam does not support "
-                "GradScaler, whose unscaling and inf checks read .grad, which RowAdam's gradient rows "
-                "bypass; train in bfloat16 autocast (no scaler needed) or with value_optimizer='adamw'"
-            )
+        # GradScaler sets grad_scale (None after its unscale_(), which skipped the rows) with found_inf;
+        # StepGuard sets found_inf alone
+        if "grad_scale" in self.__dict__:
+            _refuse_grad_scaler(self, "RowAdam")
         if found_inf is not None and not isinstance(found_inf, torch.Tensor):
             raise RuntimeError(
                 f"RowAdam.step(): found_inf={found_inf!r} is not allowed: it must be a one-element tensor"
@@ -556,6 +579,9 @@ def make_optimizer(
       backward writes only the rows read and one fused kernel updates them; lazy leaves untouched
       rows alone (the paper's sparse updates), exact equals dense AdamW;
     - ``"sparse_adam"``: ``torch.optim.SparseAdam`` (every table needs ``sparse_values=True``).
+
+    With ``"lazy_adam"`` / ``"exact_adam"`` a step driven by ``torch.amp.GradScaler`` raises (its
+    unscaling and inf checks read ``.grad``, which the rows bypass): train in bfloat16 autocast.
 
     Returns the AdamW alone when it holds every parameter, else a :class:`MultiOptimizer` (AdamW,
     then the value optimizer) whose value group is also named ``"values"``. SparseAdam has no weight

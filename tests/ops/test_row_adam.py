@@ -373,6 +373,13 @@ def test_grad_scaler_is_refused_with_a_clear_error(kernels, device):
     with pytest.raises(RuntimeError, match="RowAdam does not support GradScaler"):
         scaler.step(opt)
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+    # after scaler.unscale_() (which skipped the rows: nothing in .grad), the same error
+    scaler = torch.amp.GradScaler(device.type)
+    scaler.scale(torch.ones((), device=device))
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="RowAdam does not support GradScaler"):
+        scaler.step(opt)
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
     before = table.detach().clone()
     opt.step()  # the rows are still pending: a plain step takes them
     assert not torch.equal(table.detach(), before)

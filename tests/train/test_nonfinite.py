@@ -72,6 +72,23 @@ def test_a_non_finite_step_changes_nothing(values, on_device):
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
 
 
+def test_a_nested_multi_optimizer_skips_its_rows_too():
+    """A MultiOptimizer inside a MultiOptimizer: the guard reaches the innermost optimizers (the
+    RowAdam takes the flag), so a non-finite step changes nothing there either."""
+    from pkmem.optim import MultiOptimizer
+
+    model = _model(False)
+    inner = make_optimizer(model, 1e-2, value_lr=1e-1, value_optimizer="lazy_adam")
+    opt = MultiOptimizer(inner)
+    guard = StepGuard(opt, on_device=True)
+    assert _guarded_step(model, opt, guard, 0, poison=False)
+    before = _snapshot(model, inner)
+    assert not _guarded_step(model, opt, guard, 1, poison=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, inner)))
+    assert _guarded_step(model, opt, guard, 2, poison=False)
+    assert not all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, inner)))
+
+
 def test_an_optimizer_without_found_inf_is_restored():
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

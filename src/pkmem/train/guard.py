@@ -46,7 +46,10 @@ def finite_flag(*values: torch.Tensor) -> torch.Tensor:
 
 
 def _leaves(optimizer) -> list[torch.optim.Optimizer]:
-    return list(optimizer.optimizers) if isinstance(optimizer, MultiOptimizer) else [optimizer]
+    """The optimizers that step parameters (a MultiOptimizer's, nested ones flattened)."""
+    if isinstance(optimizer, MultiOptimizer):
+        return [leaf for o in optimizer.optimizers for leaf in _leaves(o)]
+    return [optimizer]
 
 
 def _use_fused(opt: torch.optim.Optimizer) -> bool:
