@@ -5,6 +5,7 @@ sharded over N.
     python benchmarks/distributed.py --device cpu --nproc 2 --capacity-keys 16,32   # 2 CPU processes, tiny
     python benchmarks/distributed.py --device cuda --nproc 2 --only throughput      # 2 GPUs (NCCL)
     python benchmarks/distributed.py --device cuda --nproc 2 --only capacity
+    python benchmarks/distributed.py --device cuda --nproc 2 --only resume --resume-steps 100
 
 It starts its own ranks, as torchrun does (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``), so that 1 and N ranks are measured side by side in one run:
@@ -27,6 +28,12 @@ It starts its own ranks, as torchrun does (``RANK``, ``WORLD_SIZE``, ``LOCAL_RAN
 - ``capacity`` (``--capacity-keys``): for 1 and N ranks, memories of growing ``num_keys`` (values
   zero-initialised: the same memory, no time spent drawing) train ``--capacity-steps`` steps or
   fail (out of memory); each attempt in fresh processes, stopping at the first failure.
+- ``resume`` (``--resume-steps S``): ``pkmem train`` runs of 2 S steps with a checkpoint at S, one
+  on N ranks (value tables sharded by the first sharded ``--modes`` layout, else replicated) and
+  one in one process; each run's checkpoint at S is then resumed on the other world size for the
+  last S steps. The resumed losses against the uninterrupted run's at the same steps, beside the
+  two uninterrupted runs' own difference (1 vs N ranks: the run-to-run noise of the world size).
+  Data: ``--resume-data`` (``stdlib``, or a path to enwik8).
 
 On CPUs the numbers show that the code runs (2 processes sharing the machine's cores), not speed.
 Writes ``benchmarks/results/distributed[-<part>]-<cpu|gpu>x<N>.json`` (or ``--out``).
@@ -40,6 +47,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import sys
@@ -322,6 +330,101 @@ def _capacity(name: str, overrides: list[str], num_keys: int, device_name: str, 
     }
 
 
+def _train_run(name: str, overrides: list[str], spec: tuple, device_name: str, args) -> dict:
+    """A ``pkmem train`` run (``spec = ("train", run_dir, mode)``) or its resumption
+    (``("resume", run_dir, mode)``) on this launch's ranks, as ``torchrun -m pkmem train`` runs it."""
+    import pkmem.train.loop as loop
+
+    kind, run_dir, mode = spec
+    par = _PAR
+    extra = ["shard_values=true", f"shard_layout={mode}"] if par.distributed and mode != "replicated" else []
+    t0 = time.perf_counter()
+    if kind == "train":
+        loop.train(_config(name, overrides, mode, device_name), run_dir, progress=False, log=_quiet)
+    else:
+        loop.resume(run_dir, [*overrides, f"device={device_name}", *extra], progress=False, log=_quiet)
+    return {"part": "resume", "kind": kind, "run": run_dir, "world_size": par.world_size,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r.get("type") == "train"}
+
+
+def _keep_checkpoint(run_dir: Path, step: int) -> None:
+    """Keep the run's checkpoint of ``step`` alone (a resumption then starts from it)."""
+    from pkmem.train import checkpoint as ckpt_lib
+
+    for ck in ckpt_lib.list_checkpoints(run_dir):
+        if ck.name != f"step_{step:09d}":
+            shutil.rmtree(ck)
+
+
+def _resume_part(config: str, overrides: list[str], mode: str, args) -> dict:
+    """Saved on N ranks and resumed in one process, and the reverse, against uninterrupted runs."""
+    S, N = args.resume_steps, args.nproc
+    root = Path(tempfile.mkdtemp(prefix="pkmem-resume-"))
+    data = (
+        ["data=stdlib"] if args.resume_data == "stdlib" else ["data=enwik8", f"data_path={args.resume_data}"]
+    )
+    common = [*overrides, *data, f"cache_dir={root / 'cache'}", f"max_steps={2 * S}", f"ckpt_every={S}"]
+    common += [
+        "log_every=1",
+        "eval_every=0",
+        "final_eval_tokens=4096",
+        "max_time_s=null",
+        "keep_checkpoints=2",
+    ]
+    out: dict = {"config": config, "steps": S, "mode_on_n_ranks": mode, "world_size": N, "data": data}
+    try:
+        steps = [
+            (N, [("resume", config, common, ("train", str(root / "ref_n"), mode))]),
+            (1, [("resume", config, common, ("train", str(root / "ref_1"), "replicated"))]),
+        ]
+        for world, jobs in steps:
+            rows, error = _launch(world, jobs, args, args.timeout)
+            if error:
+                return {**out, "error": f"training on {world} rank(s): {error}"}
+        for src, dst in (("ref_n", "n_to_1"), ("ref_1", "one_to_n")):
+            shutil.copytree(root / src, root / dst)
+            _keep_checkpoint(root / dst, S)
+        resumed = [
+            (1, [("resume", config, [f"max_steps={2 * S}"], ("resume", str(root / "n_to_1"), "replicated"))]),
+            (N, [("resume", config, [f"max_steps={2 * S}"], ("resume", str(root / "one_to_n"), mode))]),
+        ]
+        for world, jobs in resumed:
+            rows, error = _launch(world, jobs, args, args.timeout)
+            if error:
+                return {**out, "error": f"resuming on {world} rank(s): {error}"}
+        ref_n, ref_1 = _train_losses(root / "ref_n"), _train_losses(root / "ref_1")
+        later = list(range(S + 1, 2 * S + 1))
+        spread = max(abs(ref_n[t] - ref_1[t]) for t in range(1, 2 * S + 1))
+        for name, run, ref, what in (
+            ("n_to_1", "n_to_1", ref_n, f"saved on {N} ranks, resumed in one process"),
+            ("one_to_n", "one_to_n", ref_1, f"saved in one process, resumed on {N} ranks"),
+        ):
+            got = _train_losses(root / run)
+            diffs = [abs(got[t] - ref[t]) for t in later]
+            out[name] = {
+                "what": what,
+                "resumed_losses": [got[t] for t in later],
+                "uninterrupted_losses": [ref[t] for t in later],
+                "max_abs_diff": max(diffs),
+                "mean_abs_diff": statistics.fmean(diffs),
+            }
+        out["uninterrupted_1_vs_n_max_abs_diff"] = spread
+        out["uninterrupted_losses"] = {"n_ranks": [ref_n[t] for t in sorted(ref_n)],
+                                       "one": [ref_1[t] for t in sorted(ref_1)]}  # fmt: skip
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 _PAR = None
 
 
@@ -347,6 +450,8 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple], args, out: s
                 rows.append(_throughput(name, overrides, extra, args.device, args))
             elif kind == "read":
                 rows.append(_read(name, overrides, extra, args.device, args))
+            elif kind == "resume":
+                rows.append(_train_run(name, overrides, extra, args.device, args))
             else:
                 rows.append(_capacity(name, overrides, extra, args.device, args))
             gc.collect()  # the job's model and optimizer
@@ -443,7 +548,18 @@ def main(argv: list[str] | None = None) -> int:
         "--capacity-config", default=None, help="preset of the capacity runs (default: the last config)"
     )
     p.add_argument("--capacity-steps", type=int, default=3)
-    p.add_argument("--only", choices=["read", "throughput", "capacity"], help="run one part")
+    p.add_argument(
+        "--resume-steps",
+        type=int,
+        help="S: save at step S on N ranks / one, resume on the other to 2 S (cpu 3, cuda 100; 0: off)",
+    )
+    p.add_argument(
+        "--resume-data", default="stdlib", help="data of the resume runs: stdlib or an enwik8 path"
+    )
+    p.add_argument(
+        "--resume-config", default=None, help="preset of the resume runs (default: the first config)"
+    )
+    p.add_argument("--only", choices=["read", "throughput", "capacity", "resume"], help="run one part")
     p.add_argument("--timeout", type=float, default=540, help="seconds per launch of the ranks")
     p.add_argument("--out", help="JSON file (default benchmarks/results/distributed-<cpu|gpu>.json)")
     args = p.parse_args(argv)
@@ -465,6 +581,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     capacity_keys = [int(k) for k in keys_text.split(",") if k.strip()]
     capacity_config = args.capacity_config or ("paper-12l-1024" if cuda else configs[-1])
+    args.resume_steps = args.resume_steps if args.resume_steps is not None else (100 if cuda else 3)
+    if args.resume_steps < 0:
+        p.error(f"--resume-steps={args.resume_steps} is not allowed: it must be an int >= 0")
+    if args.resume_data != "stdlib" and not Path(args.resume_data).exists():
+        p.error(
+            f"--resume-data={args.resume_data!r} is not allowed: give 'stdlib' or an existing enwik8 file"
+        )
+    resume_config = args.resume_config or configs[0]
 
     env = _environment(args.device, args.nproc)
     result = {
@@ -474,10 +598,11 @@ def main(argv: list[str] | None = None) -> int:
         "read": [],
         "throughput": [],
         "capacity": [],
+        "resume": None,
     }
     t_start = time.perf_counter()
     # throughput: one launch per world size, every config and mode in it
-    for world in (1, args.nproc) if args.only != "capacity" else ():
+    for world in (1, args.nproc) if args.only in (None, "read", "throughput") else ():
         layouts = [m for m in modes if m != "replicated"] if world > 1 else ["whole"]
         jobs = [("read", c, overrides, m) for c in configs for m in layouts if args.only in (None, "read")]
         jobs += [
@@ -513,6 +638,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             if error:
                 break
+    if args.resume_steps and args.only in (None, "resume"):
+        sharded = [m for m in modes if m != "replicated"]
+        result["resume"] = _resume_part(
+            resume_config, overrides, sharded[0] if sharded else "replicated", args
+        )
+        print(json.dumps(result["resume"])[:400], flush=True)
     result["wall_s"] = time.perf_counter() - t_start
 
     rows = [
@@ -529,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" not in r
     ]
     head = ["config", "ranks", "value tables", "tokens/s", "vs 1 rank", "value MiB/rank", "MiB sent/step"]
-    print(table(rows, head))
+    if rows:
+        print(table(rows, head))
     reads = [
         [
             r["config"],
@@ -542,10 +674,22 @@ def main(argv: list[str] | None = None) -> int:
         for r in result["read"]
     ]
     head = ["config", "ranks", "read of the table", "ms fwd+bwd (min)", "local gather ms (min)", "MiB sent"]
-    print(table(reads, head))
+    if reads:
+        print(table(reads, head))
     for r in result["capacity"]:
         state = "trained" if r["trained"] else f"failed: {r.get('error', '')[:80]}"
         print(f"capacity: {r['config']} num_keys={r['num_keys']} on {r['world_size']} rank(s): {state}")
+    res = result["resume"]
+    if res and "error" not in res:
+        for key in ("n_to_1", "one_to_n"):
+            r = res[key]
+            print(
+                f"resume: {r['what']}: steps {res['steps'] + 1}-{2 * res['steps']} differ from the "
+                f"uninterrupted run's by at most {r['max_abs_diff']:.2e} (1 vs {res['world_size']} ranks "
+                f"uninterrupted: {res['uninterrupted_1_vs_n_max_abs_diff']:.2e})"
+            )
+    elif res:
+        print(f"resume: {res['error']}")
     part = f"-{args.only}" if args.only else ""
     out = args.out or f"benchmarks/results/distributed{part}-{_slug(env)}.json"
     write_json(out, result)
