@@ -35,6 +35,8 @@ It starts its own ranks, as torchrun does (``RANK``, ``WORLD_SIZE``, ``LOCAL_RAN
   two uninterrupted runs' own difference (1 vs N ranks: the run-to-run noise of the world size).
   Data: ``--resume-data`` (``stdlib``, or a path to enwik8).
 
+Every part runs unless ``--only`` names one (``--resume-steps 0`` leaves the resume part out).
+
 On CPUs the numbers show that the code runs (2 processes sharing the machine's cores), not speed.
 Writes ``benchmarks/results/distributed[-<part>]-<cpu|gpu>x<N>.json`` (or ``--out``).
 """
@@ -390,8 +392,15 @@ def _resume_part(config: str, overrides: list[str], mode: str, args) -> dict:
             rows, error = _launch(world, jobs, args, args.timeout)
             if error:
                 return {**out, "error": f"training on {world} rank(s): {error}"}
+        keep = f"step_{S:09d}"
+
+        def other_checkpoints(folder, names):  # copy a run with its checkpoint of step S alone
+            if Path(folder).name != "checkpoints":
+                return []
+            return [n for n in names if n.startswith("step_") and n != keep]
+
         for src, dst in (("ref_n", "n_to_1"), ("ref_1", "one_to_n")):
-            shutil.copytree(root / src, root / dst)
+            shutil.copytree(root / src, root / dst, ignore=other_checkpoints)
             _keep_checkpoint(root / dst, S)
         resumed = [
             (1, [("resume", config, [f"max_steps={2 * S}"], ("resume", str(root / "n_to_1"), "replicated"))]),
@@ -401,28 +410,35 @@ def _resume_part(config: str, overrides: list[str], mode: str, args) -> dict:
             rows, error = _launch(world, jobs, args, args.timeout)
             if error:
                 return {**out, "error": f"resuming on {world} rank(s): {error}"}
-        ref_n, ref_1 = _train_losses(root / "ref_n"), _train_losses(root / "ref_1")
-        later = list(range(S + 1, 2 * S + 1))
-        spread = max(abs(ref_n[t] - ref_1[t]) for t in range(1, 2 * S + 1))
-        for name, run, ref, what in (
-            ("n_to_1", "n_to_1", ref_n, f"saved on {N} ranks, resumed in one process"),
-            ("one_to_n", "one_to_n", ref_1, f"saved in one process, resumed on {N} ranks"),
-        ):
-            got = _train_losses(root / run)
-            diffs = [abs(got[t] - ref[t]) for t in later]
-            out[name] = {
-                "what": what,
-                "resumed_losses": [got[t] for t in later],
-                "uninterrupted_losses": [ref[t] for t in later],
-                "max_abs_diff": max(diffs),
-                "mean_abs_diff": statistics.fmean(diffs),
-            }
-        out["uninterrupted_1_vs_n_max_abs_diff"] = spread
-        out["uninterrupted_losses"] = {"n_ranks": [ref_n[t] for t in sorted(ref_n)],
-                                       "one": [ref_1[t] for t in sorted(ref_1)]}  # fmt: skip
-        return out
+        return _compare(root, out, S, N)
+    except Exception as e:  # the other parts' results are still written
+        return {**out, "error": f"{type(e).__name__}: {e}"}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _compare(root: Path, out: dict, S: int, N: int) -> dict:
+    """The resumed runs' losses of steps S+1..2S against the uninterrupted runs'."""
+    ref_n, ref_1 = _train_losses(root / "ref_n"), _train_losses(root / "ref_1")
+    later = list(range(S + 1, 2 * S + 1))
+    spread = max(abs(ref_n[t] - ref_1[t]) for t in range(1, 2 * S + 1))
+    for name, run, ref, what in (
+        ("n_to_1", "n_to_1", ref_n, f"saved on {N} ranks, resumed in one process"),
+        ("one_to_n", "one_to_n", ref_1, f"saved in one process, resumed on {N} ranks"),
+    ):
+        got = _train_losses(root / run)
+        diffs = [abs(got[t] - ref[t]) for t in later]
+        out[name] = {
+            "what": what,
+            "resumed_losses": [got[t] for t in later],
+            "uninterrupted_losses": [ref[t] for t in later],
+            "max_abs_diff": max(diffs),
+            "mean_abs_diff": statistics.fmean(diffs),
+        }
+    out["uninterrupted_1_vs_n_max_abs_diff"] = spread
+    out["uninterrupted_losses"] = {"n_ranks": [ref_n[t] for t in sorted(ref_n)],
+                                   "one": [ref_1[t] for t in sorted(ref_1)]}  # fmt: skip
+    return out
 
 
 _PAR = None
@@ -582,12 +598,16 @@ def main(argv: list[str] | None = None) -> int:
     capacity_keys = [int(k) for k in keys_text.split(",") if k.strip()]
     capacity_config = args.capacity_config or ("paper-12l-1024" if cuda else configs[-1])
     args.resume_steps = args.resume_steps if args.resume_steps is not None else (100 if cuda else 3)
-    if args.resume_steps < 0:
-        p.error(f"--resume-steps={args.resume_steps} is not allowed: it must be an int >= 0")
-    if args.resume_data != "stdlib" and not Path(args.resume_data).exists():
-        p.error(
-            f"--resume-data={args.resume_data!r} is not allowed: give 'stdlib' or an existing enwik8 file"
-        )
+    if args.resume_steps < 0 or (args.only == "resume" and args.resume_steps == 0):
+        least = 1 if args.only == "resume" else 0
+        p.error(f"--resume-steps={args.resume_steps} is not allowed: it must be an int >= {least}")
+    if args.resume_steps and args.only in (None, "resume"):
+        if args.nproc < 2:
+            p.error(f"--nproc {args.nproc} is not allowed with the resume part: it compares 1 rank with >= 2")
+        if args.resume_data != "stdlib" and not Path(args.resume_data).exists():
+            p.error(
+                f"--resume-data={args.resume_data!r} is not allowed: give 'stdlib' or an existing enwik8 file"
+            )
     resume_config = args.resume_config or configs[0]
 
     env = _environment(args.device, args.nproc)

@@ -176,7 +176,7 @@ def _refuse_grad_scaler(optimizer: torch.optim.Optimizer, what: str) -> None:
         f"{type(optimizer).__name__}.step() was driven by torch.amp.GradScaler: {what} does not "
         "support GradScaler: its unscaling and inf checks read .grad, which RowAdam's gradient rows "
         "bypass, so they would be applied loss-scaled and unchecked; train in bfloat16 autocast (no "
-        "scaler needed) or with value_optimizer='adamw'"
+        "scaler needed), or with value_optimizer='adamw' or 'sparse_adam' where a scaler is needed"
     )
 
 

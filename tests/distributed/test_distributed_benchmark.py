@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -31,7 +33,22 @@ def test_resume_part_across_world_sizes(tmp_path):
     assert "resume: saved on 2 ranks, resumed in one process" in res.stdout
 
 
-def test_resume_steps_refused():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--resume-steps", "-1"]
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--resume-steps", "-1"], "--resume-steps=-1 is not allowed: it must be an int >= 0"),
+        (
+            ["--only", "resume", "--resume-steps", "0"],
+            "--resume-steps=0 is not allowed: it must be an int >= 1",
+        ),
+        (["--only", "resume", "--nproc", "1"], "--nproc 1 is not allowed with the resume part"),
+        (
+            ["--only", "resume", "--resume-data", "no/such/enwik8"],
+            "--resume-data='no/such/enwik8' is not allowed",
+        ),
+    ],
+)
+def test_resume_arguments_refused(args, message):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distributed.py"), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "--resume-steps=-1 is not allowed" in res.stderr
+    assert res.returncode != 0 and message in res.stderr, res.stderr
