@@ -7,7 +7,9 @@
 # benchmarks/results/ to update the committed results. The layer and model benchmarks measure the
 # library's default kernel configs (kernels.py sweeps the alternatives). Wheels of product-key-memory 0.3.0 and its pure-python dependencies are
 # installed from .whl/ if present (for machines without a package index; the layer and model
-# benchmarks compare against it).
+# benchmarks compare against it). The train and small steps need pkmem[train]'s omegaconf (and its
+# antlr4-python3-runtime): on a GPU image without them, put their wheels in .whl/ too
+# (`pip download --no-deps -d .whl omegaconf==2.3.0`; `pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3`).
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
