@@ -358,15 +358,6 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r.get("type") == "train"}
 
 
-def _keep_checkpoint(run_dir: Path, step: int) -> None:
-    """Keep the run's checkpoint of ``step`` alone (a resumption then starts from it)."""
-    from pkmem.train import checkpoint as ckpt_lib
-
-    for ck in ckpt_lib.list_checkpoints(run_dir):
-        if ck.name != f"step_{step:09d}":
-            shutil.rmtree(ck)
-
-
 def _resume_part(config: str, overrides: list[str], mode: str, args) -> dict:
     """Saved on N ranks and resumed in one process, and the reverse, against uninterrupted runs."""
     S, N = args.resume_steps, args.nproc
@@ -401,7 +392,6 @@ def _resume_part(config: str, overrides: list[str], mode: str, args) -> dict:
 
         for src, dst in (("ref_n", "n_to_1"), ("ref_1", "one_to_n")):
             shutil.copytree(root / src, root / dst, ignore=other_checkpoints)
-            _keep_checkpoint(root / dst, S)
         resumed = [
             (1, [("resume", config, [f"max_steps={2 * S}"], ("resume", str(root / "n_to_1"), "replicated"))]),
             (N, [("resume", config, [f"max_steps={2 * S}"], ("resume", str(root / "one_to_n"), mode))]),

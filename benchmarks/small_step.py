@@ -45,8 +45,8 @@ from torch import nn
 # shadow an installed package
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
-from common import table, write_json  # noqa: E402
-from train_step import busy_ms, environment  # noqa: E402
+from common import cuda_time, table, write_json  # noqa: E402
+from train_step import HBM_BYTES_PER_S, adam_bytes, busy_ms, environment  # noqa: E402
 
 VARIANTS = {  # name: (memory, value dtype, value optimizer)
     "ffn": (False, None, None),
@@ -81,27 +81,21 @@ def build(variant: str, device: torch.device, tiny: bool):
     return module, opt, dim
 
 
-class _NoStep:
-    """An optimizer stand-in whose step and zero_grad do nothing (a forward + backward alone)."""
-
-    def step(self):
-        pass
-
-    def zero_grad(self, set_to_none=True):
-        pass
-
-
 def make_step(module, opt, x, gy):
+    """``(step, forward_backward)``: the whole training step, and its forward + backward alone."""
     dev = x.device.type
 
-    def step(_marks=None):
+    def forward_backward():
         with torch.autocast(dev, dtype=torch.bfloat16):
             y = module(x)
         y.backward(gy)
+
+    def step(_marks=None):
+        forward_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return step, forward_backward
 
 
 def update_floor(module, opt, step_fwd_bwd) -> dict:
@@ -119,16 +113,16 @@ def update_floor(module, opt, step_fwd_bwd) -> dict:
         if p.grad is not None and p.grad.is_sparse:  # SparseAdam: the rows read, moments in p's dtype
             rows = p.grad.coalesce().indices().shape[1]
             params += rows * p.shape[1]
-            nbytes += rows * p.shape[1] * 7 * es
+            nbytes += adam_bytes(rows * p.shape[1], es, es, es)
         elif p.grad is not None:  # torch's AdamW: moments in the parameter's dtype
             params += p.numel()
-            nbytes += p.numel() * (2 * es + p.grad.element_size() + 4 * es)
+            nbytes += adam_bytes(p.numel(), es, p.grad.element_size(), es)
         for o in row_opts:
             if any(p is q for g in o.param_groups for q in g["params"]):
                 rows = int(o.row_grad(p).touched.sum())
                 params += rows * p.shape[1]
                 # gradient rows in the table's dtype, float32 moments
-                nbytes += rows * p.shape[1] * (3 * es + 16)
+                nbytes += adam_bytes(rows * p.shape[1], es, es, 4)
     opt.zero_grad(set_to_none=True)
     return {"params_updated": params, "value_rows_updated": rows, "update_bytes": nbytes}
 
@@ -139,25 +133,16 @@ def measure(variant: str, tokens: int, device: torch.device, args) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(tokens, dim, generator=g).to(device).requires_grad_()
     gy = torch.randn(tokens, dim, generator=g).to(device)
-    step = make_step(module, opt, x, gy)
+    step, forward_backward = make_step(module, opt, x, gy)
     for _ in range(args.warmup):
         step()
     row = {"variant": variant, "tokens": tokens}
-    row.update(update_floor(module, opt, lambda: make_step(module, _NoStep(), x, gy)()))
-    row["update_floor_ms_at_4.2TBps"] = row["update_bytes"] / 4.2e12 * 1e3
+    row.update(update_floor(module, opt, forward_backward))
+    row["update_floor_ms_at_4.2TBps"] = row["update_bytes"] / HBM_BYTES_PER_S * 1e3
     if device.type == "cuda":
         busy = busy_ms(step, device, args.steps, top=10)
         row["device_ms"], row["kernels"] = busy
-        times = []
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        row["eager_ms"] = statistics.median(times)
+        row["eager_ms"] = cuda_time(step, iters=args.steps, warmup=0)["median_ms"]
     else:  # on a CPU the host is the device
         times = []
         for _ in range(args.steps):

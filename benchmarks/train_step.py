@@ -405,6 +405,12 @@ def measure_variant(preset: str, variant: str, device, args, compiled: bool = Fa
     return row
 
 
+def adam_bytes(elements: int, es_p: int, es_g: int, es_m: int) -> int:
+    """The bytes an Adam(W) update of ``elements`` moves at least: read the parameter, its gradient
+    and two moments, write the parameter and the moments (element sizes in bytes)."""
+    return elements * (2 * es_p + es_g + 4 * es_m)
+
+
 def table_floor(model, tokens: int, update: dict) -> dict:
     """The least device time the memory's value table costs a step (the presets have one memory):
     the bytes of its three passes over HBM at 4.2 TB/s, which no kernel, host or compiler change
@@ -494,7 +500,7 @@ def value_update(model, cfg, variant: str, batches, device, args) -> dict:
     if isinstance(opt, RowAdam):
         opt.zero_grad()
     model.zero_grad(set_to_none=True)
-    bytes_moved = rows * v * (2 * es_p + es_g + 4 * es_m)  # read p, g, m, v; write p, m, v
+    bytes_moved = adam_bytes(rows * v, es_p, es_g, es_m)
     ms = median(times)
     floor = bytes_moved / HBM_BYTES_PER_S * 1e3
     return {

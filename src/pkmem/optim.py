@@ -161,9 +161,8 @@ def param_groups(
 
 
 def _holds_row_adam(optimizer: torch.optim.Optimizer) -> bool:
-    inner = getattr(optimizer, "optimizers", None)
-    if isinstance(optimizer, MultiOptimizer) and inner is not None:
-        return any(_holds_row_adam(o) for o in inner)
+    if isinstance(optimizer, MultiOptimizer):
+        return any(_holds_row_adam(o) for o in optimizer.optimizers)
     return isinstance(optimizer, RowAdam)
 
 
