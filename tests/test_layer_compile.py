@@ -44,14 +44,22 @@ def _skip_without_kernels(backend: str) -> None:
             pytest.skip("no CUDA device and the kernels were imported without TRITON_INTERPRET=1")
 
 
-def _compare(backend: str, compiler, tol: float) -> None:
+def _compare(backend: str, compiler, tol: float, track: bool = False) -> None:
     """Two training steps of the compiled model against the eager one: outputs, gradients, the
-    BatchNorm statistics; one graph, no graph break."""
+    BatchNorm statistics (and with ``track`` the usage statistics updated inside the forward); one
+    graph, no graph break. The compiled model runs first, with the backend choice not yet cached
+    (as in a training run started with ``compile=true``)."""
     from torch._dynamo.utils import counters
+
+    from pkmem.metrics import UsageTracker
+    from pkmem.ops import dispatch
 
     torch._dynamo.reset()
     counters.clear()
+    dispatch._RESOLVED.clear()
+    dispatch._REASONS.clear()
     eager, model = _models(backend)
+    trackers = [UsageTracker(m).start() for m in (eager, model)] if track else []
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
     g = torch.Generator().manual_seed(1)
     for step in range(2):  # the second call runs the cached graph
@@ -61,8 +69,8 @@ def _compare(backend: str, compiler, tol: float) -> None:
         grad = torch.randn(2, 8, 50, generator=g).to(DEVICE)
         for m in (eager, model):
             m.zero_grad(set_to_none=True)
-        out1, g1 = _step(eager, eager, idx, mask, grad)
         out2, g2 = _step(compiled, model, idx, mask, grad)
+        out1, g1 = _step(eager, eager, idx, mask, grad)
         torch.testing.assert_close(out2, out1, rtol=tol, atol=tol)
         assert g1.keys() == g2.keys()
         for name in g1:
@@ -72,6 +80,12 @@ def _compare(backend: str, compiler, tol: float) -> None:
     assert counters["stats"]["unique_graphs"] == 1
     for (name, a), b in zip(eager.named_buffers(), model.buffers()):  # BatchNorm running statistics
         torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=name)
+    if track:
+        (name,) = trackers[0].names
+        a, b = trackers[0].stats[name], trackers[1].stats[name]
+        assert int(a.tokens) == 2 * 13  # two steps of 13 unmasked positions
+        torch.testing.assert_close(b.weight, a.weight, rtol=tol, atol=tol)
+        assert torch.equal(b.reads, a.reads) and torch.equal(b.tokens, a.tokens)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -100,9 +114,50 @@ def test_compile_whole_model_fullgraph(backend):
         assert ops == {"forward": set(), "backward": set()}, ops
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_whole_model_with_usage_tracking(backend):
+    """``pkmem train compile=true`` tracks usage inside the compiled forward (the default): no graph
+    break (on a CPU the index bound check, a host read, is skipped while compiling) and the same
+    statistics as the eager model's."""
+    _skip_without_kernels(backend)
+    _compare(backend, "aot_eager", 1e-5, track=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compile_whole_model_inductor_gpu():
     """The default compiler (inductor) on CUDA, the kernels between its generated code."""
     _skip_without_kernels("triton")
     _compare("triton", "inductor", 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_reduce_overhead_with_usage_tracking_gpu():
+    """mode="reduce-overhead" (the forward and backward replayed from CUDA graphs) with usage
+    tracking: the statistics are updated in place at static addresses, so the graphs replay; three
+    training steps equal the eager model's (outputs, gradients, statistics)."""
+    _skip_without_kernels("triton")
+    from pkmem.metrics import UsageTracker
+
+    torch._dynamo.reset()
+    eager, model = _models("triton")
+    trackers = [UsageTracker(m).start() for m in (eager, model)]
+    compiled = torch.compile(model, mode="reduce-overhead")
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        idx = torch.randint(0, 50, (2, 8), generator=g).to(DEVICE)
+        grad = torch.randn(2, 8, 50, generator=g).to(DEVICE)
+        for m in (eager, model):
+            m.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        out2, g2 = _step(lambda i, _: compiled(i), model, idx, None, grad)
+        out1, g1 = _step(lambda i, _: eager(i), eager, idx, None, grad)
+        torch.testing.assert_close(out2, out1, rtol=1e-4, atol=1e-4)
+        for name in g1:
+            torch.testing.assert_close(g2[name], g1[name], rtol=1e-3, atol=1e-4, msg=name)
+    (name,) = trackers[0].names
+    a, b = trackers[0].stats[name], trackers[1].stats[name]
+    assert int(b.tokens) == int(a.tokens) == 4 * 16
+    assert torch.equal(b.reads, a.reads)
+    torch.testing.assert_close(b.weight, a.weight, rtol=1e-4, atol=1e-4)

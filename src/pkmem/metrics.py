@@ -141,9 +141,18 @@ class UsageStats:
         self.weight = torch.zeros(self.num_slots, dtype=torch.float32, device=device)
         self.reads = torch.zeros(self.num_slots, dtype=torch.int64, device=device)
         self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self._mark_static()
 
     def _to(self, device: torch.device) -> None:
         self.weight, self.reads, self.tokens = (t.to(device) for t in (self.weight, self.reads, self.tokens))
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        """The buffers keep their addresses (they are only updated in place): tell ``torch.compile``,
+        so that a compiled forward updating them can replay from CUDA graphs (mode="reduce-overhead")."""
+        if not torch.compiler.is_compiling():
+            for t in (self.weight, self.reads, self.tokens):
+                torch._dynamo.mark_static_address(t)
 
     @property
     def device(self) -> torch.device | None:
@@ -331,6 +340,11 @@ class UsageTracker:
                 )
         for name, m in self._modules.items():
             self.stats[name] = UsageStats(m.num_slots)
+            device = next((p.device for p in m.parameters()), None)
+            if (
+                device is not None and device.type != "meta"
+            ):  # buffers made here, not inside a compiled forward
+                self.stats[name]._init(device)
             m.usage_stats = self.stats[name]
         self.active = True
         return self

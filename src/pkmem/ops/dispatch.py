@@ -52,14 +52,18 @@ _REASONS: dict[tuple, str | None] = {}
 def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
     """Why the kernels cannot run on ``tensors`` (None if they can); remembered per device types,
     dtypes and ``TRITON_INTERPRET``."""
-    key = (os.environ.get("TRITON_INTERPRET", "0"), *((t.device.type, t.dtype) for t in tensors))
+    return _reason_for(tuple((t.device.type, t.dtype) for t in tensors))
+
+
+def _reason_for(descs: tuple[tuple[str, torch.dtype], ...]) -> str | None:
+    key = (os.environ.get("TRITON_INTERPRET", "0"), *descs)
     if key not in _REASONS:
-        _REASONS[key] = _unavailable_reason(tensors)
+        _REASONS[key] = _unavailable_reason(descs)
     return _REASONS[key]
 
 
-def _unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
-    devices = {t.device.type for t in tensors}
+def _unavailable_reason(descs: tuple[tuple[str, torch.dtype], ...]) -> str | None:
+    devices = {device for device, _ in descs}
     if len(devices) > 1:
         return f"the tensors are on several device types {sorted(devices)}"
     device = devices.pop() if devices else "cpu"
@@ -67,7 +71,7 @@ def _unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
         return f"the kernels need CUDA tensors (got {device} tensors)"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "the tensors are on the CPU (the kernels need CUDA tensors, or TRITON_INTERPRET=1 set)"
-    bad = [t.dtype for t in tensors if t.is_floating_point() and t.dtype not in _KERNEL_DTYPES]
+    bad = [dtype for _, dtype in descs if dtype.is_floating_point and dtype not in _KERNEL_DTYPES]
     if bad:
         return f"the kernels support float32, bfloat16 and float16 tensors (got {bad[0]})"
     _, reason = _triton_module()
@@ -95,7 +99,10 @@ else:  # pragma: no cover - not CPython
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """The concrete backend ("torch" or "triton") for an op on ``tensors``: decided once per
     backend, ``PKMEM_BACKEND``, ``TRITON_INTERPRET``, device types and dtypes (this runs on every
-    op call: the host's time per call)."""
+    op call: the host's time per call). Under ``torch.compile`` the decision is a constant of the
+    traced graph (no graph break, whether or not an eager call came first)."""
+    if torch.compiler.is_compiling():
+        return _resolve_constant(backend, tuple((t.device.type, t.dtype) for t in tensors))
     key = (
         backend,
         _ENV.get(_ENV_KEYS[0]),
@@ -103,13 +110,20 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         *[(t.is_cuda or t.device.type, t.dtype) for t in tensors],  # (is_cuda: no device object)
     )
     resolved = _RESOLVED.get(key)
-    if resolved is None:
-        resolved = _resolve(backend, tensors)  # an error is raised again on every call, not cached
+    if resolved is None:  # an error is raised again on every call, not cached
+        resolved = _resolve(backend, tuple((t.device.type, t.dtype) for t in tensors))
         _RESOLVED[key] = resolved
     return resolved
 
 
-def _resolve(backend: str, tensors: tuple[torch.Tensor, ...]) -> str:
+@torch.compiler.assume_constant_result
+def _resolve_constant(backend: str, descs: tuple[tuple[str, torch.dtype], ...]) -> str:
+    """:func:`_resolve`, run by ``torch.compile`` while it traces and kept as a constant (the
+    environment and the kernels' import do not change within a process's compiled graph)."""
+    return _resolve(backend, descs)
+
+
+def _resolve(backend: str, descs: tuple[tuple[str, torch.dtype], ...]) -> str:
     check_backend(backend)
     if backend == "auto":
         env = os.environ.get("PKMEM_BACKEND", "auto")
@@ -119,9 +133,9 @@ def _resolve(backend: str, tensors: tuple[torch.Tensor, ...]) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        cuda = bool(tensors) and all(t.is_cuda for t in tensors)
-        return "triton" if cuda and triton_unavailable_reason(*tensors) is None else "torch"
-    reason = triton_unavailable_reason(*tensors)
+        cuda = len(descs) > 0 and all(device == "cuda" for device, _ in descs)
+        return "triton" if cuda and _reason_for(descs) is None else "torch"
+    reason = _reason_for(descs)
     if reason is not None:
         raise ValueError(f"backend='triton' cannot run here: {reason}. Use backend='auto' or 'torch'.")
     return "triton"

@@ -81,11 +81,17 @@ def _candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, tor
     k*k candidate sums always lies in this set of about k * ln(k) pairs (130 of 1024 for k = 32).
     """
     key = (topk, device)
+    if torch.compiler.is_compiling():  # a constant of the graph (filling the cache would recompile it)
+        return _make_pairs(topk, device)
     if key not in _PAIRS:
-        pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
-        ij = torch.tensor(pairs, dtype=torch.long, device=device).T.contiguous()
-        _PAIRS[key] = (ij[0], ij[1])
+        _PAIRS[key] = _make_pairs(topk, device)
     return _PAIRS[key]
+
+
+def _make_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
+    ij = torch.tensor(pairs, dtype=torch.long, device=device).T.contiguous()
+    return ij[0], ij[1]
 
 
 def topk_from_half_scores(half_scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +128,14 @@ SCORES = ("softmax", "relu", "none")
 
 
 def check_indices_below(indices: torch.Tensor, bound: int, bound_name: str) -> None:
-    """Indices must be < ``bound`` (negative ones are skipped). Checked for CPU tensors only: on a
-    GPU it would cost a host synchronisation per call."""
-    if indices.device.type == "cpu" and indices.numel() and int(indices.max()) >= bound:
+    """Indices must be < ``bound`` (negative ones are skipped). Checked for eager CPU tensors only:
+    on a GPU it would cost a host synchronisation per call, under ``torch.compile`` a graph break."""
+    if (
+        indices.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and indices.numel()
+        and int(indices.max()) >= bound
+    ):
         raise ValueError(
             f"indices has a maximum of {int(indices.max())}: indices must be < {bound_name}={bound} "
             "(or negative: skipped)"
