@@ -210,6 +210,8 @@ def make_step(model, opt, cfg, batches, device, marks_ref: list, forward=None):
         loss_sum = torch.zeros((), device=device)
         for micro in range(A):
             xy = batches[(counter[0] * A + micro) % len(batches)]
+            if forward is not model:  # a compiled model: its CUDA graphs (if any) may be replayed again
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(device, t.precision):
                 logits = forward(xy[:, :-1])
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
@@ -336,7 +338,8 @@ def measure_variant(preset: str, variant: str, device, args, compiled: bool = Fa
     model.train()
     if compiled:
         torch._dynamo.reset()
-    forward = torch.compile(model, backend=args.compile_backend) if compiled else model
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    forward = torch.compile(model, backend=args.compile_backend, mode=mode) if compiled else model
     step = make_step(model, opt, cfg, batches, device, marks_ref, forward)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -710,6 +713,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--compile-backend", default="inductor", help="torch.compile's backend (default inductor)"
+    )
+    ap.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="torch.compile's mode; reduce-overhead replays the forward and backward from CUDA graphs",
     )
     ap.add_argument("--warmup", type=int, default=None, help="steps before timing (default 5, tiny 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 12, tiny 3)")

@@ -400,3 +400,46 @@ def test_research_switches_reach_the_run(tmp_path, cache_dir):
     groups = {g["name"]: g for g in load_checkpoint(out)["optimizer"]["param_groups"]}
     assert groups["values"]["betas"] == (0.5, 0.9) and groups["decay"]["betas"] == (0.9, 0.98)
     assert groups["values"]["lr"] == 0.05 and groups["decay"]["lr"] < 3e-3  # constant vs cosine at the end
+
+
+def test_compiled_training_follows_the_eager_run(tmp_path, cache_dir, monkeypatch):
+    """``compile=true compile_mode=reduce-overhead`` hands the mode to torch.compile and trains as the
+    eager run (usage tracked inside the compiled forward); here with the aot_eager backend, as
+    inductor would compile C++ for minutes on a CPU (CUDA graphs need a GPU: tests/test_layer_compile.py)."""
+    import torch
+
+    modes = []
+    compile_ = torch.compile
+
+    def recording(model, mode=None, **kw):
+        modes.append(mode)
+        return compile_(model, backend="aot_eager")
+
+    assert _train(tmp_path / "eager", cache_dir, "max_steps=4") == 0
+    monkeypatch.setattr(torch, "compile", recording)
+    torch._dynamo.reset()
+    assert (
+        _train(
+            tmp_path / "compiled", cache_dir, "max_steps=4", "compile=true", "compile_mode=reduce-overhead"
+        )
+        == 0
+    )
+    assert modes == ["reduce-overhead"]
+    eager, compiled = _step_losses(tmp_path / "eager"), _step_losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() == {1, 2, 3, 4}
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_cuda_graph_modes_are_refused_with_ddp():
+    from types import SimpleNamespace
+
+    import torch
+
+    from pkmem.train.loop import _compile
+
+    par = SimpleNamespace(distributed=True, world_size=2)
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(
+            ValueError, match=f"compile_mode='{mode}' is not allowed: compile_mode must be 'default'"
+        ):
+            _compile(torch.nn.Linear(2, 2), mode, par)

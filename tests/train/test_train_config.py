@@ -105,6 +105,11 @@ def test_overrides_are_typed():
         ("dim=1.5", "dim=1.5 is not allowed"),
         ("lr=fast", "lr='fast' is not allowed"),
         ("compile=maybe", "compile='maybe' is not allowed"),
+        ("compile_mode=fast", "compile_mode='fast' is not allowed: compile_mode must be one of"),
+        (
+            "compile_mode=reduce-overhead",
+            "compile_mode='reduce-overhead' is not allowed: compile_mode must be 'default' with compile=f",
+        ),
         ("betas=[0.9]", "betas"),
         ("schedule=linear", "schedule='linear' is not allowed"),
         ("batch_size=0", "batch_size=0 is not allowed"),

@@ -416,6 +416,8 @@ def set_up(
         else 0
     )
     forward = par.wrap(model)  # DDP on several ranks
+    if t.compile:
+        forward = _compile(forward, t.compile_mode, par)
     if start_step >= t.max_steps and ck:
         log(f"the run is already at step {start_step} >= max_steps={t.max_steps}: evaluating only")
     if par.is_main:
@@ -438,7 +440,7 @@ def set_up(
         data=data,
         tok=tok,
         model=model,
-        forward=torch.compile(forward) if t.compile else forward,
+        forward=forward,
         optimizer=optimizer,
         tracker=_usage_tracker(model, t.track_usage),
         tb=_tensorboard(run_dir, t.tensorboard and par.is_main),
@@ -492,6 +494,20 @@ def _restore(model, optimizer, ck: dict, run_dir: Path, log, par: Parallel | Non
         _truncate_metrics(run_dir / METRICS, step)
     log(f"resuming {run_dir} from step {step} ({ck['dir'].name})")
     return step
+
+
+def _compile(forward, mode: str, par):
+    """``torch.compile(forward)`` in ``mode`` (train.compile_mode). The modes that replay CUDA graphs
+    are refused on several ranks: DDP's gradient all-reduce runs between the backward's graphs,
+    which pkmem does not test."""
+    if par.distributed and mode in ("reduce-overhead", "max-autotune"):
+        raise not_allowed(
+            "compile_mode",
+            mode,
+            f"'default' or 'max-autotune-no-cudagraphs' on {par.world_size} ranks (the modes with CUDA "
+            "graphs are not supported with DDP here)",
+        )
+    return torch.compile(forward, mode=None if mode == "default" else mode)
 
 
 def _usage_tracker(model, enabled: bool):
@@ -613,6 +629,8 @@ def train_step(run: Run, state: LoopState) -> None:
             xy = xy.pin_memory()
         xy = xy.to(device, non_blocking=True)
         with run.par.accumulating(run.forward, micro < A - 1):
+            if t.compile:  # with CUDA graphs (reduce-overhead): the last step's outputs are not read again
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(device, t.precision):
                 logits = run.forward(xy[:, :-1])
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
