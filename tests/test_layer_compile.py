@@ -123,6 +123,30 @@ def test_compile_whole_model_with_usage_tracking(backend):
     _compare(backend, "aot_eager", 1e-5, track=True)
 
 
+def test_kernel_caches_are_made_while_tracing():
+    """The search's cached candidate table is made while torch.compile traces, before the compiled
+    graph first runs: made by that run, it would sit in the run's CUDA-graph pool (reduce-overhead:
+    "tensor(s) in the cudagraph pool not tracked as outputs")."""
+    _skip_without_kernels("triton")
+    from pkmem.ops.triton import search
+
+    torch._dynamo.reset()
+    search._candidate_table.cache_clear()
+    cached_when_run = []
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            cached_when_run.append(search._candidate_table.cache_info().currsize)
+            return gm.forward(*args)
+
+        return run
+
+    _, model = _models("triton")
+    idx = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    torch.compile(model, backend=backend, fullgraph=True)(idx)
+    assert cached_when_run == [1]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compile_whole_model_inductor_gpu():
@@ -139,8 +163,12 @@ def test_compile_reduce_overhead_with_usage_tracking_gpu():
     training steps equal the eager model's (outputs, gradients, statistics)."""
     _skip_without_kernels("triton")
     from pkmem.metrics import UsageTracker
+    from pkmem.ops import dispatch
+    from pkmem.ops.triton import search
 
     torch._dynamo.reset()
+    dispatch._RESOLVED.clear()
+    search._candidate_table.cache_clear()  # as in a fresh process: the compiled model runs first
     eager, model = _models("triton")
     trackers = [UsageTracker(m).start() for m in (eager, model)]
     compiled = torch.compile(model, mode="reduce-overhead")

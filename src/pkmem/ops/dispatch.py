@@ -226,7 +226,20 @@ def run_product_lookup(query, subkeys, topk: int, score: str, temperature: float
     if resolve_backend(backend, query, subkeys) == "torch":
         return reference.product_lookup(query, subkeys, topk, score, temperature)
     kernels, _ = _triton_module()
+    if torch.compiler.is_compiling():
+        _prepare_outside_graphs(topk, query.device)
     return kernels.lookup(query, subkeys, topk, score, temperature, kernels.float32_precision())
+
+
+@torch.compiler.assume_constant_result
+def _prepare_outside_graphs(topk: int, device: torch.device) -> bool:
+    """Run while ``torch.compile`` traces: makes the search kernel's cached candidate table now.
+    Made by the compiled graph's first run instead, it would be allocated in the graph's CUDA-graph
+    pool (mode="reduce-overhead"), an error ("tensor(s) in the cudagraph pool not tracked as
+    outputs") when it outlives that run."""
+    kernels, _ = _triton_module()
+    kernels.prepare_search(topk, device)
+    return True
 
 
 def run_weighted_gather(values, indices, weights, sparse: bool = False, backend: str = "auto"):

@@ -8,7 +8,7 @@
 from pkmem.ops.triton._common import INTERPRET, float32_precision
 from pkmem.ops.triton.gather import weighted_gather
 from pkmem.ops.triton.norm import batch_norm, normalize
-from pkmem.ops.triton.search import lookup, product_lookup, product_topk
+from pkmem.ops.triton.search import lookup, prepare_search, product_lookup, product_topk
 
 __all__ = [
     "INTERPRET",
@@ -16,6 +16,7 @@ __all__ = [
     "float32_precision",
     "lookup",
     "normalize",
+    "prepare_search",
     "product_lookup",
     "product_topk",
     "weighted_gather",

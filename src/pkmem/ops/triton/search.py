@@ -79,6 +79,11 @@ def _candidate_table(topk: int, device: torch.device) -> tuple[torch.Tensor, int
     return table.to(device), len(pairs)
 
 
+def prepare_search(topk: int, device: torch.device) -> None:
+    """Make the cached tables the search reads for ``topk`` on ``device`` (before CUDA graphs)."""
+    _candidate_table(topk, device)
+
+
 @triton.jit
 def _topk_iterative(x, KP: tl.constexpr):
     """Sorted top-KP of integer keys along the last axis by KP max-reductions (used under the
