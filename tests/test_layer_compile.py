@@ -123,6 +123,32 @@ def test_compile_whole_model_with_usage_tracking(backend):
     _compare(backend, "aot_eager", 1e-5, track=True)
 
 
+def test_restarting_usage_tracking_keeps_the_compiled_graph():
+    """A tracker stopped and started again (as around each evaluation of ``pkmem train``) zeroes its
+    buffers in place: the compiled forward keeps its one graph and counts from the restart."""
+    from torch._dynamo.utils import counters
+
+    from pkmem.metrics import UsageTracker
+
+    torch._dynamo.reset()
+    counters.clear()
+    _, model = _models("torch")
+    tracker = UsageTracker(model).start()
+    (name,) = tracker.names
+    buffers = [id(t) for t in (tracker.stats[name].weight, tracker.stats[name].reads)]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    idx = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    compiled(idx)
+    assert int(tracker.stats[name].tokens) == 16
+    tracker.stop().start()
+    assert int(tracker.stats[name].tokens) == 0
+    compiled(idx)
+    compiled(idx)
+    assert int(tracker.stats[name].tokens) == 32
+    assert [id(t) for t in (tracker.stats[name].weight, tracker.stats[name].reads)] == buffers
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_kernel_caches_are_made_while_tracing():
     """The search's cached candidate table is made while torch.compile traces, before the compiled
     graph first runs: made by that run, it would sit in the run's CUDA-graph pool (reduce-overhead:

@@ -149,10 +149,11 @@ class UsageStats:
 
     def _mark_static(self) -> None:
         """The buffers keep their addresses (they are only updated in place): tell ``torch.compile``,
-        so that a compiled forward updating them can replay from CUDA graphs (mode="reduce-overhead")."""
+        so that a compiled forward updating them can replay from CUDA graphs (mode="reduce-overhead").
+        Not guarded: new buffers (another tracker) re-record the CUDA graphs instead of recompiling."""
         if not torch.compiler.is_compiling():
             for t in (self.weight, self.reads, self.tokens):
-                torch._dynamo.mark_static_address(t)
+                torch._dynamo.mark_static_address(t, guard=False)
 
     @property
     def device(self) -> torch.device | None:
@@ -331,7 +332,10 @@ class UsageTracker:
         return dict(self._modules)
 
     def start(self) -> UsageTracker:
-        """Attach fresh statistics to every memory and start accumulating; returns self."""
+        """Attach fresh (zeroed) statistics to every memory and start accumulating; returns self.
+
+        The statistics' buffers are made here, on each memory's device, and a restart zeroes them in
+        place: a compiled forward that updates them keeps its graph (and its CUDA graphs)."""
         for name, m in self._modules.items():
             current = m.usage_stats
             if current is not None and current is not self.stats[name]:
@@ -339,13 +343,17 @@ class UsageTracker:
                     f"memory {name!r} is already tracked by another UsageTracker: stop it first"
                 )
         for name, m in self._modules.items():
-            self.stats[name] = UsageStats(m.num_slots)
+            stats = self.stats[name]
             device = next((p.device for p in m.parameters()), None)
-            if (
-                device is not None and device.type != "meta"
-            ):  # buffers made here, not inside a compiled forward
-                self.stats[name]._init(device)
-            m.usage_stats = self.stats[name]
+            if device is not None and device.type == "meta":
+                device = None
+            if stats.weight is not None and (device is None or stats.device == device):
+                stats.reset()
+            else:
+                stats = self.stats[name] = UsageStats(m.num_slots)
+                if device is not None:
+                    stats._init(device)
+            m.usage_stats = stats
         self.active = True
         return self
 
