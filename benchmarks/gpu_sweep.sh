@@ -3,6 +3,9 @@
 #   bash benchmarks/gpu_sweep.sh [tests] [kernels] [layer] [model] [decode] [timeline]   (default: these six)
 #   bash benchmarks/gpu_sweep.sh train small     (the training step of both presets, 3 rounds of enwik8-small;
 #                                                 one layer's step against the FFN's: ~8 min, not in the default)
+#   ENWIK8=path/enwik8.gz bash benchmarks/gpu_sweep.sh compile   (enwik8-small's step eager and under
+#          torch.compile(mode="reduce-overhead"), 2 rounds; then `pkmem train` 400 steps with and without
+#          the memory, eager and compile_mode=reduce-overhead: metrics.jsonl of each in $OUT/loop-*; ~7 min)
 # Each benchmark writes <name>-<gpu>.json and a log to $OUT (default ./gpu-out); copy the JSON over
 # benchmarks/results/ to update the committed results. The layer and model benchmarks measure the
 # library's default kernel configs (kernels.py sweeps the alternatives). Wheels of product-key-memory 0.3.0 and its pure-python dependencies are
@@ -38,8 +41,24 @@ for s in $steps; do
         --out "$OUT/train_step-enwik8-small-rounds-$gpu.json" 2>&1 | tee "$OUT/train_small.log" | tail -8
       timeout 250 python3 benchmarks/train_step.py --presets paper-12l-1024 --variants "$v" \
         --out "$OUT/train_step-paper-12l-1024-$gpu.json" 2>&1 | tee "$OUT/train_paper.log" | tail -8 ;;
+    compile)
+      v="no memory,adamw fp32,lazy_adam fp32,lazy_adam bf16"
+      timeout 300 python3 benchmarks/train_step.py --presets enwik8-small --variants "$v" --steps 30 --rounds 2 \
+        --compile both --compile-mode reduce-overhead --out "$OUT/train_step-enwik8-small-reduce-overhead-$gpu.json" \
+        2>&1 | tee "$OUT/train_compile.log" | tail -10
+      common="--config enwik8-small --data-path ${ENWIK8:-.data/enwik8.gz} --max-steps 400 --no-progress"
+      common="$common max_time_s=null eval_every=0 final_eval_tokens=262144 log_every=50"
+      ro="compile=true compile_mode=reduce-overhead"
+      for run in "memory-ro|$ro" "none-ro|mem_layers=[] $ro" "memory-eager|" "none-eager|mem_layers=[]"; do
+        name=${run%%|*}
+        rm -rf "/tmp/pkmem-loop-$name"
+        # shellcheck disable=SC2086  # the overrides are words
+        timeout 120 python3 -m pkmem train $common --out "/tmp/pkmem-loop-$name" ${run#*|} >"$OUT/loop-$name.log" 2>&1
+        grep -E "done:|Error" "$OUT/loop-$name.log" | tail -2
+        cp "/tmp/pkmem-loop-$name/metrics.jsonl" "$OUT/loop-$name.jsonl"
+      done ;;
     small) timeout 120 python3 benchmarks/small_step.py --out "$OUT/small_step-$gpu.json" 2>&1 | tee "$OUT/small_step.log" | tail -18 ;;
-    *) echo "unknown step $s (steps: tests kernels layer model decode timeline train small)" ;;
+    *) echo "unknown step $s (steps: tests kernels layer model decode timeline train small compile)" ;;
   esac
 done
 echo "=== done ($(date +%T))"
