@@ -329,17 +329,17 @@ def measure_variant(preset: str, variant: str, device, args, compiled: bool = Fa
     vocab = cfg.model.vocab_size
     batches = [torch.randint(0, vocab, (B, T + 1), generator=g).to(device) for _ in range(max(2, A))]
     marks_ref = [None]
+    if compiled:
+        torch._dynamo.reset()
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    forward = torch.compile(model, backend=args.compile_backend, mode=mode) if compiled else model
     tracker = None
-    if model.memories() and t.track_usage:
+    if model.memories() and t.track_usage:  # started after torch.compile: its buffers marked static
         tracker = UsageTracker(model).start()
         if not compiled:  # marks are host calls: they would break the compiled graph
             for _, _, m in model.memories():
                 m.usage_stats = TimedStats(m.usage_stats, marks_ref)
     model.train()
-    if compiled:
-        torch._dynamo.reset()
-    mode = None if args.compile_mode == "default" else args.compile_mode
-    forward = torch.compile(model, backend=args.compile_backend, mode=mode) if compiled else model
     step = make_step(model, opt, cfg, batches, device, marks_ref, forward)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -786,6 +786,17 @@ def main() -> None:
     data["results"] = []
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    from pkmem.config import CUDA_GRAPH_MODES
+
+    if args.compile != "off" and args.compile_mode in CUDA_GRAPH_MODES:
+        for preset in presets:
+            accum = build_config(preset, True, args.tiny).train.grad_accum
+            if accum > 1:
+                ap.error(
+                    f"--compile-mode {args.compile_mode} is not allowed with {preset}'s grad_accum={accum}: "
+                    "a CUDA-graph replay would overwrite the gradients being accumulated (--compile-mode "
+                    "must be default or max-autotune-no-cudagraphs)"
+                )
     runs = [
         (rnd, p, v, c)
         for rnd in range(args.rounds)

@@ -17,6 +17,18 @@ def test_import_is_light():
     assert out.returncode == 0, out.stderr
 
 
+def test_the_modules_do_not_import_dynamo():
+    """torch._dynamo takes over a second to import (and holds the interpreter meanwhile): pkmem's
+    modules, the layer and the training loop leave it to torch.compile (a forked training child's
+    timers fired a second late when the dispatch module imported it)."""
+    code = (
+        "import sys, torch, pkmem.ops.dispatch, pkmem.metrics, pkmem.layer, pkmem.train.loop, pkmem.cli\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def test_import_and_cli_help_do_not_import_torch():
     """`pkmem --help` stays fast: neither `import pkmem` nor the command's parser imports torch."""
     code = (

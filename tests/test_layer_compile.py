@@ -149,6 +149,35 @@ def test_restarting_usage_tracking_keeps_the_compiled_graph():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_the_constant_mark_is_torchs():
+    """pkmem marks its trace-time constants as torch.compiler.assume_constant_result does, without
+    importing torch._dynamo: the mark must stay the one that function sets."""
+    from pkmem.ops import dispatch
+
+    def f():
+        return 1
+
+    marked = torch.compiler.assume_constant_result(f)
+    assert (
+        marked.__dict__
+        == dispatch._assume_constant_result(lambda: 1).__dict__
+        == {"_dynamo_marked_constant": True}
+    )
+
+
+def test_backend_errors_under_compile_are_value_errors(monkeypatch):
+    """A backend that cannot run raises the eager ValueError from a compiled model too (not dynamo's
+    internal error)."""
+    from pkmem.ops import dispatch
+
+    torch._dynamo.reset()
+    dispatch._RESOLVED.clear()
+    query, subkeys = torch.randn(3, 2, 8), torch.randn(2, 2, 4, 4)
+    monkeypatch.setenv("PKMEM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="PKMEM_BACKEND='bogus' is not allowed"):
+        torch.compile(lambda q, k: dispatch.product_topk(q, k, 3), backend="eager")(query, subkeys)
+
+
 def test_kernel_caches_are_made_while_tracing():
     """The search's cached candidate table is made while torch.compile traces, before the compiled
     graph first runs: made by that run, it would sit in the run's CUDA-graph pool (reduce-overhead:

@@ -183,8 +183,14 @@ def test_merge_and_state_dict():
     assert c.compute() == a.compute()
     c.update(idx, w)  # the loaded buffers are copies
     assert c.tokens.item() == 4 and a.tokens.item() == 2
+    buffers = (c.weight, c.reads, c.tokens)
+    c.load_state_dict(a.state_dict())  # into made buffers: in place (a compiled forward keeps them)
+    assert c.compute() == a.compute() and all(x is y for x, y in zip(buffers, (c.weight, c.reads, c.tokens)))
     c.load_state_dict(UsageStats(8).state_dict())
-    assert c.weight is None and c.compute()["tokens"] == 0
+    assert c.weight is buffers[0] and c.compute()["tokens"] == 0
+    fresh = UsageStats(8)
+    fresh.load_state_dict(UsageStats(8).state_dict())
+    assert fresh.weight is None and fresh.compute()["tokens"] == 0
 
 
 def test_stats_errors():

@@ -76,6 +76,14 @@ def test_train_step_benchmark_compiled_rows(tmp_path):
     assert "adamw fp32 (compiled)" in res.stdout
 
 
+def test_train_step_benchmark_rejects_cuda_graphs_with_gradient_accumulation():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--tiny", "--compile", "on"]
+    cmd += ["--compile-mode", "reduce-overhead"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--compile-mode reduce-overhead is not allowed" in res.stderr
+    assert "grad_accum=2" in res.stderr
+
+
 def test_train_step_benchmark_rejects_compile_with_quality():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quality", "5", "--compile", "on"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

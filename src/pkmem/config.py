@@ -58,6 +58,7 @@ MEM_MODES = ("replace", "parallel", "after")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -367,7 +368,16 @@ class TrainConfig:
             raise not_allowed("betas", list(self.betas), "two numbers in [0, 1)")
         if self.compile_mode != "default" and not self.compile:
             raise not_allowed(
-                "compile_mode", self.compile_mode, "'default' with compile=false (set compile=true)"
+                "compile_mode",
+                self.compile_mode,
+                "'default' with compile=false (set compile=true, or compile_mode=default)",
+            )
+        if self.compile and self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
+            raise not_allowed(
+                "compile_mode",
+                self.compile_mode,
+                f"'default' or 'max-autotune-no-cudagraphs' with grad_accum={self.grad_accum} (a CUDA-graph "
+                "replay would overwrite the gradients being accumulated)",
             )
         if self.value_betas is not None and (
             len(self.value_betas) != 2 or not all(0 <= b < 1 for b in self.value_betas)

@@ -27,6 +27,7 @@ give a distribution of mass; softmax and relu weights are non-negative and uncha
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -122,8 +123,9 @@ def slots_for_mass(z: torch.Tensor, fraction: float) -> torch.Tensor:
 class UsageStats:
     """Accumulates, per slot, the weight read and the number of reads, and counts real tokens.
 
-    Buffers live on the device of the first ``update`` (``weight`` float32 and ``reads`` int64 of
-    size ``num_slots``, ``tokens`` a 0-dim int64); ``update`` never syncs with the host.
+    Buffers (``weight`` float32 and ``reads`` int64 of size ``num_slots``, ``tokens`` a 0-dim int64)
+    are made by :meth:`UsageTracker.start` on the memory's device, or else by the first ``update``
+    on its device; ``update`` never syncs with the host.
     :meth:`compute` returns the metrics (one host sync). Before anything was accumulated, or when
     the accumulated weight is 0, ``compute`` gives ``usage`` 0, ``kl`` and ``gini`` NaN and
     ``slots_*`` 0.
@@ -150,14 +152,16 @@ class UsageStats:
     def _mark_static(self) -> None:
         """The buffers keep their addresses (they are only updated in place): tell ``torch.compile``,
         so that a compiled forward updating them can replay from CUDA graphs (mode="reduce-overhead").
-        Not guarded: new buffers (another tracker) re-record the CUDA graphs instead of recompiling."""
-        if not torch.compiler.is_compiling():
+        Not guarded: new buffers (another tracker) re-record the CUDA graphs instead of recompiling.
+        Only once torch.compile is in use (``torch._dynamo`` imported: importing it takes a second)."""
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is not None and not torch.compiler.is_compiling():
             for t in (self.weight, self.reads, self.tokens):
-                torch._dynamo.mark_static_address(t, guard=False)
+                dynamo.mark_static_address(t, guard=False)
 
     @property
     def device(self) -> torch.device | None:
-        """The buffers' device, None before the first update."""
+        """The buffers' device, None before they are made."""
         return None if self.weight is None else self.weight.device
 
     @torch.no_grad()
@@ -247,8 +251,8 @@ class UsageStats:
                 f"state has num_slots={got!r}: state must come from a UsageStats with "
                 f"num_slots={self.num_slots}"
             )
-        if "weight" not in state:
-            self.weight = self.reads = self.tokens = None
+        if "weight" not in state:  # nothing accumulated: zeroed (in place, if made)
+            self.reset()
             return
         w, r, t = state["weight"], state["reads"], state["tokens"]
         if tuple(w.shape) != (self.num_slots,) or tuple(r.shape) != (self.num_slots,) or t.dim() != 0:
@@ -256,10 +260,15 @@ class UsageStats:
                 f"state has weight {tuple(w.shape)}, reads {tuple(r.shape)}, tokens {tuple(t.shape)}: "
                 f"expected ({self.num_slots},), ({self.num_slots},) and ()"
             )
-        device = self.device if self.device is not None else w.device
-        self.weight = w.to(device=device, dtype=torch.float32).clone()
-        self.reads = r.to(device=device, dtype=torch.int64).clone()
-        self.tokens = t.to(device=device, dtype=torch.int64).clone()
+        if self.weight is not None:  # in place: the buffers keep their addresses (CUDA graphs)
+            self.weight.copy_(w)
+            self.reads.copy_(r)
+            self.tokens.copy_(t)
+            return
+        self.weight = w.to(dtype=torch.float32).clone()
+        self.reads = r.to(dtype=torch.int64).clone()
+        self.tokens = t.to(dtype=torch.int64).clone()
+        self._mark_static()
 
     def compute(self) -> dict:
         """The metrics (module docstring) as Python numbers; one host sync.
@@ -344,7 +353,9 @@ class UsageTracker:
                 )
         for name, m in self._modules.items():
             stats = self.stats[name]
-            device = next((p.device for p in m.parameters()), None)
+            devices = {p.device for p in m.parameters()}
+            # one device: the buffers are made there now; else by the first update, on its device
+            device = devices.pop() if len(devices) == 1 else None
             if device is not None and device.type == "meta":
                 device = None
             if stats.weight is not None and (device is None or stats.device == device):

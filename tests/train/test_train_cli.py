@@ -438,6 +438,15 @@ def test_cuda_graph_modes_are_refused_with_ddp():
     from pkmem.train.loop import _compile
 
     par = SimpleNamespace(distributed=True, world_size=2)
+    seen = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    try:
+        for mode in ("default", "max-autotune-no-cudagraphs"):  # allowed with DDP
+            _compile(torch.nn.Linear(2, 2), mode, par)
+    finally:
+        monkey.undo()
+    assert seen == [None, "max-autotune-no-cudagraphs"]
     for mode in ("reduce-overhead", "max-autotune"):
         with pytest.raises(
             ValueError, match=f"compile_mode='{mode}' is not allowed: compile_mode must be 'default'"

@@ -130,6 +130,16 @@ def test_override_errors(override, match):
         load_config("tiny", [override])
 
 
+def test_cuda_graph_modes_refuse_gradient_accumulation():
+    """A CUDA-graph replay would overwrite the gradients being accumulated: refused by name."""
+    ok = load_config("tiny", ["compile=true", "compile_mode=max-autotune-no-cudagraphs", "grad_accum=2"])
+    assert ok.train.compile_mode == "max-autotune-no-cudagraphs"
+    for mode in ("reduce-overhead", "max-autotune"):
+        match = f"compile_mode='{mode}' is not allowed: compile_mode must be 'default' or .* grad_accum=2"
+        with pytest.raises(ValueError, match=match):
+            load_config("tiny", ["compile=true", f"compile_mode={mode}", "grad_accum=2"])
+
+
 def test_unknown_preset_and_yaml_files(tmp_path):
     with pytest.raises(ValueError, match="presets are"):
         load_config("huge")

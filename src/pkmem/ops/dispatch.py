@@ -102,7 +102,10 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     op call: the host's time per call). Under ``torch.compile`` the decision is a constant of the
     traced graph (no graph break, whether or not an eager call came first)."""
     if torch.compiler.is_compiling():
-        return _resolve_constant(backend, tuple((t.device.type, t.dtype) for t in tensors))
+        resolved = _resolve_constant(backend, tuple((t.device.type, t.dtype) for t in tensors))
+        if resolved.startswith(_ERROR):
+            raise ValueError(resolved[len(_ERROR) :])
+        return resolved
     key = (
         backend,
         _ENV.get(_ENV_KEYS[0]),
@@ -116,11 +119,27 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return resolved
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (over a
+    second) when pkmem is imported: that function only sets this mark, which dynamo reads when it
+    traces a call of ``fn`` (tests/test_layer_compile.py checks that it still does)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolve_constant(backend: str, descs: tuple[tuple[str, torch.dtype], ...]) -> str:
-    """:func:`_resolve`, run by ``torch.compile`` while it traces and kept as a constant (the
-    environment and the kernels' import do not change within a process's compiled graph)."""
-    return _resolve(backend, descs)
+    """:func:`_resolve`, run by ``torch.compile`` while it traces and kept as a constant of the graph:
+    ``PKMEM_BACKEND`` and ``TRITON_INTERPRET`` are read then (after changing them, a compiled model
+    needs ``torch._dynamo.reset()``). An error comes back as its message, raised by the caller as
+    the ValueError an eager call raises."""
+    try:
+        return _resolve(backend, descs)
+    except ValueError as e:
+        return _ERROR + str(e)
+
+
+_ERROR = "error: "
 
 
 def _resolve(backend: str, descs: tuple[tuple[str, torch.dtype], ...]) -> str:
@@ -231,7 +250,7 @@ def run_product_lookup(query, subkeys, topk: int, score: str, temperature: float
     return kernels.lookup(query, subkeys, topk, score, temperature, kernels.float32_precision())
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _prepare_outside_graphs(topk: int, device: torch.device) -> bool:
     """Run while ``torch.compile`` traces: makes the search kernel's cached candidate table now.
     Made by the compiled graph's first run instead, it would be allocated in the graph's CUDA-graph

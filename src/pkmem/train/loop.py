@@ -34,7 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from pkmem._util import atomic_write_bytes, not_allowed
-from pkmem.config import PRESETS, Config, TrainConfig, config_from_dict, override_section, read_config_file
+from pkmem.config import (
+    CUDA_GRAPH_MODES,
+    PRESETS,
+    Config,
+    TrainConfig,
+    config_from_dict,
+    override_section,
+    read_config_file,
+)
 from pkmem.distributed.parallel import Parallel
 from pkmem.models import MakeMemory, MemoryTransformer
 from pkmem.optim import make_optimizer
@@ -317,6 +325,8 @@ def _run(
     own = ck is not None and cfg.train.threads == ck["state"]["config"]["train"].get("threads")
     cfg.train.threads = set_threads(cfg.train.threads, log, "the run's own" if own else "threads")
     try:
+        if cfg.train.compile:  # before anything is built or written
+            _check_compile_mode(cfg.train.compile_mode, par)
         if cfg.train.data != "stdlib":  # a missing --data-path is reported before anything is written
             t = cfg.train
             par.agree("finding the data", lambda: source_fingerprint(t.data, t.data_path, t.follow_symlinks))
@@ -497,17 +507,21 @@ def _restore(model, optimizer, ck: dict, run_dir: Path, log, par: Parallel | Non
 
 
 def _compile(forward, mode: str, par):
-    """``torch.compile(forward)`` in ``mode`` (train.compile_mode). The modes that replay CUDA graphs
-    are refused on several ranks: DDP's gradient all-reduce runs between the backward's graphs,
-    which pkmem does not test."""
-    if par.distributed and mode in ("reduce-overhead", "max-autotune"):
+    """``torch.compile(forward)`` in ``mode`` (train.compile_mode)."""
+    _check_compile_mode(mode, par)
+    return torch.compile(forward, mode=None if mode == "default" else mode)
+
+
+def _check_compile_mode(mode: str, par) -> None:
+    """The modes that replay CUDA graphs are refused on several ranks: DDP's gradient all-reduce
+    runs between the backward's graphs, which pkmem does not test."""
+    if par.distributed and mode in CUDA_GRAPH_MODES:
         raise not_allowed(
             "compile_mode",
             mode,
             f"'default' or 'max-autotune-no-cudagraphs' on {par.world_size} ranks (the modes with CUDA "
             "graphs are not supported with DDP here)",
         )
-    return torch.compile(forward, mode=None if mode == "default" else mode)
 
 
 def _usage_tracker(model, enabled: bool):
