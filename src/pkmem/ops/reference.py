@@ -88,9 +88,14 @@ def _candidate_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, tor
     return _PAIRS[key]
 
 
+def candidate_pair_list(topk: int) -> list[tuple[int, int]]:
+    """The pairs ``(i, j)`` with ``(i + 1) * (j + 1) <= topk`` (see :func:`_candidate_pairs`), in
+    row-major order; the search kernel reads the same list."""
+    return [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
+
+
 def _make_pairs(topk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
-    ij = torch.tensor(pairs, dtype=torch.long, device=device).T.contiguous()
+    ij = torch.tensor(candidate_pair_list(topk), dtype=torch.long, device=device).T.contiguous()
     return ij[0], ij[1]
 
 

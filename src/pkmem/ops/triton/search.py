@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkmem.ops.reference import LOW_PRECISION, bmm_fp32, check_score
+from pkmem.ops.reference import LOW_PRECISION, bmm_fp32, candidate_pair_list, check_score
 from pkmem.ops.triton._common import (
     INTERPRET,
     DeviceInfo,
@@ -72,7 +72,7 @@ __all__ = [
 @functools.lru_cache(maxsize=64)
 def _candidate_table(topk: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """Positions (i, j) with (i + 1)(j + 1) <= topk as one int32 tensor (2, C_PAD), and C."""
-    pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
+    pairs = candidate_pair_list(topk)
     c_pad = max(next_pow2(len(pairs)), next_pow2(topk), 2)
     table = torch.zeros(2, c_pad, dtype=torch.int32)
     table[:, : len(pairs)] = torch.tensor(pairs, dtype=torch.int32).T
