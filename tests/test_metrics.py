@@ -367,3 +367,27 @@ def test_tracker_errors():
     first.stop()  # stopping the old one does not detach the new one's statistics
     assert model.mem1.usage_stats is second.stats["mem1"]
     second.stop()
+
+
+def test_tracker_makes_buffers_on_the_memorys_one_device():
+    """start() makes the buffers on the memory's device and a restart zeroes them in place; a memory
+    on several devices (or on the meta device) gets its buffers from the first update instead."""
+
+    class Mem(nn.Module):
+        def __init__(self, *devices):
+            super().__init__()
+            self.num_slots, self.usage_stats = 8, None
+            self.ps = nn.ParameterList([nn.Parameter(torch.zeros(2, device=d)) for d in devices])
+
+    tracker = UsageTracker(Mem("cpu")).start()
+    made = tracker.stats["memory"]
+    assert made.device == torch.device("cpu")
+    idx, w = hand_batch()
+    made.update(idx, w)
+    tracker.stop().start()
+    assert tracker.stats["memory"] is made and made.tokens.item() == 0
+    for devices in (("cpu", "meta"), ("meta",)):
+        stats = UsageTracker(Mem(*devices)).start().stats["memory"]
+        assert stats.weight is None
+        stats.update(idx, w)
+        assert stats.device == idx.device
